@@ -1,0 +1,353 @@
+"""What flat-bug's file names and metadata JSON tell about a crop.
+
+flat-bug names crops ``crop_<frame>_CROPNUMBER_<i>_UUID_<id>.<ext>`` and writes one
+``metadata_<frame>_UUID_<id>.json`` per frame whose ``boxes[i]`` is the crop's box.
+The frame name carries the capture time. Everything here is tolerant: a crop whose
+name, time or box cannot be read still gets a ``Crop``, with the problems listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from crop_clusterd.records import Crop
+
+# Problem codes, short and stable so they can also go into errors/log files.
+NOT_FLATBUG_NAME = "not_flatbug_name"
+TIME_UNPARSED = "time_unparsed"
+METADATA_MISSING = "metadata_missing"
+METADATA_MALFORMED = "metadata_malformed"
+BOX_MISSING = "box_missing"
+
+PROBLEM_DESCRIPTIONS: dict[str, str] = {
+    NOT_FLATBUG_NAME: "name is not flat-bug's crop_<frame>_CROPNUMBER_<i>_... form "
+    "(no frame, time or box known)",
+    TIME_UNPARSED: "no timestamp matching the time format in their frame name",
+    METADATA_MISSING: "metadata missing for their frame",
+    METADATA_MALFORMED: "metadata JSON of their frame unreadable or malformed",
+    BOX_MISSING: "crop number beyond the boxes in their frame's metadata",
+}
+
+_CROP_RE = re.compile(
+    r"^crop_(?P<frame>.+)_CROPNUMBER_(?P<index>\d+)_(?:UUID_(?P<identifier>.*?))?"
+    r"\.(?P<ext>[A-Za-z0-9]+)$"
+)
+_METADATA_RE = re.compile(r"^metadata_(?P<frame>.+?)_UUID_(?P<identifier>.*)\.json$", re.I)
+
+
+@dataclass(frozen=True)
+class CropName:
+    """The parts of a flat-bug crop file name; ``identifier`` is None when absent."""
+
+    frame: str
+    index: int
+    identifier: str | None
+
+
+def parse_crop_name(filename: str) -> CropName | None:
+    """Parse a flat-bug crop name (a basename or a path); None if it is not one."""
+    match = _CROP_RE.match(os.path.basename(filename))
+    if match is None:
+        return None
+    identifier = match["identifier"]
+    # flat-bug writes str(None) when no identifier was set; treat it as absent.
+    if identifier in ("", "None"):
+        identifier = None
+    return CropName(frame=match["frame"], index=int(match["index"]), identifier=identifier)
+
+
+def parse_metadata_name(filename: str) -> str | None:
+    """Return the frame of a flat-bug ``metadata_<frame>_UUID_<id>.json`` name, else None."""
+    match = _METADATA_RE.match(os.path.basename(filename))
+    return None if match is None else match["frame"]
+
+
+# --- time ------------------------------------------------------------------------------
+
+# directive -> (regex for its digits, length of the old tool's doubled spelling)
+_DIRECTIVES: dict[str, tuple[str, int]] = {
+    "Y": (r"\d{4}", 4),
+    "m": (r"\d{2}", 2),
+    "d": (r"\d{2}", 2),
+    "H": (r"\d{2}", 2),
+    "M": (r"\d{2}", 2),
+    "S": (r"\d{2}", 2),
+    "y": (r"\d{2}", 2),
+    "j": (r"\d{3}", 3),
+    "f": (r"\d{1,6}", 0),  # no doubled spelling: a run of f would be ambiguous
+}
+# Fixed widths, not strptime's 1-2 digits: frame names pack fields without separators.
+
+
+@dataclass(frozen=True)
+class TimeFormat:
+    """A compiled frame-name time format; build it with ``TimeFormat.compile``."""
+
+    source: str
+    strftime: str
+    pattern: re.Pattern[str]
+
+    @classmethod
+    def compile(cls, fmt: str) -> TimeFormat:
+        """Compile strftime style (``%Y%m%d``) or doubled style (``%YYYY-%mm-%dd``).
+
+        Raises ``ValueError`` for an unsupported directive, a trailing ``%`` or a
+        format without any date/time field.
+        """
+        canonical: list[str] = []
+        regex: list[str] = []
+        fields = 0
+        i = 0
+        while i < len(fmt):
+            char = fmt[i]
+            if char != "%":
+                canonical.append(char)
+                regex.append(re.escape(char))
+                i += 1
+                continue
+            if i + 1 >= len(fmt):
+                raise ValueError(f"time format {fmt!r} ends with a lone '%'")
+            directive = fmt[i + 1]
+            if directive == "%":
+                canonical.append("%%")
+                regex.append("%")
+                i += 2
+                continue
+            if directive not in _DIRECTIVES:
+                supported = " ".join(f"%{d}" for d in _DIRECTIVES)
+                raise ValueError(
+                    f"time format {fmt!r}: unsupported directive %{directive} "
+                    f"(supported: {supported}, or doubled like %YYYY-%mm-%dd_%HH-%MM-%SS)"
+                )
+            digits, doubled = _DIRECTIVES[directive]
+            i += 2
+            run = doubled - 1
+            if run > 0 and fmt[i : i + run] == directive * run:
+                i += run
+            canonical.append(f"%{directive}")
+            regex.append(f"(?:{digits})")
+            fields += 1
+        if fields == 0:
+            raise ValueError(f"time format {fmt!r} has no date/time field such as %Y or %H")
+        body = "".join(regex)
+        # Digit fields must not bite into a longer run of digits: '%H%M%S' must not read
+        # the start of '20230908001617' as 20:23:09.
+        if canonical[0].startswith("%") and canonical[0] != "%%":
+            body = r"(?<!\d)" + body
+        if canonical[-1].startswith("%") and canonical[-1] != "%%":
+            body = body + r"(?!\d)"
+        return cls(source=fmt, strftime="".join(canonical), pattern=re.compile(body))
+
+    def parse(self, text: str) -> float | None:
+        """Seconds since the epoch of the first valid timestamp in ``text``, else None.
+
+        The time is read as UTC: only differences between crops matter, and UTC has
+        no daylight-saving jumps.
+        """
+        pos = 0
+        while True:
+            match = self.pattern.search(text, pos)
+            if match is None:
+                return None
+            try:
+                when = datetime.strptime(match.group(0), self.strftime)
+            except ValueError:
+                pos = match.start() + 1  # e.g. month 13: try a later position
+                continue
+            return when.replace(tzinfo=UTC).timestamp()
+
+
+# --- metadata --------------------------------------------------------------------------
+
+_Centers = tuple[tuple[float, float] | None, ...]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load_centers(path: Path) -> _Centers | str:
+    """Box centres of one metadata JSON (None for a malformed box), or a problem code."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return METADATA_MISSING
+    except (OSError, ValueError):
+        return METADATA_MALFORMED
+    if not isinstance(data, dict):
+        return METADATA_MALFORMED
+    boxes = data.get("boxes")
+    if not isinstance(boxes, list):
+        return METADATA_MALFORMED
+    centers: list[tuple[float, float] | None] = []
+    for box in boxes:
+        if isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            centers.append(((x1 + x2) / 2.0, (y1 + y2) / 2.0))
+        else:
+            centers.append(None)
+    return tuple(centers)
+
+
+class MetadataIndex:
+    """Frame -> metadata JSON path, with each JSON loaded on first use and cached.
+
+    Safe to share between the watcher thread (``add``/``invalidate``) and a worker
+    (``center``). When several files name the same frame, the last registered wins.
+    """
+
+    def __init__(self) -> None:
+        self._paths: dict[str, Path] = {}
+        self._cache: dict[str, _Centers | str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def scan(cls, folder: Path) -> MetadataIndex:
+        """Index every ``metadata_*.json`` under ``folder``, recursively.
+
+        Raises ``FileNotFoundError`` if ``folder`` is not a directory.
+        """
+        if not folder.is_dir():
+            raise FileNotFoundError(f"metadata folder not found or not a directory: {folder}")
+        index = cls()
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for name in sorted(files):
+                if parse_metadata_name(name) is not None:
+                    index.add(Path(root, name))
+        return index
+
+    def add(self, path: Path) -> str | None:
+        """Register one metadata file (new or rewritten); return its frame, or None."""
+        frame = parse_metadata_name(path.name)
+        if frame is None:
+            return None
+        with self._lock:
+            self._paths[frame] = path
+            self._cache.pop(frame, None)
+        return frame
+
+    def invalidate(self, frame: str) -> None:
+        """Forget the cached contents of a frame's JSON so the next lookup re-reads it."""
+        with self._lock:
+            self._cache.pop(frame, None)
+
+    def has(self, frame: str) -> bool:
+        """Whether a metadata file is registered for ``frame``."""
+        with self._lock:
+            return frame in self._paths
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
+    def center(self, frame: str, index: int) -> tuple[tuple[float, float] | None, str | None]:
+        """Return (centre of box ``index`` of ``frame``, None) or (None, problem code)."""
+        with self._lock:
+            path = self._paths.get(frame)
+            cached = self._cache.get(frame)
+        if path is None:
+            return None, METADATA_MISSING
+        if cached is None:
+            # Read outside the lock: a slow disk must not block the watcher thread.
+            cached = _load_centers(path)
+            with self._lock:
+                if self._paths.get(frame) == path:
+                    self._cache[frame] = cached
+        if isinstance(cached, str):
+            return None, cached
+        if index < 0 or index >= len(cached):
+            return None, BOX_MISSING
+        center = cached[index]
+        if center is None:
+            return None, METADATA_MALFORMED
+        return center, None
+
+
+# --- crops -----------------------------------------------------------------------------
+
+
+def describe_crop(
+    path: Path,
+    name: str,
+    *,
+    time_format: TimeFormat | None,
+    metadata: MetadataIndex | None,
+) -> tuple[Crop, tuple[str, ...]]:
+    """Build the ``Crop`` for one file and list the problems met reading it.
+
+    Time is looked for only with a ``time_format`` and the box only with ``metadata``;
+    their problems are reported only then. A non-flat-bug name gives a bare ``Crop``.
+    """
+    parsed = parse_crop_name(path.name)
+    if parsed is None:
+        return Crop(path=path, name=name), (NOT_FLATBUG_NAME,)
+    problems: list[str] = []
+    time: float | None = None
+    if time_format is not None:
+        time = time_format.parse(parsed.frame)
+        if time is None:
+            problems.append(TIME_UNPARSED)
+    center: tuple[float, float] | None = None
+    if metadata is not None:
+        center, problem = metadata.center(parsed.frame, parsed.index)
+        if problem is not None:
+            problems.append(problem)
+    crop = Crop(
+        path=path,
+        name=name,
+        frame=parsed.frame,
+        crop_index=parsed.index,
+        time=time,
+        center=center,
+    )
+    return crop, tuple(problems)
+
+
+class ProblemTally:
+    """Counts problems over many crops and keeps a few example names of each."""
+
+    MAX_EXAMPLES = 3
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._examples: dict[str, list[str]] = {}
+
+    def add(self, name: str, problems: Iterable[str]) -> None:
+        """Record the problems of one crop (an empty ``problems`` records nothing)."""
+        for problem in problems:
+            self._counts[problem] = self._counts.get(problem, 0) + 1
+            examples = self._examples.setdefault(problem, [])
+            if len(examples) < self.MAX_EXAMPLES:
+                examples.append(name)
+
+    def counts(self) -> dict[str, int]:
+        """Problem code -> number of crops with it (a copy)."""
+        return dict(self._counts)
+
+    def examples(self, problem: str) -> list[str]:
+        """The first few crop names recorded with ``problem``."""
+        return list(self._examples.get(problem, []))
+
+    def summary_lines(self) -> list[str]:
+        """One human-readable line per problem, known problems in a fixed order."""
+        order: Sequence[str] = [p for p in PROBLEM_DESCRIPTIONS if p in self._counts]
+        order = [*order, *sorted(p for p in self._counts if p not in PROBLEM_DESCRIPTIONS)]
+        lines = []
+        for problem in order:
+            count = self._counts[problem]
+            examples = self._examples[problem]
+            shown = ", ".join(examples) + (", ..." if count > len(examples) else "")
+            noun = "crop" if count == 1 else "crops"
+            what = PROBLEM_DESCRIPTIONS.get(problem, problem)
+            lines.append(f"{count} {noun}: {what} (e.g. {shown})")
+        return lines

@@ -1,0 +1,635 @@
+"""The clustering engine: assigns crops to clusters (individuals) incrementally.
+
+Two methods share one interface, :class:`Linker`. Crops arrive one micro-batch
+at a time through :meth:`Linker.add`; the batch command is the same engine fed
+in one go, so the live daemon and the batch command cannot disagree.
+
+``cosine`` (the old tool's rule, without its bugs)
+    Two crops link when their cosine similarity is >= ``threshold`` and, when
+    gating is on, the link has spatio-temporal support::
+
+        (center_dist < max_center_dist_px and |dt| < near_window_s) or |dt| < any_window_s
+
+    Clusters are the connected components of that graph. The result is exactly
+    the partition of a brute-force all-pairs oracle: nothing is chunked and no
+    n x n matrix is built. Without gating, candidate neighbours come from an
+    hnswlib inner-product index whose query widens k until the k-th neighbour
+    falls below the threshold; with gating, candidates are every crop inside
+    the gating time window, compared exactly. Every candidate is confirmed
+    with the exact similarity (:func:`pair_cosine`), so approximation can only
+    ever cost recall, which the widening query and the tests guard.
+
+``track`` (one individual appears at most once per frame)
+    Frames are processed in time order; each frame's crops are matched
+    one-to-one to the clusters still active (seen within ``track_gap_s``, or
+    ``track_gap_frames`` frames for crops without a time) by an optimal
+    assignment that maximises the summed similarity to each cluster's most
+    recent crop. Pairs below the threshold (or without gating support) are
+    never matched; unmatched crops start new clusters. Two crops of one frame
+    never share a cluster.
+
+Cluster ids: every crop gets a sequence number in arrival order (the batch
+command feeds files in sorted filename order). A cluster's id is the sequence
+number of its earliest member, so ids only change when clusters merge, and then
+the smaller id survives (:class:`~crop_clusterd.records.Merge`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import hnswlib
+import numpy as np
+import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment
+
+from crop_clusterd.records import Embedded, Merge
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+# The old tool's threshold; the cosine default everywhere.
+COSINE_DEFAULT_THRESHOLD = 0.9
+
+# Track thresholds chosen on the simulator's ground truth with
+# scripts/bench_threshold.py (see README, "Choosing a threshold").
+TRACK_DEFAULT_THRESHOLDS: dict[str, float] = {
+    "efficientnet-lite0": 0.75,
+    "dino": 0.6,
+    "hierarchical": 0.8,
+}
+
+METHODS = ("cosine", "track")
+
+# hnswlib computes 1 - <a, b> in float32; candidates within this margin below the
+# threshold are confirmed exactly, so float32 rounding can never drop a link.
+_CANDIDATE_SLACK = 1e-3
+
+
+def default_threshold(method: str, embedder: str) -> float:
+    """Return the default threshold for a linking method and an embedder name."""
+    if method == "track":
+        return TRACK_DEFAULT_THRESHOLDS.get(embedder, COSINE_DEFAULT_THRESHOLD)
+    return COSINE_DEFAULT_THRESHOLD
+
+
+def pair_cosine(embeddings: npt.NDArray[np.float32], a: IntArray, b: IntArray) -> FloatArray:
+    """Exact cosine of the pairs ``(a[i], b[i])`` of L2-normalised float32 rows.
+
+    This is the definition the engine and its tests share: a float64 dot product
+    of the stored float32 vectors.
+    """
+    if len(a) == 0:
+        return np.empty(0, dtype=np.float64)
+    left = embeddings[a].astype(np.float64)
+    right = embeddings[b].astype(np.float64)
+    sims: FloatArray = np.einsum("ij,ij->i", left, right)
+    return sims
+
+
+@dataclass(frozen=True, slots=True)
+class Gating:
+    """Spatio-temporal support a link needs (the old tool's rule and defaults)."""
+
+    max_center_dist_px: float = 100.0
+    near_window_s: float = 300.0
+    any_window_s: float = 30.0
+
+    @property
+    def window_s(self) -> float:
+        """No link is possible between crops further apart in time than this."""
+        return max(self.near_window_s, self.any_window_s)
+
+    def supports(
+        self,
+        dt: FloatArray,
+        dist: FloatArray,
+    ) -> npt.NDArray[np.bool_]:
+        """Whether pairs with time gaps ``dt`` and centre distances ``dist`` may link.
+
+        NaN (unknown) compares false: a crop without a time never links, one
+        without a box links on time alone.
+        """
+        dt = np.abs(dt)
+        with np.errstate(invalid="ignore"):
+            near = (dt < self.near_window_s) & (dist < self.max_center_dist_px)
+            return np.asarray((dt < self.any_window_s) | near)
+
+
+@dataclass(frozen=True, slots=True)
+class HnswParams:
+    """Index and query settings for the ungated cosine search."""
+
+    m: int = 16
+    ef_construction: int = 100
+    ef_search: int = 48
+    k_start: int = 8
+    # Below this many crops an exact search is faster than keeping an index.
+    brute_force_below: int = 4096
+    threads: int = 0  # 0 = all cores
+    chunk: int = 20_000
+    seed: int = 100
+
+
+@dataclass(frozen=True)
+class LinkBatch:
+    """Columns of one micro-batch as the engine needs them.
+
+    ``embeddings`` float32 n x d, L2-normalised; ``times`` seconds (NaN unknown);
+    ``centers`` n x 2 pixels (NaN unknown); ``frames`` the flat-bug frame of
+    each crop (None when the name is not a flat-bug name).
+    """
+
+    embeddings: npt.NDArray[np.float32]
+    times: FloatArray
+    centers: FloatArray
+    frames: tuple[str | None, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.embeddings)
+        if self.embeddings.ndim != 2 or self.embeddings.dtype != np.float32:
+            raise ValueError("embeddings must be a float32 n x d array")
+        if self.times.shape != (n,) or self.centers.shape != (n, 2) or len(self.frames) != n:
+            raise ValueError("times, centers and frames must have one entry per embedding")
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    @classmethod
+    def from_embeddings(cls, embeddings: npt.NDArray[np.float32]) -> LinkBatch:
+        """A batch with no time, position or frame (e.g. from an embeddings pickle)."""
+        n = len(embeddings)
+        return cls(
+            embeddings=embeddings,
+            times=np.full(n, np.nan),
+            centers=np.full((n, 2), np.nan),
+            frames=(None,) * n,
+        )
+
+    @classmethod
+    def from_embedded(cls, items: Sequence[Embedded]) -> LinkBatch:
+        """Build the columns from embedded crops."""
+        n = len(items)
+        if n == 0:
+            raise ValueError("empty batch")
+        embeddings = np.stack([item.vector for item in items]).astype(np.float32, copy=False)
+        times = np.array(
+            [np.nan if item.crop.time is None else item.crop.time for item in items],
+            dtype=np.float64,
+        )
+        centers = np.array(
+            [
+                item.crop.center if item.crop.center is not None else (np.nan, np.nan)
+                for item in items
+            ],
+            dtype=np.float64,
+        ).reshape(n, 2)
+        return cls(embeddings, times, centers, tuple(item.crop.frame for item in items))
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """What one :meth:`Linker.add` did: the new crops' sequence numbers and merges."""
+
+    seqs: range
+    merges: tuple[Merge, ...] = ()
+
+
+class _Columns:
+    """Growable per-crop columns; the first large batch is adopted without a copy.
+
+    Adopting matters for the batch path: one million 384-d embeddings are 1.5 GB
+    and the memory budget is three times that, index included.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.dim = 0
+        self.embeddings: npt.NDArray[np.float32] = np.empty((0, 0), dtype=np.float32)
+        self.times: FloatArray = np.empty(0)
+        self.centers: FloatArray = np.empty((0, 2))
+        self.frames: list[str | None] = []
+
+    def append(self, batch: LinkBatch) -> range:
+        n_new = len(batch)
+        start = self.n
+        if self.n == 0 and batch.embeddings.flags.c_contiguous:
+            self.dim = batch.embeddings.shape[1]
+            self.embeddings = batch.embeddings
+            self.times = batch.times.copy()
+            self.centers = batch.centers.copy()
+        else:
+            if batch.embeddings.shape[1] != self.dim:
+                raise ValueError(
+                    f"embedding dimension {batch.embeddings.shape[1]} does not match "
+                    f"the {self.dim} of the crops already clustered"
+                )
+            self._reserve(self.n + n_new)
+            self.embeddings[start : start + n_new] = batch.embeddings
+            self.times[start : start + n_new] = batch.times
+            self.centers[start : start + n_new] = batch.centers
+        self.frames.extend(batch.frames)
+        self.n += n_new
+        return range(start, self.n)
+
+    def _reserve(self, needed: int) -> None:
+        capacity = len(self.embeddings)
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, 1024)
+        for name in ("embeddings", "times", "centers"):
+            old = getattr(self, name)
+            grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
+            grown[: self.n] = old[: self.n]
+            setattr(self, name, grown)
+
+    @property
+    def live_embeddings(self) -> npt.NDArray[np.float32]:
+        return self.embeddings[: self.n]
+
+
+class _UnionFind:
+    """Union-find whose root is always the smallest member (= the cluster id).
+
+    Joining two clusters that both existed before the current batch (roots below
+    ``published``) is recorded in ``merges``: readers of earlier snapshots knew
+    both ids. Following the recorded merges in order leads every old id to its
+    current one.
+    """
+
+    def __init__(self) -> None:
+        self.parent: IntArray = np.empty(0, dtype=np.int64)
+        self.n = 0
+        self.published = 0
+        self.merges: list[Merge] = []
+
+    def grow(self, n: int) -> None:
+        if n > len(self.parent):
+            grown = np.empty(max(n, 2 * len(self.parent), 1024), dtype=np.int64)
+            grown[: self.n] = self.parent[: self.n]
+            self.parent = grown
+        self.parent[self.n : n] = np.arange(self.n, n)
+        self.n = n
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    def union_pairs(self, a: IntArray, b: IntArray) -> None:
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            rx, ry = self.find(x), self.find(y)
+            if rx == ry:
+                continue
+            keep, gone = (rx, ry) if rx < ry else (ry, rx)
+            self.parent[gone] = keep
+            if gone < self.published:
+                self.merges.append(Merge(from_cluster=gone, into_cluster=keep))
+
+    def roots(self) -> IntArray:
+        """Every element's root, by vectorised pointer jumping."""
+        parent = self.parent[: self.n].copy()
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
+
+
+class Linker(ABC):
+    """Incremental clustering: feed batches with :meth:`add`, read :meth:`cluster_ids`."""
+
+    def __init__(self, threshold: float, gating: Gating | None = None) -> None:
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be within [-1, 1], got {threshold}")
+        self.threshold = threshold
+        self.gating = gating
+        self._cols = _Columns()
+
+    def __len__(self) -> int:
+        return self._cols.n
+
+    @abstractmethod
+    def add(self, batch: LinkBatch) -> AddResult:
+        """Assign a batch; its crops get the next sequence numbers in order."""
+
+    @abstractmethod
+    def cluster_ids(self) -> IntArray:
+        """Cluster id of every crop so far, indexed by sequence number."""
+
+    @property
+    def embeddings(self) -> npt.NDArray[np.float32]:
+        """The stored embeddings, indexed by sequence number (read-only view)."""
+        view = self._cols.live_embeddings.view()
+        view.flags.writeable = False
+        return view
+
+
+class CosineLinker(Linker):
+    """Connected components of the thresholded (and optionally gated) cosine graph."""
+
+    def __init__(
+        self,
+        threshold: float = COSINE_DEFAULT_THRESHOLD,
+        gating: Gating | None = None,
+        hnsw: HnswParams | None = None,
+    ) -> None:
+        super().__init__(threshold, gating)
+        self.hnsw = hnsw or HnswParams()
+        self._uf = _UnionFind()
+        self._index: hnswlib.Index | None = None
+        # Sorted times of all timed crops, for the gating window.
+        self._sorted_times: FloatArray = np.empty(0)
+        self._sorted_seqs: IntArray = np.empty(0, dtype=np.int64)
+
+    def add(self, batch: LinkBatch) -> AddResult:
+        """Link a batch to everything seen so far (and to itself)."""
+        if len(batch) == 0:
+            return AddResult(range(self._cols.n, self._cols.n))
+        seqs = self._cols.append(batch)
+        self._uf.grow(self._cols.n)
+        self._uf.merges = []
+        self._uf.published = seqs.start
+        if self.gating is None:
+            self._link_ungated(seqs)
+        else:
+            self._link_gated(seqs)
+        return AddResult(seqs, tuple(self._uf.merges))
+
+    def cluster_ids(self) -> IntArray:
+        """Cluster id (smallest member's sequence number) of every crop."""
+        return self._uf.roots()
+
+    # -- ungated: hnswlib candidates ----------------------------------------------
+
+    def _link_ungated(self, seqs: range) -> None:
+        params = self.hnsw
+        if self._index is None and self._cols.n < params.brute_force_below:
+            self._link_exact(np.arange(seqs.start, seqs.stop), self._cols.n)
+            return
+        if self._index is None:
+            # Crossing the brute-force limit: index what came before, then go on.
+            self._index = self._new_index(max(2 * self._cols.n, 10_000))
+            if seqs.start > 0:
+                self._index_add(0, seqs.start)
+        for start in range(seqs.start, seqs.stop, params.chunk):
+            stop = min(start + params.chunk, seqs.stop)
+            self._index_add(start, stop)
+            self._link_knn(np.arange(start, stop))
+
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="ip", dim=self._cols.dim)
+        index.init_index(
+            max_elements=capacity,
+            M=self.hnsw.m,
+            ef_construction=self.hnsw.ef_construction,
+            random_seed=self.hnsw.seed,
+        )
+        index.set_num_threads(self.hnsw.threads or _cpu_count())
+        return index
+
+    def _index_add(self, start: int, stop: int) -> None:
+        assert self._index is not None
+        needed = stop
+        if needed > self._index.get_max_elements():
+            # Grow ahead of need: hnswlib raises once max_elements is reached.
+            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+        self._index.add_items(
+            self._cols.embeddings[start:stop], np.arange(start, stop, dtype=np.int64)
+        )
+
+    def _link_knn(self, rows: IntArray) -> None:
+        """Query the index for each row, widening k until every neighbour above
+        the threshold is inside the returned set."""
+        assert self._index is not None
+        count = self._index.get_current_count()
+        floor = self.threshold - _CANDIDATE_SLACK
+        k = min(self.hnsw.k_start, count)
+        pending = rows
+        while len(pending):
+            self._index.set_ef(max(self.hnsw.ef_search, k))
+            queries = self._cols.embeddings[pending]
+            try:
+                labels, distances = self._index.knn_query(queries, k=k)
+            except RuntimeError:
+                # hnswlib could not gather k results (a sparse graph region):
+                # settle these rows exactly rather than risk a missed link.
+                self._link_exact(pending, count)
+                return
+            sims = 1.0 - distances
+            full = sims[:, -1] >= floor
+            done = ~full if k < count else np.ones(len(pending), dtype=bool)
+            hit_rows, hit_cols = np.nonzero((sims >= floor) & done[:, None])
+            self._confirm(pending[hit_rows], labels[hit_rows, hit_cols].astype(np.int64))
+            pending = pending[~done]
+            k = min(4 * k, count)
+
+    def _link_exact(self, rows: IntArray, upto: int) -> None:
+        """Exact search of ``rows`` against crops ``[0, upto)`` in bounded blocks."""
+        emb = self._cols.embeddings
+        floor = self.threshold - _CANDIDATE_SLACK
+        block = max(1, 2**24 // max(upto, 1))
+        for start in range(0, len(rows), block):
+            part = rows[start : start + block]
+            sims = emb[part] @ emb[:upto].T
+            hit_rows, hit_cols = np.nonzero(sims >= floor)
+            self._confirm(part[hit_rows], hit_cols.astype(np.int64))
+
+    def _confirm(self, a: IntArray, b: IntArray, gate: bool = False) -> None:
+        keep = a != b
+        a, b = a[keep], b[keep]
+        if gate and self.gating is not None and len(a):
+            cols = self._cols
+            dt = cols.times[a] - cols.times[b]
+            dist = np.hypot(*(cols.centers[a] - cols.centers[b]).T)
+            ok = self.gating.supports(dt, dist)
+            a, b = a[ok], b[ok]
+        ok = pair_cosine(self._cols.embeddings, a, b) >= self.threshold
+        self._uf.union_pairs(a[ok], b[ok])
+
+    # -- gated: exact search inside the time window ---------------------------------
+
+    def _link_gated(self, seqs: range) -> None:
+        assert self.gating is not None
+        cols = self._cols
+        new = np.arange(seqs.start, seqs.stop, dtype=np.int64)
+        new_times = cols.times[new]
+        timed = new[~np.isnan(new_times)]
+        # Insert first, so pairs inside the batch are found too.
+        order = np.argsort(cols.times[timed], kind="stable")
+        timed = timed[order]
+        t_new = cols.times[timed]
+        pos = np.searchsorted(self._sorted_times, t_new, side="right")
+        self._sorted_times = np.insert(self._sorted_times, pos, t_new)
+        self._sorted_seqs = np.insert(self._sorted_seqs, pos, timed)
+        window = self.gating.window_s
+        emb = cols.embeddings
+        floor = self.threshold - _CANDIDATE_SLACK
+        start = 0
+        while start < len(timed):
+            # A group of new crops close in time shares one candidate window.
+            stop = min(start + 256, len(timed))
+            stop = start + int(np.searchsorted(t_new[start:stop], t_new[start] + window, "right"))
+            group = timed[start:stop]
+            lo = np.searchsorted(self._sorted_times, t_new[start] - window, side="right")
+            hi = np.searchsorted(self._sorted_times, t_new[stop - 1] + window, side="left")
+            candidates = self._sorted_seqs[lo:hi]
+            sims = emb[group] @ emb[candidates].T
+            hit_rows, hit_cols = np.nonzero(sims >= floor)
+            self._confirm(group[hit_rows], candidates[hit_cols], gate=True)
+            start = stop
+
+
+class TrackLinker(Linker):
+    """Frame-by-frame one-to-one matching of crops to active clusters."""
+
+    def __init__(
+        self,
+        threshold: float,
+        gating: Gating | None = None,
+        gap_s: float = 300.0,
+        gap_frames: int = 150,
+    ) -> None:
+        super().__init__(threshold, gating)
+        self.gap_s = gap_s
+        self.gap_frames = gap_frames
+        self._track_of: IntArray = np.empty(0, dtype=np.int64)
+        self._tracks: list[_Track] = []
+        self._active: list[int] = []  # track numbers that may still match
+        self._frame_ordinal = 0
+
+    def add(self, batch: LinkBatch) -> AddResult:
+        """Match the batch's frames, in time order, to the active clusters."""
+        seqs = self._cols.append(batch)
+        if len(self._track_of) < self._cols.n:
+            grown = np.full(max(self._cols.n, 2 * len(self._track_of), 1024), -1, dtype=np.int64)
+            grown[: len(self._track_of)] = self._track_of
+            self._track_of = grown
+        for frame_seqs in self._frames_in_order(seqs):
+            self._match_frame(frame_seqs)
+        return AddResult(seqs)
+
+    def cluster_ids(self) -> IntArray:
+        """Cluster id (smallest member's sequence number) of every crop."""
+        tracks = self._track_of[: self._cols.n]
+        first = np.array([t.first_seq for t in self._tracks], dtype=np.int64)
+        return first[tracks] if len(first) else np.empty(0, dtype=np.int64)
+
+    def _frames_in_order(self, seqs: range) -> list[IntArray]:
+        """Group a batch by frame; timed frames by (time, name), then untimed by name.
+
+        A crop with no flat-bug frame is a frame of its own.
+        """
+        cols = self._cols
+        groups: dict[str, list[int]] = {}
+        for seq in seqs:
+            frame = cols.frames[seq]
+            groups.setdefault(frame if frame is not None else f"\0{seq}", []).append(seq)
+
+        def key(item: tuple[str, list[int]]) -> tuple[int, float, str]:
+            name, members = item
+            t = cols.times[members[0]]
+            return (1, 0.0, name) if math.isnan(t) else (0, float(t), name)
+
+        return [np.array(m, dtype=np.int64) for _, m in sorted(groups.items(), key=key)]
+
+    def _match_frame(self, crops: IntArray) -> None:
+        cols = self._cols
+        frame = cols.frames[int(crops[0])]
+        t = float(cols.times[int(crops[0])])
+        ordinal = self._frame_ordinal
+        self._frame_ordinal += 1
+        self._active = [k for k in self._active if self._tracks[k].alive(t, ordinal, self)]
+        candidates = [
+            k for k in self._active if frame is None or self._tracks[k].last_frame != frame
+        ]
+        matched: dict[int, int] = {}
+        if candidates:
+            matched = self._assign(crops, candidates, t)
+        for row, seq in enumerate(crops.tolist()):
+            k = matched.get(row)
+            if k is None:
+                k = len(self._tracks)
+                self._tracks.append(_Track(first_seq=seq))
+                self._active.append(k)
+            self._tracks[k].first_seq = min(self._tracks[k].first_seq, seq)
+            self._tracks[k].observe(seq, t, ordinal, frame, cols.centers[seq])
+            self._track_of[seq] = k
+
+    def _assign(self, crops: IntArray, candidates: list[int], t: float) -> dict[int, int]:
+        cols = self._cols
+        last = np.array([self._tracks[k].last_seq for k in candidates], dtype=np.int64)
+        rows = np.repeat(crops, len(last))
+        others = np.tile(last, len(crops))
+        sims = pair_cosine(cols.embeddings, rows, others).reshape(len(crops), len(last))
+        allowed = sims >= self.threshold
+        if self.gating is not None:
+            dt = cols.times[rows] - cols.times[others]
+            dist = np.hypot(*(cols.centers[rows] - cols.centers[others]).T)
+            allowed &= self.gating.supports(dt, dist).reshape(sims.shape)
+        if not allowed.any():
+            return {}
+        # One "stay new" column per crop with weight 0 makes this a maximum-weight
+        # matching over allowed pairs rather than a forced assignment.
+        forbidden = -1e9
+        weights = np.where(allowed, sims, forbidden)
+        stay_new = np.full((len(crops), len(crops)), forbidden)
+        np.fill_diagonal(stay_new, 0.0)
+        row_ind, col_ind = linear_sum_assignment(np.hstack([weights, stay_new]), maximize=True)
+        return {
+            int(r): candidates[int(c)]
+            for r, c in zip(row_ind, col_ind, strict=True)
+            if c < len(candidates) and allowed[r, c]
+        }
+
+
+@dataclass(slots=True)
+class _Track:
+    first_seq: int
+    last_seq: int = -1
+    last_time: float = math.nan
+    last_ordinal: int = -1
+    last_frame: str | None = None
+    last_center: FloatArray = field(default_factory=lambda: np.full(2, np.nan))
+
+    def observe(
+        self, seq: int, t: float, ordinal: int, frame: str | None, center: FloatArray
+    ) -> None:
+        self.last_seq = seq
+        self.last_time = t
+        self.last_ordinal = ordinal
+        self.last_frame = frame
+        self.last_center = center
+
+    def alive(self, t: float, ordinal: int, linker: TrackLinker) -> bool:
+        if math.isnan(t) or math.isnan(self.last_time):
+            return ordinal - self.last_ordinal <= linker.gap_frames
+        return abs(t - self.last_time) <= linker.gap_s
+
+
+def make_linker(
+    method: str,
+    threshold: float,
+    gating: Gating | None = None,
+    *,
+    gap_s: float = 300.0,
+    gap_frames: int = 150,
+    hnsw: HnswParams | None = None,
+) -> Linker:
+    """Create the linker for a method name (``cosine`` or ``track``)."""
+    if method == "cosine":
+        return CosineLinker(threshold, gating, hnsw)
+    if method == "track":
+        return TrackLinker(threshold, gating, gap_s=gap_s, gap_frames=gap_frames)
+    raise ValueError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,298 @@
+"""The clustering engine against brute-force oracles and its own batch result."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracles import cosine_oracle, partition
+
+from crop_clusterd.link import (
+    CosineLinker,
+    Gating,
+    HnswParams,
+    LinkBatch,
+    TrackLinker,
+    make_linker,
+    pair_cosine,
+)
+
+FORCE_INDEX = HnswParams(brute_force_below=0, k_start=2, chunk=7)
+
+
+def clustered(
+    rng: np.random.Generator, n: int, dim: int, centres: int, noise: float
+) -> npt.NDArray[np.float32]:
+    """Unit vectors scattered around a few random centres."""
+    c = rng.standard_normal((centres, dim))
+    x = c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def batch_of(
+    emb: npt.NDArray[np.float32],
+    times: npt.NDArray[np.float64] | None = None,
+    centers: npt.NDArray[np.float64] | None = None,
+    frames: list[str | None] | None = None,
+) -> LinkBatch:
+    n = len(emb)
+    return LinkBatch(
+        np.ascontiguousarray(emb),
+        np.full(n, np.nan) if times is None else times,
+        np.full((n, 2), np.nan) if centers is None else centers,
+        tuple(frames) if frames is not None else (None,) * n,
+    )
+
+
+def feed(linker: CosineLinker | TrackLinker, batch: LinkBatch, cuts: list[int]) -> None:
+    """Feed a batch in pieces split at ``cuts``."""
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(batch))), len(batch)]
+    for lo, hi in itertools.pairwise(bounds):
+        linker.add(
+            LinkBatch(
+                batch.embeddings[lo:hi].copy(),
+                batch.times[lo:hi],
+                batch.centers[lo:hi],
+                batch.frames[lo:hi],
+            )
+        )
+
+
+@st.composite
+def scenes(draw: st.DrawFn) -> tuple[LinkBatch, float, list[int]]:
+    seed = draw(st.integers(0, 2**32 - 1))
+    n = draw(st.integers(1, 90))
+    dim = draw(st.integers(2, 12))
+    rng = np.random.default_rng(seed)
+    emb = clustered(rng, n, dim, draw(st.integers(1, 8)), draw(st.floats(0.02, 0.6)))
+    times = rng.uniform(0, 900, n).round(draw(st.sampled_from([0, 3])))
+    times[rng.random(n) < draw(st.sampled_from([0.0, 0.1]))] = np.nan
+    centers = rng.uniform(0, 400, (n, 2))
+    centers[rng.random(n) < 0.1] = np.nan
+    threshold = draw(st.floats(0.3, 0.995))
+    cuts = draw(st.lists(st.integers(0, n), max_size=5))
+    return batch_of(emb, times, centers), threshold, cuts
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scene=scenes(), gated=st.booleans(), force_index=st.booleans())
+def test_cosine_equals_bruteforce_oracle(
+    scene: tuple[LinkBatch, float, list[int]], gated: bool, force_index: bool
+) -> None:
+    batch, threshold, cuts = scene
+    gating = Gating() if gated else None
+    expected = cosine_oracle(batch.embeddings, threshold, batch.times, batch.centers, gating)
+
+    whole = CosineLinker(threshold, gating, FORCE_INDEX if force_index else None)
+    whole.add(batch)
+    pieces = CosineLinker(threshold, gating, FORCE_INDEX if force_index else None)
+    feed(pieces, batch, cuts)
+
+    # Same partition and the same ids (smallest member), fed whole or in pieces.
+    assert whole.cluster_ids().tolist() == expected
+    assert pieces.cluster_ids().tolist() == expected
+
+
+def test_index_path_equals_oracle_with_many_pairs_near_threshold() -> None:
+    """Thousands of pairs within 0.01 of the threshold, through the hnswlib path."""
+    rng = np.random.default_rng(7)
+    emb = clustered(rng, 6000, 32, 400, 0.33)
+    threshold = 0.9
+    sims = emb[:500] @ emb.T
+    near = np.count_nonzero(np.abs(sims - threshold) < 0.01)
+    assert near > 1000, "the data must actually stress the threshold"
+    linker = CosineLinker(threshold, None, HnswParams(brute_force_below=0, chunk=1000))
+    linker.add(batch_of(emb))
+    expected = cosine_oracle(emb, threshold)
+    assert partition(linker.cluster_ids()) == partition(expected)
+    assert linker.cluster_ids().tolist() == expected
+
+
+def test_widening_finds_neighbours_beyond_the_first_k() -> None:
+    """A cluster far larger than k_start: every member must still be reached."""
+    rng = np.random.default_rng(3)
+    big = clustered(rng, 300, 16, 1, 0.01)  # 300 near-duplicates of one individual
+    other = clustered(rng, 300, 16, 30, 0.05)
+    emb = np.vstack([big, other])
+    linker = CosineLinker(0.95, None, HnswParams(brute_force_below=0, k_start=2))
+    linker.add(batch_of(emb))
+    assert linker.cluster_ids().tolist() == cosine_oracle(emb, 0.95)
+
+
+def test_gated_link_found_when_global_neighbours_are_all_out_of_window() -> None:
+    """The global k nearest neighbours of the newcomer are all far away in time.
+
+    A global kNN query would return only those and miss the one in-window crop
+    that is above the threshold; gating candidates come from the time window.
+    """
+    rng = np.random.default_rng(11)
+    dim = 24
+    anchor = rng.standard_normal(dim)
+    anchor /= np.linalg.norm(anchor)
+    twins = np.repeat(anchor[None, :], 200, axis=0)  # cos 1.0 with the newcomer
+    side = rng.standard_normal(dim)
+    side -= side @ anchor * anchor
+    side /= np.linalg.norm(side)
+    in_window = 0.93 * anchor + np.sqrt(1 - 0.93**2) * side  # cos 0.93 >= 0.9
+    emb = np.vstack([twins, in_window, anchor]).astype(np.float32)
+    times = np.concatenate([np.full(200, 0.0), [10_000.0, 10_010.0]])
+    centers = np.zeros((202, 2))
+    linker = CosineLinker(0.9, Gating(), HnswParams(brute_force_below=0, k_start=4))
+    linker.add(batch_of(emb[:201], times[:201], centers[:201]))
+    linker.add(batch_of(emb[201:], times[201:], centers[201:]))
+    ids = linker.cluster_ids()
+    assert ids[201] == ids[200] == 200
+    assert set(ids[:200].tolist()) == {0}
+
+
+def test_gating_rule_matches_the_old_tool() -> None:
+    g = Gating()
+    dt = np.array([10.0, 29.9, 30.0, 200.0, 200.0, 299.9, 300.0, np.nan, 10.0])
+    dist = np.array([500.0, 1e9, 500.0, 99.0, 100.0, 50.0, 50.0, 0.0, np.nan])
+    assert g.supports(dt, dist).tolist() == [
+        True, True, False, True, False, True, False, False, True,
+    ]  # fmt: skip
+
+
+def test_merges_record_two_published_clusters_joining() -> None:
+    a = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    b = np.array([0.0, 1.0, 0.0], dtype=np.float32)
+    bridge = (a + b) / np.linalg.norm(a + b)
+    linker = CosineLinker(0.7)
+    first = linker.add(batch_of(np.vstack([a, b, a]).astype(np.float32)))
+    assert first.merges == ()
+    assert linker.cluster_ids().tolist() == [0, 1, 0]
+    second = linker.add(batch_of(bridge[None, :].astype(np.float32)))
+    assert [(m.from_cluster, m.into_cluster) for m in second.merges] == [(1, 0)]
+    assert linker.cluster_ids().tolist() == [0, 0, 0, 0]
+
+
+def test_index_grows_past_its_initial_capacity() -> None:
+    rng = np.random.default_rng(5)
+    emb = clustered(rng, 2500, 8, 50, 0.05)
+    linker = CosineLinker(0.98, None, HnswParams(brute_force_below=100))
+    for lo in range(0, 2500, 100):
+        linker.add(batch_of(emb[lo : lo + 100]))
+    assert linker.cluster_ids().tolist() == cosine_oracle(emb, 0.98)
+
+
+def test_dimension_mismatch_is_refused() -> None:
+    linker = CosineLinker(0.9)
+    linker.add(batch_of(np.eye(3, dtype=np.float32)))
+    with pytest.raises(ValueError, match="dimension 4"):
+        linker.add(batch_of(np.eye(4, dtype=np.float32)))
+
+
+def test_unknown_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown clustering method 'kmeans'"):
+        make_linker("kmeans", 0.9)
+
+
+# -- track -----------------------------------------------------------------------
+
+
+@st.composite
+def trap_sessions(draw: st.DrawFn) -> tuple[LinkBatch, float, int]:
+    """Individuals that persist over frames, with look-alikes in the same frame."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n_ind = draw(st.integers(1, 8))
+    frames = draw(st.integers(1, 12))
+    dim = 8
+    identity = clustered(rng, n_ind, dim, draw(st.integers(1, n_ind)), 0.3)
+    emb, times, names, truth = [], [], [], []
+    for f in range(frames):
+        present = rng.permutation(n_ind)[: rng.integers(0, n_ind + 1)]
+        for i in present:
+            v = identity[i] + draw(st.floats(0.0, 0.2)) * rng.standard_normal(dim)
+            emb.append(v / np.linalg.norm(v))
+            times.append(2.0 * f)
+            names.append(f"2024{f:04d}")
+            truth.append(int(i))
+    if not emb:
+        emb, times, names = [identity[0]], [0.0], ["20240000"]
+    n = len(emb)
+    batch = LinkBatch(
+        np.array(emb, dtype=np.float32), np.array(times), np.zeros((n, 2)), tuple(names)
+    )
+    return batch, draw(st.floats(0.3, 0.95)), draw(st.integers(0, 3))
+
+
+@settings(max_examples=120, deadline=None)
+@given(session=trap_sessions(), gated=st.booleans())
+def test_track_invariants_and_incremental_equals_batch(
+    session: tuple[LinkBatch, float, int], gated: bool
+) -> None:
+    batch, threshold, _ = session
+    gating = Gating() if gated else None
+    whole = TrackLinker(threshold, gating)
+    whole.add(batch)
+    ids = whole.cluster_ids()
+
+    # Frames arriving one at a time, in time order, give the batch result.
+    live = TrackLinker(threshold, gating)
+    frames = batch.frames
+    for frame in dict.fromkeys(frames):
+        idx = [i for i, f in enumerate(frames) if f == frame]
+        live.add(
+            LinkBatch(
+                batch.embeddings[idx].copy(),
+                batch.times[idx],
+                batch.centers[idx],
+                tuple(frames[i] for i in idx),
+            )
+        )
+    assert live.cluster_ids().tolist() == ids.tolist()
+
+    # Never two crops of one frame in one cluster; ids are the smallest member.
+    for cluster in set(ids.tolist()):
+        members = np.nonzero(ids == cluster)[0]
+        assert members.min() == cluster
+        assert len({frames[m] for m in members}) == len(members)
+    # Each crop that continued a cluster is similar enough to some earlier member.
+    for seq in range(len(batch)):
+        earlier = [m for m in np.nonzero(ids == ids[seq])[0] if m < seq]
+        if earlier:
+            sims = pair_cosine(batch.embeddings, np.full(len(earlier), seq), np.array(earlier))
+            assert sims.max() >= threshold
+
+
+def test_track_assignment_is_optimal_not_greedy() -> None:
+    """Greedy would give crop x the best cluster and strand crop y."""
+    a = np.array([1.0, 0.0], dtype=np.float32)
+    b = np.array([0.8, 0.6], dtype=np.float32)
+    x = np.array([0.9, np.sqrt(1 - 0.81)], dtype=np.float32)  # close to both
+    y = np.array([1.0, 0.0], dtype=np.float32)  # only close to a
+    emb = np.vstack([a, b, x, y]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    frames = ("f0", "f0", "f1", "f1")
+    linker = TrackLinker(0.9)
+    linker.add(LinkBatch(emb, np.array([0.0, 0.0, 2.0, 2.0]), np.zeros((4, 2)), frames))
+    # Optimal: y -> a (1.0), x -> b (0.98); greedy x -> a would leave y alone.
+    assert linker.cluster_ids().tolist() == [0, 1, 1, 0]
+
+
+def test_track_cluster_expires_after_the_gap() -> None:
+    v = np.array([[1.0, 0.0]], dtype=np.float32)
+    linker = TrackLinker(0.9, None, gap_s=300.0)
+    for t in (0.0, 300.0, 601.0):
+        linker.add(LinkBatch(v.copy(), np.array([t]), np.zeros((1, 2)), (f"f{t}",)))
+    assert linker.cluster_ids().tolist() == [0, 0, 2]
+
+
+def test_track_without_times_counts_frames() -> None:
+    v = np.array([[1.0, 0.0]], dtype=np.float32)
+    linker = TrackLinker(0.9, None, gap_frames=2)
+    emb = np.repeat(v, 5, axis=0)
+    frames = ("a", "b", "c", "d", "e")
+    # a, then nothing matching for two frames (other crops), then e
+    other = np.array([0.0, 1.0], dtype=np.float32)
+    emb[1] = emb[2] = emb[3] = other
+    linker.add(LinkBatch(emb, np.full(5, np.nan), np.zeros((5, 2)), frames))
+    ids = linker.cluster_ids().tolist()
+    assert ids[:4] == [0, 1, 1, 1]
+    assert ids[4] == 4  # a was last seen 4 frames before e: expired
