@@ -45,6 +45,8 @@ import hnswlib
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from crop_clusterd.records import Embedded, Merge
 
@@ -64,9 +66,11 @@ TRACK_DEFAULT_THRESHOLDS: dict[str, float] = {
 
 METHODS = ("cosine", "track")
 
-# hnswlib computes 1 - <a, b> in float32; candidates within this margin below the
-# threshold are confirmed exactly, so float32 rounding can never drop a link.
-_CANDIDATE_SLACK = 1e-3
+# Candidate similarities come from float32 arithmetic (hnswlib's 1 - <a, b>, or a
+# float32 matrix product), whose error for unit vectors is below 1e-5. Candidates
+# are gathered from this margin below the threshold, and any pair within it of the
+# threshold is settled with the exact float64 definition (pair_cosine).
+_FLOAT32_MARGIN = 1e-4
 
 
 def default_threshold(method: str, embedder: str) -> float:
@@ -125,8 +129,8 @@ class HnswParams:
 
     m: int = 16
     ef_construction: int = 100
-    ef_search: int = 48
-    k_start: int = 8
+    ef_search: int = 64
+    k_start: int = 16
     # Below this many crops an exact search is faster than keeping an index.
     brute_force_below: int = 4096
     threads: int = 0  # 0 = all cores
@@ -282,6 +286,8 @@ class _UnionFind:
         return x
 
     def union_pairs(self, a: IntArray, b: IntArray) -> None:
+        if len(a) > 256:
+            a, b = _spanning_pairs(a, b)
         for x, y in zip(a.tolist(), b.tolist(), strict=True):
             rx, ry = self.find(x), self.find(y)
             if rx == ry:
@@ -299,6 +305,22 @@ class _UnionFind:
             if np.array_equal(grand, parent):
                 return parent
             parent = grand
+
+
+def _spanning_pairs(a: IntArray, b: IntArray) -> tuple[IntArray, IntArray]:
+    """Replace an edge list by a star per connected component: the same
+    components from at most one union per distinct node, done in C."""
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    m = len(a)
+    graph = coo_matrix(
+        (np.ones(m, dtype=np.int8), (inverse[:m], inverse[m:])), shape=(len(nodes), len(nodes))
+    )
+    _, component = connected_components(graph, directed=False)
+    # The smallest node of each component (nodes are sorted) is its hub.
+    first = np.full(component.max() + 1, len(nodes), dtype=np.int64)
+    np.minimum.at(first, component, np.arange(len(nodes)))
+    spokes = np.nonzero(first[component] != np.arange(len(nodes)))[0]
+    return nodes[spokes], nodes[first[component[spokes]]]
 
 
 class Linker(ABC):
@@ -408,7 +430,7 @@ class CosineLinker(Linker):
         the threshold is inside the returned set."""
         assert self._index is not None
         count = self._index.get_current_count()
-        floor = self.threshold - _CANDIDATE_SLACK
+        floor = self.threshold - _FLOAT32_MARGIN
         k = min(self.hnsw.k_start, count)
         pending = rows
         while len(pending):
@@ -425,31 +447,41 @@ class CosineLinker(Linker):
             full = sims[:, -1] >= floor
             done = ~full if k < count else np.ones(len(pending), dtype=bool)
             hit_rows, hit_cols = np.nonzero((sims >= floor) & done[:, None])
-            self._confirm(pending[hit_rows], labels[hit_rows, hit_cols].astype(np.int64))
+            self._confirm(
+                pending[hit_rows],
+                labels[hit_rows, hit_cols].astype(np.int64),
+                sims[hit_rows, hit_cols],
+            )
             pending = pending[~done]
             k = min(4 * k, count)
 
     def _link_exact(self, rows: IntArray, upto: int) -> None:
         """Exact search of ``rows`` against crops ``[0, upto)`` in bounded blocks."""
         emb = self._cols.embeddings
-        floor = self.threshold - _CANDIDATE_SLACK
+        floor = self.threshold - _FLOAT32_MARGIN
         block = max(1, 2**24 // max(upto, 1))
         for start in range(0, len(rows), block):
             part = rows[start : start + block]
             sims = emb[part] @ emb[:upto].T
             hit_rows, hit_cols = np.nonzero(sims >= floor)
-            self._confirm(part[hit_rows], hit_cols.astype(np.int64))
+            self._confirm(part[hit_rows], hit_cols.astype(np.int64), sims[hit_rows, hit_cols])
 
-    def _confirm(self, a: IntArray, b: IntArray, gate: bool = False) -> None:
-        keep = a != b
-        a, b = a[keep], b[keep]
+    def _confirm(
+        self, a: IntArray, b: IntArray, approx: npt.NDArray[np.floating], gate: bool = False
+    ) -> None:
+        """Union the candidate pairs whose exact similarity (and gating) allows it."""
+        # Each pair once: (a, b) with b < a also covers (b, a) found in the same batch.
+        keep = b < a
+        a, b, approx = a[keep], b[keep], approx[keep]
         if gate and self.gating is not None and len(a):
             cols = self._cols
             dt = cols.times[a] - cols.times[b]
             dist = np.hypot(*(cols.centers[a] - cols.centers[b]).T)
             ok = self.gating.supports(dt, dist)
-            a, b = a[ok], b[ok]
-        ok = pair_cosine(self._cols.embeddings, a, b) >= self.threshold
+            a, b, approx = a[ok], b[ok], approx[ok]
+        ok = approx >= self.threshold + _FLOAT32_MARGIN
+        unsure = np.nonzero(~ok & (approx >= self.threshold - _FLOAT32_MARGIN))[0]
+        ok[unsure] = pair_cosine(self._cols.embeddings, a[unsure], b[unsure]) >= self.threshold
         self._uf.union_pairs(a[ok], b[ok])
 
     # -- gated: exact search inside the time window ---------------------------------
@@ -469,7 +501,7 @@ class CosineLinker(Linker):
         self._sorted_seqs = np.insert(self._sorted_seqs, pos, timed)
         window = self.gating.window_s
         emb = cols.embeddings
-        floor = self.threshold - _CANDIDATE_SLACK
+        floor = self.threshold - _FLOAT32_MARGIN
         start = 0
         while start < len(timed):
             # A group of new crops close in time shares one candidate window.
@@ -481,7 +513,9 @@ class CosineLinker(Linker):
             candidates = self._sorted_seqs[lo:hi]
             sims = emb[group] @ emb[candidates].T
             hit_rows, hit_cols = np.nonzero(sims >= floor)
-            self._confirm(group[hit_rows], candidates[hit_cols], gate=True)
+            self._confirm(
+                group[hit_rows], candidates[hit_cols], sims[hit_rows, hit_cols], gate=True
+            )
             start = stop
 
 

@@ -48,7 +48,7 @@ def cosine_oracle(
     return [find(i) for i in range(n)]
 
 
-def partition(ids: "npt.ArrayLike") -> frozenset[frozenset[int]]:
+def partition(ids: npt.ArrayLike) -> frozenset[frozenset[int]]:
     """The set of clusters, each a set of item indices."""
     groups: dict[int, set[int]] = {}
     for i, c in enumerate(np.asarray(ids).tolist()):
