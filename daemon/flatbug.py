@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from crop_clusterd.records import Crop
+from .records import Crop
 
 # Problem codes, short and stable so they can also go into errors/log files.
 NOT_FLATBUG_NAME = "not_flatbug_name"

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from crop_clusterd.records import Assignment, Merge, Skipped
+from .records import Assignment, Merge, Skipped
 
 __all__ = [
     "NOT_CLUSTERED",

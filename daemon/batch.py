@@ -1,0 +1,361 @@
+"""The batch command: resolve inputs, embed, cluster in one go, write outputs.
+
+It drives the same stages the live daemon uses (intake, embed, link, outputs);
+only the feeding differs: every crop arrives in one batch, in sorted filename
+order, so a crop's sequence number is its rank in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import Config
+from .evaluate import (
+    Evaluation,
+    evaluate,
+    labels_from_folders,
+    load_labels_csv,
+    match_labels,
+)
+from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop
+from .inputs import resolve_inputs
+from .link import (
+    Gating,
+    HnswParams,
+    LinkBatch,
+    default_threshold,
+    make_linker,
+)
+from .log import get_logger
+from .outputs import (
+    atomic_write,
+    cluster_folder_plan,
+    load_embeddings_pickle,
+    pick_representatives,
+    sync_link_tree,
+    write_clusters_csv,
+    write_embeddings_pickle,
+    write_errors_csv,
+)
+from .records import Assignment, Crop, Skipped
+
+log = get_logger(__name__)
+
+CLUSTERS_CSV = "clusters.csv"
+EMBEDDINGS_PKL = "embeddings.pkl"
+ERRORS_CSV = "errors.csv"
+EVAL_JSON = "eval.json"
+CLUSTER_DIRS = "clusters"
+DEDUP_DIRS = "dedup"
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One batch run: the effective config plus what only the command line says."""
+
+    config: Config
+    inputs: tuple[str, ...] = ()
+    from_embeddings: Path | None = None
+    labels_csv: Path | None = None
+    labels_from_folders: bool = False
+    num_classes: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a batch run produced."""
+
+    out: Path
+    n_crops: int
+    n_clusters: int
+    n_singletons: int
+    skipped: tuple[Skipped, ...]
+    threshold: float
+    method: str
+    warnings: tuple[str, ...] = ()
+    evaluation: Evaluation | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Embeddings:
+    names: tuple[str, ...]
+    paths: tuple[Path | None, ...]
+    vectors: npt.NDArray[np.float32]
+    crops: tuple[Crop, ...]
+    labels: tuple[str | None, ...] | None
+
+
+def run_batch(request: BatchRequest) -> BatchResult:
+    """Cluster the requested crops (or embeddings) and write every output."""
+    config = request.config
+    out = config.output.folder
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    tally = ProblemTally()
+    skipped: list[Skipped] = []
+
+    t0 = time.perf_counter()
+    if request.from_embeddings is not None:
+        data = _from_pickle(request.from_embeddings, config, tally)
+    else:
+        data = _embed_inputs(request, config, tally, skipped)
+    timings["embed_s"] = time.perf_counter() - t0
+
+    method = config.link.method
+    threshold = config.link.threshold
+    if threshold is None:
+        threshold = default_threshold(method, config.embed.model)
+    gating = _gating(config) if config.input.meta_folder is not None else None
+    linker = make_linker(
+        method,
+        threshold,
+        gating,
+        gap_s=config.link.track_gap_s,
+        gap_frames=config.link.track_gap_frames,
+        hnsw=HnswParams(m=config.link.hnsw_m, ef_construction=config.link.hnsw_ef_construction),
+    )
+    t0 = time.perf_counter()
+    batch = _link_batch(data)
+    if len(batch):
+        linker.add(batch)
+    ids = linker.cluster_ids()
+    timings["cluster_s"] = time.perf_counter() - t0
+    sizes = np.bincount(ids, minlength=len(ids)) if len(ids) else np.zeros(0, dtype=np.int64)
+    n_clusters = int(np.count_nonzero(sizes))
+    n_singletons = int(np.count_nonzero(sizes == 1))
+    log.info(
+        "clustered",
+        crops=len(ids),
+        clusters=n_clusters,
+        singletons=n_singletons,
+        method=method,
+        threshold=threshold,
+        gating=gating is not None,
+        seconds=round(timings["cluster_s"], 2),
+    )
+
+    labels = _labels(request, data)
+    t0 = time.perf_counter()
+    assignments = [
+        Assignment(seq=i, name=name, cluster=int(c))
+        for i, (name, c) in enumerate(zip(data.names, ids.tolist(), strict=True))
+    ]
+    label_map = None
+    if config.output.save_labels and labels is not None:
+        label_map = {n: lab for n, lab in zip(data.names, labels, strict=True) if lab is not None}
+    write_clusters_csv(out / CLUSTERS_CSV, assignments, label_map)
+    write_errors_csv(out / ERRORS_CSV, skipped)
+    if config.output.save_embeddings and request.from_embeddings is None:
+        write_embeddings_pickle(out / EMBEDDINGS_PKL, data.names, data.vectors, labels)
+    _write_folders(config, out, assignments, data)
+    timings["write_s"] = time.perf_counter() - t0
+
+    evaluation = None
+    if labels is not None:
+        evaluation = _evaluate(out, ids, labels, request.num_classes)
+    warnings = tuple(tally.summary_lines())
+    for line in warnings:
+        log.warning("crop_problems", summary=line)
+    return BatchResult(
+        out=out,
+        n_crops=len(ids),
+        n_clusters=n_clusters,
+        n_singletons=n_singletons,
+        skipped=tuple(skipped),
+        threshold=threshold,
+        method=method,
+        warnings=warnings,
+        evaluation=evaluation,
+        timings=timings,
+    )
+
+
+def _gating(config: Config) -> Gating:
+    return Gating(
+        max_center_dist_px=config.link.max_center_dist_px,
+        near_window_s=config.link.near_window_s,
+        any_window_s=config.link.any_window_s,
+    )
+
+
+def _describe(
+    paths: Sequence[Path], names: Sequence[str], config: Config, tally: ProblemTally
+) -> list[Crop]:
+    """Read frame, time and box position of each crop from its name and metadata."""
+    time_format = TimeFormat.compile(config.input.time_format)
+    metadata = None
+    if config.input.meta_folder is not None:
+        metadata = MetadataIndex.scan(config.input.meta_folder)
+        log.info("metadata_indexed", folder=str(config.input.meta_folder), frames=len(metadata))
+        if len(metadata) == 0:
+            log.warning(
+                "metadata_folder_empty",
+                folder=str(config.input.meta_folder),
+                hint="no metadata_*.json found; crops link on time alone",
+            )
+    crops = []
+    for path, name in zip(paths, names, strict=True):
+        crop, problems = describe_crop(path, name, time_format=time_format, metadata=metadata)
+        tally.add(name, problems)
+        crops.append(crop)
+    return crops
+
+
+def _embed_inputs(
+    request: BatchRequest, config: Config, tally: ProblemTally, skipped: list[Skipped]
+) -> _Embeddings:
+    # Imported here: torch takes seconds to import and --from-embeddings needs none of it.
+    from .embed import EmbedderOptions, create_embedder
+    from .intake import embed_crops
+
+    paths = resolve_inputs(request.inputs, recursive=config.input.recursive)
+    names = [str(p) for p in paths]
+    log.info("inputs_resolved", files=len(paths))
+    crops = _describe(paths, names, config, tally)
+    embedder = create_embedder(
+        config.embed.model,
+        EmbedderOptions(
+            model=config.embed.from_pretrained,
+            arch=config.embed.arch,
+            device=config.embed.device,
+            allow_download=config.embed.allow_download,
+            background=config.input.background_rgb,
+        ),
+    )
+    kept: list[Crop] = []
+    vectors: npt.NDArray[np.float32] | None = None
+    started = last_report = time.perf_counter()
+    for result in embed_crops(
+        crops,
+        embedder,
+        batch_size=config.embed.batch_size,
+        workers=config.input.workers,
+        background=config.input.background_rgb,
+        max_pixels=config.input.max_pixels,
+    ):
+        for skip in result.skipped:
+            log.warning("file_skipped", file=skip.name, reason=skip.reason)
+        skipped.extend(result.skipped)
+        if result.embedded:
+            if vectors is None:
+                # One preallocated array: no list of per-crop vectors to stack later.
+                vectors = np.empty((len(crops), result.embedded[0].vector.shape[0]), np.float32)
+            for item in result.embedded:
+                vectors[len(kept)] = item.vector
+                kept.append(item.crop)
+        now = time.perf_counter()
+        if now - last_report >= 10:
+            last_report = now
+            done = len(kept) + len(skipped)
+            log.info(
+                "embed_progress",
+                done=done,
+                total=len(crops),
+                crops_per_s=round(done / (now - started), 1),
+            )
+    log.info("embedded", crops=len(kept), skipped=len(skipped), model=embedder.describe())
+    if vectors is None:
+        vectors = np.empty((0, 0), np.float32)
+    return _Embeddings(
+        names=tuple(c.name for c in kept),
+        paths=tuple(c.path for c in kept),
+        vectors=vectors[: len(kept)],
+        crops=tuple(kept),
+        labels=None,
+    )
+
+
+def _from_pickle(path: Path, config: Config, tally: ProblemTally) -> _Embeddings:
+    loaded = load_embeddings_pickle(path)
+    log.info("embeddings_loaded", file=str(path), crops=len(loaded.names))
+    crops: tuple[Crop, ...] = ()
+    # Frames, times and boxes come from the names; only needed for gating or track.
+    if config.input.meta_folder is not None or config.link.method == "track":
+        paths = [Path(n) for n in loaded.names]
+        crops = tuple(_describe(paths, loaded.names, config, tally))
+    return _Embeddings(
+        names=loaded.names,
+        paths=tuple(Path(n) for n in loaded.names) if crops else (None,) * len(loaded.names),
+        vectors=loaded.embeddings,
+        crops=crops,
+        labels=loaded.labels,
+    )
+
+
+def _link_batch(data: _Embeddings) -> LinkBatch:
+    if not data.crops:
+        return LinkBatch.from_embeddings(data.vectors)
+    crops = data.crops
+    times = np.array([np.nan if c.time is None else c.time for c in crops], dtype=np.float64)
+    centers = np.array([c.center or (np.nan, np.nan) for c in crops], dtype=np.float64)
+    return LinkBatch(
+        data.vectors, times, centers.reshape(len(crops), 2), tuple(c.frame for c in crops)
+    )
+
+
+def _labels(request: BatchRequest, data: _Embeddings) -> tuple[str | None, ...] | None:
+    if request.labels_csv is not None:
+        mapping = load_labels_csv(request.labels_csv)
+    elif request.labels_from_folders:
+        mapping = labels_from_folders([p for p in data.paths if p is not None])
+    else:
+        return data.labels
+    labels = tuple(match_labels(data.names, mapping))
+    missing = sum(1 for lab in labels if lab is None)
+    if missing:
+        log.warning("labels_missing", crops=missing, of=len(labels))
+    return labels
+
+
+def _evaluate(
+    out: Path, ids: npt.NDArray[np.int64], labels: Sequence[str | None], num_classes: int | None
+) -> Evaluation | None:
+    known = [i for i, lab in enumerate(labels) if lab is not None]
+    if not known:
+        return None
+    evaluation = evaluate(ids[known].tolist(), [str(labels[i]) for i in known])
+    if num_classes is not None and num_classes != evaluation.n_labels:
+        log.warning("num_classes_mismatch", given=num_classes, found=evaluation.n_labels)
+    payload = json.dumps(evaluation.to_dict(), indent=2).encode() + b"\n"
+
+    def write(fh: BinaryIO) -> None:
+        fh.write(payload)
+
+    atomic_write(out / EVAL_JSON, write)
+    return evaluation
+
+
+def _write_folders(
+    config: Config, out: Path, assignments: list[Assignment], data: _Embeddings
+) -> None:
+    if not (config.output.gen_cluster_dirs or config.output.dedup):
+        return
+    sources = {n: p for n, p in zip(data.names, data.paths, strict=True) if p is not None}
+    if not sources:
+        log.warning("cluster_folders_skipped", reason="no crop files (embeddings input)")
+        return
+    if config.output.gen_cluster_dirs:
+        stats = sync_link_tree(out / CLUSTER_DIRS, cluster_folder_plan(assignments, sources))
+        log.info("cluster_folders_written", folder=str(out / CLUSTER_DIRS), **_stats(stats))
+    if config.output.dedup:
+        reps = pick_representatives(assignments, data.vectors)
+        plan = cluster_folder_plan(assignments, sources, representatives=reps)
+        stats = sync_link_tree(out / DEDUP_DIRS, plan)
+        log.info("dedup_written", folder=str(out / DEDUP_DIRS), **_stats(stats))
+
+
+def _stats(stats: object) -> dict[str, int]:
+    return {
+        k: v
+        for k in ("linked", "copied", "removed")
+        if isinstance(v := getattr(stats, k, None), int)
+    }

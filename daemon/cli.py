@@ -1,0 +1,259 @@
+"""The ``crop-clusterd`` command line.
+
+``crop-clusterd cluster`` takes the old batch tool's flags (``-i -o -mf
+--time_format -d -e -fp -kp -gs -c -th -se -sl -x``) with their meanings, plus
+new long options. Settings come from built-in defaults, then ``--config FILE``,
+then flags: a flag always wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, format_config, load_config, parse_config
+from .log import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+EMBEDDER_NAMES = ("efficientnet-lite0", "dino", "hierarchical")
+
+
+def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    old = p.add_argument_group("the old batch tool's flags")
+    old.add_argument(
+        "-i",
+        "--input",
+        nargs="+",
+        metavar="SPEC",
+        help="image files, directories, glob patterns or .txt lists of them",
+    )
+    old.add_argument("-o", "--out_folder", "--out", dest="out_folder", type=Path,
+                     help="output folder (default: output.folder, 'out')")  # fmt: skip
+    old.add_argument(
+        "-mf",
+        "--meta_folder",
+        type=Path,
+        help="flat-bug metadata folder (searched recursively); turns on spatio-temporal gating",
+    )
+    old.add_argument(
+        "--time_format",
+        help="how frame names carry their capture time, strftime style ('%%Y%%m%%d%%H%%M%%S', "
+        "the default) or the old doubled style ('%%YYYY-%%mm-%%dd_%%HH-%%MM-%%SS')",
+    )
+    old.add_argument("-d", "--device", help="torch device (default: cuda:0 if available, else cpu)")
+    old.add_argument(
+        "-e",
+        "--embed",
+        help=f"embedder: {', '.join(EMBEDDER_NAMES)} (default: efficientnet-lite0, bundled)",
+    )
+    old.add_argument(
+        "-fp",
+        "--from_pretrained",
+        help="dino: Hugging Face model id or local folder; "
+        "hierarchical: TorchScript or state-dict file",
+    )
+    old.add_argument("-kp", "--dedup", action="store_true", default=None,
+                     help="write one representative crop per cluster to dedup/")  # fmt: skip
+    old.add_argument("-gs", "--gen_cluster_dirs", action="store_true", default=None,
+                     help="write clusters/<id>/ per cluster, singletons in "
+                     "clusters/not-clustered/ (hard links when possible)")  # fmt: skip
+    old.add_argument(
+        "-c",
+        "--cluster",
+        choices=("cosine", "track"),
+        help="clustering method (default: cosine, the old rule)",
+    )
+    old.add_argument(
+        "-th",
+        "--threshold",
+        type=float,
+        help="cosine similarity needed to link (default: 0.9 for cosine, per-embedder for track)",
+    )
+    old.add_argument("-se", "--save_embs", action="store_true", default=None,
+                     help="write embeddings.pkl (on by default)")  # fmt: skip
+    old.add_argument("-sl", "--save_labels", action="store_true", default=None,
+                     help="add a label column to clusters.csv (needs labels)")  # fmt: skip
+    old.add_argument("-x", "--num_classes", type=int,
+                     help="number of label classes; accepted for compatibility, "
+                     "checked against the labels found")  # fmt: skip
+
+    new = p.add_argument_group("crop-clusterd options")
+    new.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    new.add_argument("--check-config", action="store_true",
+                     help="validate the configuration, print it and exit")  # fmt: skip
+    new.add_argument("--recursive", action="store_true", default=None,
+                     help="scan input directories recursively")  # fmt: skip
+    new.add_argument("--from-embeddings", type=Path, metavar="PKL",
+                     help="re-cluster an embeddings.pkl instead of embedding images")  # fmt: skip
+    new.add_argument("--labels", type=Path, metavar="CSV",
+                     help="ground-truth labels (filename,label) for evaluation")  # fmt: skip
+    new.add_argument("--labels-from-folders", action="store_true",
+                     help="use each crop's parent folder name as its label")  # fmt: skip
+    new.add_argument("--arch", help="hierarchical: architecture name of a state-dict file")
+    new.add_argument("--batch-size", type=int, help="crops per model call (default 32)")
+    new.add_argument("--workers", type=int, help="decode/preprocess threads (default 2)")
+    new.add_argument("--background", help="colour for transparent areas (default #808080)")
+    new.add_argument("--allow-download", action="store_true", default=None,
+                     help="let dino download from the Hugging Face hub")  # fmt: skip
+    new.add_argument("--log-format", choices=("auto", "console", "json", "journald"))
+    new.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``crop-clusterd`` parser with its subcommands."""
+    from .simulate import add_simulate_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="crop-clusterd",
+        description="Group camera-trap arthropod crops into individuals.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cluster = sub.add_parser(
+        "cluster",
+        help="cluster crops in one batch (the old tool's flags)",
+        description="Embed crops and cluster them in one batch; writes clusters.csv, "
+        "embeddings.pkl and errors.csv (and eval.json with labels) into the output folder.",
+    )
+    _add_cluster_arguments(cluster)
+    simulate = sub.add_parser(
+        "simulate",
+        help="write a synthetic trap session (demo data with ground truth)",
+        description="Write a seeded synthetic trap session in flat-bug's naming, "
+        "with metadata JSON and labels.csv.",
+    )
+    add_simulate_arguments(simulate)
+    return parser
+
+
+def _replace(section: object, **changes: object) -> object:
+    kept = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(section, **kept) if kept else section  # type: ignore[type-var]
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then the config file, then the flags that were given."""
+    config = load_config(ns.config, embedders=_embedder_names())
+    if ns.embed is not None and ns.embed not in _embedder_names():
+        raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
+                           f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
+    merged = Config(
+        input=_replace(
+            config.input,
+            recursive=ns.recursive,
+            meta_folder=ns.meta_folder,
+            time_format=ns.time_format,
+            background=ns.background,
+            workers=ns.workers,
+        ),  # type: ignore[arg-type]
+        embed=_replace(
+            config.embed,
+            model=ns.embed,
+            from_pretrained=ns.from_pretrained,
+            arch=ns.arch,
+            device=ns.device,
+            batch_size=ns.batch_size,
+            allow_download=ns.allow_download,
+        ),  # type: ignore[arg-type]
+        link=_replace(config.link, method=ns.cluster, threshold=ns.threshold),  # type: ignore[arg-type]
+        output=_replace(
+            config.output,
+            folder=ns.out_folder,
+            gen_cluster_dirs=ns.gen_cluster_dirs,
+            dedup=ns.dedup,
+            save_embeddings=ns.save_embs,
+            save_labels=ns.save_labels,
+        ),  # type: ignore[arg-type]
+        log=_replace(config.log, format=ns.log_format, level=ns.log_level),  # type: ignore[arg-type]
+    )
+    # Flags bypass the file's validation: send the merged result through it again.
+    return parse_config(tomllib.loads(format_config(merged)), "command line",
+                        embedders=_embedder_names())  # fmt: skip
+
+
+def _embedder_names() -> list[str]:
+    return list(EMBEDDER_NAMES)
+
+
+def _cmd_cluster(ns: argparse.Namespace) -> int:
+    from .batch import BatchRequest, run_batch
+    from .inputs import InputError
+
+    try:
+        config = config_from_args(ns)
+    except ConfigError as exc:
+        print(f"crop-clusterd: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    if ns.check_config:
+        print(format_config(config), end="")
+        return 0
+    if not ns.input and ns.from_embeddings is None:
+        print("crop-clusterd cluster: give inputs with -i/--input or --from-embeddings",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if ns.input and ns.from_embeddings is not None:
+        print("crop-clusterd cluster: -i/--input and --from-embeddings exclude each other",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    configure_logging(config.log.format, config.log.level)
+    request = BatchRequest(
+        config=config,
+        inputs=tuple(ns.input or ()),
+        from_embeddings=ns.from_embeddings,
+        labels_csv=ns.labels,
+        labels_from_folders=ns.labels_from_folders,
+        num_classes=ns.num_classes,
+    )
+    try:
+        result = run_batch(request)
+    except (InputError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"crop-clusterd cluster: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # model loading problems (EmbedderError) land here
+        print(f"crop-clusterd cluster: {exc}", file=sys.stderr)
+        return 1
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result: object) -> None:
+    from .batch import BatchResult
+
+    assert isinstance(result, BatchResult)
+    print(
+        f"{result.n_crops} crops -> {result.n_clusters} clusters "
+        f"({result.n_clusters - result.n_singletons} with 2+ crops, "
+        f"{result.n_singletons} singletons); method {result.method}, "
+        f"threshold {result.threshold:g}"
+    )
+    if result.skipped:
+        print(f"{len(result.skipped)} files skipped, listed in {result.out / 'errors.csv'}")
+    for line in result.warnings:
+        print(f"warning: {line}")
+    if result.evaluation is not None:
+        print(result.evaluation.format_table())
+    print(f"outputs in {result.out}/")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crop-clusterd`` console command."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "cluster":
+        return _cmd_cluster(ns)
+    if ns.command == "simulate":
+        from .simulate import main as simulate_main
+
+        return simulate_main(sys.argv[2:] if argv is None else list(argv)[1:])
+    parser.error(f"unknown command {ns.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Shared pytest fixtures: sample data from ../shared and tiny offline models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# The real sample crops live next to the repository, never inside it.
+SEED_EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "seed-example"
+
+
+@pytest.fixture(scope="session")
+def seed_example() -> Path:
+    """The ``shared/seed-example`` folder (crops/ and metadata/); skips when absent."""
+    if not (SEED_EXAMPLE / "crops").is_dir():
+        pytest.skip(f"seed example not present at {SEED_EXAMPLE}")
+    return SEED_EXAMPLE
+
+
+@pytest.fixture(scope="session")
+def seed_crops(seed_example: Path) -> list[Path]:
+    """The seed example's crop files, sorted by name; skips when absent or empty."""
+    crops = sorted(p for p in (seed_example / "crops").iterdir() if p.is_file())
+    if not crops:
+        pytest.skip(f"no crops in {seed_example / 'crops'}")
+    return crops
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer DINOv2 (32-d) and its processor, saved locally."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,  # a 64-wide MLP; Dinov2Config has no intermediate_size parameter
+        image_size=56,
+        patch_size=14,
+    )
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
+    ).save_pretrained(folder)
+    return folder
