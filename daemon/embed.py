@@ -392,6 +392,10 @@ class DinoEmbedder(Embedder):
     def _load(self) -> None:
         from transformers import AutoImageProcessor, AutoModel
 
+        from .log import adopt_library_loggers
+
+        adopt_library_loggers()
+
         local_only = not self.options.allow_download
         try:
             processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]

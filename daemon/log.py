@@ -307,6 +307,7 @@ def configure_logging(
     logging.getLogger(APP_LOGGER).setLevel(wanted)
     _handler = handler
     logging.captureWarnings(True)
+    adopt_library_loggers()
 
     structlog.configure(
         processors=[
@@ -328,6 +329,25 @@ def configure_logging(
             fallback="console",
         )
     return chosen
+
+
+# Libraries that install their own stderr handler and stop propagation on import.
+_SELF_HANDLING = ("transformers",)
+
+
+def adopt_library_loggers() -> None:
+    """Send libraries that log on their own (transformers) through our output.
+
+    Call again after importing such a library lazily: it resets its logger then.
+    """
+    for name in _SELF_HANDLING:
+        if name not in sys.modules:
+            continue
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+        library.setLevel(logging.NOTSET)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
