@@ -396,7 +396,8 @@ class CosineLinker(Linker):
             return
         if self._index is None:
             # Crossing the brute-force limit: index what came before, then go on.
-            self._index = self._new_index(max(2 * self._cols.n, 10_000))
+            # Room for this batch plus some growth; later growth doubles.
+            self._index = self._new_index(max(self._cols.n + self._cols.n // 8, 10_000))
             if seqs.start > 0:
                 self._index_add(0, seqs.start)
         for start in range(seqs.start, seqs.stop, params.chunk):

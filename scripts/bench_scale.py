@@ -1,0 +1,82 @@
+"""Cluster a million embeddings through the real command and measure it.
+
+    python scripts/bench_scale.py --n 1000000 --dim 384 --work /tmp/scale
+
+Writes a synthetic embeddings pickle (species / individuals / crops, see
+synth.py), then runs ``crop-clusterd cluster --from-embeddings`` on it in a
+child process and reports wall time, the child's peak RSS and that peak as a
+multiple of the raw embedding bytes (n x dim x 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from synth import clustered_embeddings
+
+from crop_clusterd.outputs import read_clusters_csv, write_embeddings_pickle
+
+
+def main() -> int:
+    """Generate (or reuse) the pickle, cluster it, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/crop-clusterd-scale"))
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    pkl = args.work / f"embeddings-{args.n}x{args.dim}.pkl"
+    if args.generate_only:
+        emb, _ = clustered_embeddings(args.n, args.dim)
+        write_embeddings_pickle(pkl, [f"crop_{i:07d}.png" for i in range(args.n)], emb)
+        return 0
+    if not pkl.exists():
+        # In a child of its own: a forked child's peak RSS counts the parent's
+        # memory at fork time, so this process must stay small.
+        subprocess.run([sys.executable, *sys.argv, "--generate-only"], check=True)
+    out = args.work / "out"
+    cmd = [
+        sys.executable, "-m", "crop_clusterd.cli", "cluster",
+        "--from-embeddings", str(pkl), "-o", str(out),
+        "-th", str(args.threshold), "--log-format", "json",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        print(f"cluster command failed with status {status}", file=sys.stderr)
+        return 1
+    rows = read_clusters_csv(out / "clusters.csv")
+    raw = args.n * args.dim * 4
+    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+    result = {
+        "n": args.n,
+        "dim": args.dim,
+        "threshold": args.threshold,
+        "rows_in_clusters_csv": len(rows),
+        "clusters": len({c for _, c in rows}),
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak / 1e9, 2),
+        "raw_embedding_gb": round(raw / 1e9, 2),
+        "peak_over_raw": round(peak / raw, 2),
+        "cpus": len(os.sched_getaffinity(0)),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
