@@ -306,7 +306,9 @@ def _labels(request: BatchRequest, data: _Embeddings) -> tuple[str | None, ...] 
     if request.labels_csv is not None:
         mapping = load_labels_csv(request.labels_csv)
     elif request.labels_from_folders:
-        mapping = labels_from_folders([p for p in data.paths if p is not None])
+        # From the names, not data.paths: names from a pickle are paths too, and
+        # paths are only filled in when the crops were described.
+        mapping = labels_from_folders([Path(n) for n in data.names])
     else:
         return data.labels
     labels = tuple(match_labels(data.names, mapping))
