@@ -50,16 +50,19 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     old.add_argument(
         "-e",
         "--embed",
+        metavar="NAME",
         help=f"embedder: {', '.join(EMBEDDER_NAMES)} (default: efficientnet-lite0, bundled)",
     )
     old.add_argument(
         "-fp",
         "--from_pretrained",
         help="dino: Hugging Face model id or local folder; "
-        "hierarchical: TorchScript or state-dict file",
+        "hierarchical: TorchScript or state-dict file; "
+        "efficientnet-lite0: another state-dict file for it (default: the bundled weights)",
     )
     old.add_argument("-kp", "--dedup", action="store_true", default=None,
-                     help="write one representative crop per cluster to dedup/")  # fmt: skip
+                     help="write dedup/<id>_<name>: one representative crop per cluster of "
+                     "2+ crops, singletons in dedup/not-clustered/")  # fmt: skip
     old.add_argument("-gs", "--gen_cluster_dirs", action="store_true", default=None,
                      help="write clusters/<id>/ per cluster, singletons in "
                      "clusters/not-clustered/ (hard links when possible)")  # fmt: skip
@@ -76,7 +79,8 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         help="cosine similarity needed to link (default: 0.9 for cosine, per-embedder for track)",
     )
     old.add_argument("-se", "--save_embs", action="store_true", default=None,
-                     help="write embeddings.pkl (on by default)")  # fmt: skip
+                     help="write embeddings.pkl (on by default; output.save_embeddings = "
+                     "false in --config turns it off)")  # fmt: skip
     old.add_argument("-sl", "--save_labels", action="store_true", default=None,
                      help="add a label column to clusters.csv (needs labels)")  # fmt: skip
     old.add_argument("-x", "--num_classes", type=int,
@@ -101,8 +105,11 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     new.add_argument("--background", help="colour for transparent areas (default #808080)")
     new.add_argument("--allow-download", action="store_true", default=None,
                      help="let dino download from the Hugging Face hub")  # fmt: skip
-    new.add_argument("--log-format", choices=("auto", "console", "json", "journald"))
-    new.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    new.add_argument("--log-format", choices=("auto", "console", "json", "journald"),
+                     help="where logs go (default auto: journald under systemd, "
+                     "else console lines on stderr)")  # fmt: skip
+    new.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="least severe log level shown (default info)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster",
         help="cluster crops in one batch (the old tool's flags)",
         description="Embed crops and cluster them in one batch; writes clusters.csv, "
-        "embeddings.pkl and errors.csv (and eval.json with labels) into the output folder.",
+        "errors.csv, embeddings.pkl (not when re-clustering --from-embeddings) and, "
+        "with labels, eval.json into the output folder.",
     )
     _add_cluster_arguments(cluster)
     simulate = sub.add_parser(
