@@ -121,7 +121,11 @@ def run_batch(request: BatchRequest) -> BatchResult:
         gating,
         gap_s=config.link.track_gap_s,
         gap_frames=config.link.track_gap_frames,
-        hnsw=HnswParams(m=config.link.hnsw_m, ef_construction=config.link.hnsw_ef_construction),
+        hnsw=HnswParams(
+            m=config.link.hnsw_m,
+            ef_construction=config.link.hnsw_ef_construction,
+            ef_search=config.link.hnsw_ef_search,
+        ),
     )
     t0 = time.perf_counter()
     batch = _link_batch(data)

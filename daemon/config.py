@@ -258,7 +258,7 @@ class LinkConfig:
         ),
     )
     hnsw_m: int = field(
-        default=16,
+        default=32,
         metadata=_meta(
             "HNSW graph degree (links per node)", check=lambda v: v >= 2, help="must be >= 2"
         ),
@@ -267,6 +267,14 @@ class LinkConfig:
         default=100,
         metadata=_meta(
             "HNSW build-time candidate list size",
+            check=lambda v: v >= 1,
+            help="must be >= 1",
+        ),
+    )
+    hnsw_ef_search: int = field(
+        default=64,
+        metadata=_meta(
+            "HNSW query candidate list size for large batches (micro-batches use 256)",
             check=lambda v: v >= 1,
             help="must be >= 1",
         ),

@@ -56,8 +56,10 @@ IntArray = npt.NDArray[np.int64]
 # The old tool's threshold; the cosine default everywhere.
 COSINE_DEFAULT_THRESHOLD = 0.9
 
-# Track thresholds chosen on the simulator's ground truth with
-# scripts/bench_threshold.py (see README, "Choosing a threshold").
+# Track thresholds chosen on the simulator's ground truth with scripts/bench_methods.py
+# (see README, "Choosing a threshold"). efficientnet-lite0: 0.75 had the best ARI with
+# -mf gating averaged over seeds 0 and 1 (340 frames, ~5,200 crops each); single-seed
+# optima were 0.79 and 0.75. dino and hierarchical were NOT benchmarked: placeholders.
 TRACK_DEFAULT_THRESHOLDS: dict[str, float] = {
     "efficientnet-lite0": 0.75,
     "dino": 0.6,
@@ -125,11 +127,22 @@ class Gating:
 
 @dataclass(frozen=True, slots=True)
 class HnswParams:
-    """Index and query settings for the ungated cosine search."""
+    """Index and query settings for the ungated cosine search.
 
-    m: int = 16
+    Measured on clustered 384-d data (scripts/check_oracle.py): M=32 misses ten
+    times fewer neighbours above the threshold than M=16 at the same ef, for
+    about 20% more build time.
+    """
+
+    m: int = 32
     ef_construction: int = 100
+    # ef for bulk queries (a big batch, where every pair gets two chances to be
+    # found: the whole batch is indexed before any of it is queried) ...
     ef_search: int = 64
+    # ... and for micro-batches, whose crops alone search for their links to the
+    # crops before them; cheap at live rates.
+    ef_search_small: int = 256
+    small_batch: int = 2048
     k_start: int = 16
     # Below this many crops an exact search is faster than keeping an index.
     brute_force_below: int = 4096
@@ -400,10 +413,13 @@ class CosineLinker(Linker):
             self._index = self._new_index(max(self._cols.n + self._cols.n // 8, 10_000))
             if seqs.start > 0:
                 self._index_add(0, seqs.start)
+        # Index the whole batch before querying any of it: a pair inside the batch
+        # is then searched from both ends, and HNSW must miss it twice to lose it.
         for start in range(seqs.start, seqs.stop, params.chunk):
-            stop = min(start + params.chunk, seqs.stop)
-            self._index_add(start, stop)
-            self._link_knn(np.arange(start, stop))
+            self._index_add(start, min(start + params.chunk, seqs.stop))
+        ef = params.ef_search if len(seqs) > params.small_batch else params.ef_search_small
+        for start in range(seqs.start, seqs.stop, params.chunk):
+            self._link_knn(np.arange(start, min(start + params.chunk, seqs.stop)), ef)
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space="ip", dim=self._cols.dim)
@@ -426,7 +442,7 @@ class CosineLinker(Linker):
             self._cols.embeddings[start:stop], np.arange(start, stop, dtype=np.int64)
         )
 
-    def _link_knn(self, rows: IntArray) -> None:
+    def _link_knn(self, rows: IntArray, ef: int) -> None:
         """Query the index for each row, widening k until every neighbour above
         the threshold is inside the returned set."""
         assert self._index is not None
@@ -435,7 +451,7 @@ class CosineLinker(Linker):
         k = min(self.hnsw.k_start, count)
         pending = rows
         while len(pending):
-            self._index.set_ef(max(self.hnsw.ef_search, k))
+            self._index.set_ef(max(ef, k))
             queries = self._cols.embeddings[pending]
             try:
                 labels, distances = self._index.knn_query(queries, k=k)

@@ -110,6 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-refine", action="store_true",
                    help="skip the 0.01-step pass around each best threshold")  # fmt: skip
     p.add_argument("--json", type=Path, help="write all runs and the best thresholds here")
+    p.add_argument("--config", type=Path,
+                   help="TOML config for the re-clusterings (other gating windows)")  # fmt: skip
     p.add_argument("--species", action="store_true",
                    help="also measure cross-species / look-alike mixing per run")  # fmt: skip
     emb = p.add_argument_group("embedder (passed to crop-clusterd cluster)")
@@ -243,15 +245,21 @@ def cluster_once(
     threshold: float,
     labels: dict[str, str],
     lookalikes: set[frozenset[str]] | None,
+    config_file: Path | None = None,
 ) -> Run:
     """Re-cluster the pickle exactly as ``crop-clusterd cluster --from-embeddings`` would."""
-    out = ws.embed_dir / "runs" / f"{method}-{'gated' if gated else 'ungated'}-{threshold:.2f}"
+    tag = f"{method}-{'gated' if gated else 'ungated'}-{threshold:.2f}"
+    if config_file is not None:
+        tag += f"-{config_file.stem}"
+    out = ws.embed_dir / "runs" / tag
     argv = [
         "cluster", "--from-embeddings", str(ws.pickle), "-o", str(out),
         "-c", method, "-th", repr(threshold), "--labels", str(ws.labels),
     ]  # fmt: skip
     if gated:
         argv += ["-mf", str(ws.sim)]
+    if config_file is not None:
+        argv += ["--config", str(config_file)]
     config = config_from_args(build_parser().parse_args(argv))
     began = time.perf_counter()
     result = run_batch(BatchRequest(config=config, from_embeddings=ws.pickle, labels_csv=ws.labels))
@@ -352,12 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for gated in gatings:
             done: list[Run] = []
             for th in grids[method]:
-                done.append(cluster_once(ws, method, gated, th, labels, lookalikes))
+                done.append(cluster_once(ws, method, gated, th, labels, lookalikes, ns.config))
                 print(format_row(done[-1]), flush=True)
             if not ns.no_refine:
                 top = best_runs(done)[(method, gated)].threshold
                 for th in _refine_grid(grids[method], top):
-                    done.append(cluster_once(ws, method, gated, th, labels, lookalikes))
+                    done.append(cluster_once(ws, method, gated, th, labels, lookalikes, ns.config))
                     print(format_row(done[-1]), flush=True)
             runs.extend(done)
 
