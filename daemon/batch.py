@@ -31,6 +31,7 @@ from .link import (
     Gating,
     HnswParams,
     LinkBatch,
+    Motion,
     default_threshold,
     make_linker,
 )
@@ -114,13 +115,19 @@ def run_batch(request: BatchRequest) -> BatchResult:
     threshold = config.link.threshold
     if threshold is None:
         threshold = default_threshold(method, config.embed.model)
-    gating = _gating(config) if config.input.meta_folder is not None else None
+    with_metadata = config.input.meta_folder is not None
+    gating = _gating(config) if with_metadata and method == "cosine" else None
+    motion = None
+    if with_metadata and method == "track":
+        motion = Motion(config.link.track_max_move_px, config.link.track_move_penalty)
     linker = make_linker(
         method,
         threshold,
         gating,
         gap_s=config.link.track_gap_s,
         gap_frames=config.link.track_gap_frames,
+        memory=config.link.track_memory,
+        motion=motion,
         hnsw=HnswParams(
             m=config.link.hnsw_m,
             ef_construction=config.link.hnsw_ef_construction,
@@ -143,7 +150,7 @@ def run_batch(request: BatchRequest) -> BatchResult:
         singletons=n_singletons,
         method=method,
         threshold=threshold,
-        gating=gating is not None,
+        metadata=with_metadata,
         seconds=round(timings["cluster_s"], 2),
     )
 

@@ -257,6 +257,32 @@ class LinkConfig:
             help="must be >= 0",
         ),
     )
+    track_memory: int = field(
+        default=3,
+        metadata=_meta(
+            "track: a crop is compared with this many of a cluster's latest crops",
+            check=lambda v: v >= 1,
+            help="must be >= 1",
+        ),
+    )
+    track_max_move_px: float = field(
+        default=300.0,
+        metadata=_meta(
+            "track, with metadata: a cluster continues only within this distance "
+            "of its last box centre, pixels",
+            check=lambda v: v > 0,
+            help="must be > 0",
+        ),
+    )
+    track_move_penalty: float = field(
+        default=0.3,
+        metadata=_meta(
+            "track, with metadata: similarity taken off a match per max_move of distance, "
+            "so near clusters are preferred",
+            check=lambda v: v >= 0,
+            help="must be >= 0",
+        ),
+    )
     hnsw_m: int = field(
         default=32,
         metadata=_meta(

@@ -56,12 +56,12 @@ IntArray = npt.NDArray[np.int64]
 # The old tool's threshold; the cosine default everywhere.
 COSINE_DEFAULT_THRESHOLD = 0.9
 
-# Track thresholds chosen on the simulator's ground truth with scripts/bench_methods.py
-# (see README, "Choosing a threshold"). efficientnet-lite0: 0.75 had the best ARI with
-# -mf gating averaged over seeds 0 and 1 (340 frames, ~5,200 crops each); single-seed
-# optima were 0.79 and 0.75. dino and hierarchical were NOT benchmarked: placeholders.
+# Track thresholds chosen on the simulator's ground truth (scripts/bench_methods.py,
+# see README "Benchmarks"). efficientnet-lite0: 0.65 had the best ARI averaged over
+# seeds 0 and 1 (340 frames, ~5,200 crops each) with metadata and the default Motion.
+# dino and hierarchical were NOT benchmarked: placeholders until someone measures them.
 TRACK_DEFAULT_THRESHOLDS: dict[str, float] = {
-    "efficientnet-lite0": 0.75,
+    "efficientnet-lite0": 0.65,
     "dino": 0.6,
     "hierarchical": 0.8,
 }
@@ -123,6 +123,20 @@ class Gating:
         with np.errstate(invalid="ignore"):
             near = (dt < self.near_window_s) & (dist < self.max_center_dist_px)
             return np.asarray((dt < self.any_window_s) | near)
+
+
+@dataclass(frozen=True, slots=True)
+class Motion:
+    """How far an individual moves between its crops, for ``track``.
+
+    A crop may continue a cluster only within ``max_move_px`` of the cluster's
+    last box centre, and the assignment prefers near clusters: a match scores
+    its similarity minus ``penalty * min(distance / max_move_px, 1)``. A crop
+    or cluster without a known position may match at the full penalty.
+    """
+
+    max_move_px: float = 300.0
+    penalty: float = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,18 +551,28 @@ class CosineLinker(Linker):
 
 
 class TrackLinker(Linker):
-    """Frame-by-frame one-to-one matching of crops to active clusters."""
+    """Frame-by-frame one-to-one matching of crops to active clusters.
+
+    ``motion`` (used when crops have box positions) limits and scores how far a
+    cluster may move; ``memory`` is how many of a cluster's latest crops a new
+    crop is compared with.
+    """
 
     def __init__(
         self,
         threshold: float,
-        gating: Gating | None = None,
+        motion: Motion | None = None,
         gap_s: float = 300.0,
         gap_frames: int = 150,
+        memory: int = 3,
     ) -> None:
-        super().__init__(threshold, gating)
+        super().__init__(threshold, None)
+        if memory < 1:
+            raise ValueError(f"memory must be at least 1, got {memory}")
+        self.motion = motion
         self.gap_s = gap_s
         self.gap_frames = gap_frames
+        self.memory = memory
         self._track_of: IntArray = np.empty(0, dtype=np.int64)
         self._tracks: list[_Track] = []
         self._active: list[int] = []  # track numbers that may still match
@@ -609,7 +633,7 @@ class TrackLinker(Linker):
                 self._tracks.append(_Track(first_seq=seq))
                 self._active.append(k)
             self._tracks[k].first_seq = min(self._tracks[k].first_seq, seq)
-            self._tracks[k].observe(seq, t, ordinal, frame, cols.centers[seq])
+            self._tracks[k].observe(seq, t, ordinal, frame, cols.centers[seq], self.memory)
             self._track_of[seq] = k
 
     def _assign(self, crops: IntArray, candidates: list[int], t: float) -> dict[int, int]:
@@ -617,18 +641,36 @@ class TrackLinker(Linker):
         last = np.array([self._tracks[k].last_seq for k in candidates], dtype=np.int64)
         rows = np.repeat(crops, len(last))
         others = np.tile(last, len(crops))
-        sims = pair_cosine(cols.embeddings, rows, others).reshape(len(crops), len(last))
+        depth = max(len(self._tracks[k].recent) for k in candidates)
+        recent = np.array(
+            [[*tr.recent, *[tr.recent[-1]] * (depth - len(tr.recent))]
+             for tr in (self._tracks[k] for k in candidates)],
+            dtype=np.int64,
+        )  # fmt: skip
+        # Similarity to a cluster: the best over its most recent crops, so one
+        # blurred frame does not break a track.
+        sims = np.max(
+            [
+                pair_cosine(cols.embeddings, rows, np.tile(recent[:, j], len(crops)))
+                for j in range(depth)
+            ],
+            axis=0,
+        ).reshape(len(crops), len(last))
         allowed = sims >= self.threshold
-        if self.gating is not None:
-            dt = cols.times[rows] - cols.times[others]
-            dist = np.hypot(*(cols.centers[rows] - cols.centers[others]).T)
-            allowed &= self.gating.supports(dt, dist).reshape(sims.shape)
+        weights = sims.copy()
+        if self.motion is not None:
+            dist = np.hypot(*(cols.centers[rows] - cols.centers[others]).T).reshape(sims.shape)
+            reach = dist / self.motion.max_move_px
+            with np.errstate(invalid="ignore"):
+                allowed &= ~(reach >= 1.0)  # NaN (unknown position) stays allowed
+            weights -= self.motion.penalty * np.nan_to_num(np.minimum(reach, 1.0), nan=1.0)
         if not allowed.any():
             return {}
-        # One "stay new" column per crop with weight 0 makes this a maximum-weight
-        # matching over allowed pairs rather than a forced assignment.
+        # Weights are shifted to be positive and one "stay new" column per crop
+        # with weight 0 is added: a maximum-weight matching over allowed pairs
+        # rather than a forced assignment.
         forbidden = -1e9
-        weights = np.where(allowed, sims, forbidden)
+        weights = np.where(allowed, weights + 1.0, forbidden)
         stay_new = np.full((len(crops), len(crops)), forbidden)
         np.fill_diagonal(stay_new, 0.0)
         row_ind, col_ind = linear_sum_assignment(np.hstack([weights, stay_new]), maximize=True)
@@ -647,10 +689,12 @@ class _Track:
     last_ordinal: int = -1
     last_frame: str | None = None
     last_center: FloatArray = field(default_factory=lambda: np.full(2, np.nan))
+    recent: list[int] = field(default_factory=list)
 
     def observe(
-        self, seq: int, t: float, ordinal: int, frame: str | None, center: FloatArray
+        self, seq: int, t: float, ordinal: int, frame: str | None, center: FloatArray, memory: int
     ) -> None:
+        self.recent = [*self.recent[-(memory - 1) :], seq] if memory > 1 else [seq]
         self.last_seq = seq
         self.last_time = t
         self.last_ordinal = ordinal
@@ -670,13 +714,19 @@ def make_linker(
     *,
     gap_s: float = 300.0,
     gap_frames: int = 150,
+    memory: int = 3,
+    motion: Motion | None = None,
     hnsw: HnswParams | None = None,
 ) -> Linker:
-    """Create the linker for a method name (``cosine`` or ``track``)."""
+    """Create the linker for a method name (``cosine`` or ``track``).
+
+    ``gating`` applies to ``cosine``; ``motion``, ``gap_s``, ``gap_frames`` and
+    ``memory`` to ``track``.
+    """
     if method == "cosine":
         return CosineLinker(threshold, gating, hnsw)
     if method == "track":
-        return TrackLinker(threshold, gating, gap_s=gap_s, gap_frames=gap_frames)
+        return TrackLinker(threshold, motion, gap_s=gap_s, gap_frames=gap_frames, memory=memory)
     raise ValueError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")
 
 

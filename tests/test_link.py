@@ -16,6 +16,7 @@ from crop_clusterd.link import (
     Gating,
     HnswParams,
     LinkBatch,
+    Motion,
     TrackLinker,
     make_linker,
     pair_cosine,
@@ -204,20 +205,24 @@ def trap_sessions(draw: st.DrawFn) -> tuple[LinkBatch, float, int]:
     frames = draw(st.integers(1, 12))
     dim = 8
     identity = clustered(rng, n_ind, dim, draw(st.integers(1, n_ind)), 0.3)
-    emb, times, names, truth = [], [], [], []
+    position = rng.uniform(0, 600, (n_ind, 2))
+    emb, times, names, centers = [], [], [], []
     for f in range(frames):
         present = rng.permutation(n_ind)[: rng.integers(0, n_ind + 1)]
+        # Individuals drift, and now and then hop further than max_move_px.
+        position += (
+            rng.normal(0, 40, position.shape) * np.where(rng.random(n_ind) < 0.1, 5, 1)[:, None]
+        )
         for i in present:
             v = identity[i] + draw(st.floats(0.0, 0.2)) * rng.standard_normal(dim)
             emb.append(v / np.linalg.norm(v))
             times.append(2.0 * f)
             names.append(f"2024{f:04d}")
-            truth.append(int(i))
+            centers.append(position[i] if rng.random() > 0.1 else (np.nan, np.nan))
     if not emb:
-        emb, times, names = [identity[0]], [0.0], ["20240000"]
-    n = len(emb)
+        emb, times, names, centers = [identity[0]], [0.0], ["20240000"], [(0.0, 0.0)]
     batch = LinkBatch(
-        np.array(emb, dtype=np.float32), np.array(times), np.zeros((n, 2)), tuple(names)
+        np.array(emb, dtype=np.float32), np.array(times), np.array(centers), tuple(names)
     )
     return batch, draw(st.floats(0.3, 0.95)), draw(st.integers(0, 3))
 
@@ -228,13 +233,13 @@ def test_track_invariants_and_incremental_equals_batch(
     session: tuple[LinkBatch, float, int], gated: bool
 ) -> None:
     batch, threshold, _ = session
-    gating = Gating() if gated else None
-    whole = TrackLinker(threshold, gating)
+    motion = Motion(max_move_px=150.0) if gated else None
+    whole = TrackLinker(threshold, motion)
     whole.add(batch)
     ids = whole.cluster_ids()
 
     # Frames arriving one at a time, in time order, give the batch result.
-    live = TrackLinker(threshold, gating)
+    live = TrackLinker(threshold, motion)
     frames = batch.frames
     for frame in dict.fromkeys(frames):
         idx = [i for i, f in enumerate(frames) if f == frame]
@@ -270,10 +275,48 @@ def test_track_assignment_is_optimal_not_greedy() -> None:
     emb = np.vstack([a, b, x, y]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     frames = ("f0", "f0", "f1", "f1")
-    linker = TrackLinker(0.9)
+    linker = TrackLinker(0.9, memory=1)
     linker.add(LinkBatch(emb, np.array([0.0, 0.0, 2.0, 2.0]), np.zeros((4, 2)), frames))
     # Optimal: y -> a (1.0), x -> b (0.98); greedy x -> a would leave y alone.
     assert linker.cluster_ids().tolist() == [0, 1, 1, 0]
+
+
+def test_track_prefers_the_nearer_of_two_equally_similar_clusters() -> None:
+    v = np.array([1.0, 0.0], dtype=np.float32)
+    emb = np.repeat(v[None, :], 3, axis=0)
+    centers = np.array([[0.0, 0.0], [250.0, 0.0], [240.0, 5.0]])
+    frames = ("f0", "f0", "f1")
+    linker = TrackLinker(0.9, Motion(max_move_px=300.0, penalty=0.3))
+    linker.add(LinkBatch(emb, np.array([0.0, 0.0, 2.0]), centers, frames))
+    assert linker.cluster_ids().tolist() == [0, 1, 1]
+    # Without positions the tie goes to the first cluster; the motion term decided.
+    blind = TrackLinker(0.9, None)
+    blind.add(LinkBatch(emb.copy(), np.array([0.0, 0.0, 2.0]), centers, frames))
+    assert blind.cluster_ids().tolist() == [0, 1, 0]
+
+
+def test_track_never_continues_beyond_max_move() -> None:
+    v = np.array([[1.0, 0.0]], dtype=np.float32)
+    linker = TrackLinker(0.9, Motion(max_move_px=100.0))
+    for f, x in enumerate((0.0, 90.0, 300.0)):
+        linker.add(LinkBatch(v.copy(), np.array([2.0 * f]), np.array([[x, 0.0]]), (f"f{f}",)))
+    assert linker.cluster_ids().tolist() == [0, 0, 2]
+
+
+def test_track_compares_with_the_latest_crops_not_only_the_last() -> None:
+    a = np.array([1.0, 0.0], dtype=np.float32)
+    blurred = np.array([0.6, 0.8], dtype=np.float32)  # cos 0.6 with a
+    emb = np.vstack([a, blurred, a]).astype(np.float32)
+    frames = ("f0", "f1", "f2")
+    times = np.array([0.0, 2.0, 4.0])
+    for memory, expected in ((1, [0, 0, 2]), (3, [0, 0, 0])):
+        linker = TrackLinker(0.55, None, memory=memory)
+        # A low threshold lets the blurred crop continue the cluster; a strict one
+        # for the sharp crop after it: only memory reaches back past the blur.
+        linker.add(LinkBatch(emb[:2].copy(), times[:2], np.zeros((2, 2)), frames[:2]))
+        linker.threshold = 0.9
+        linker.add(LinkBatch(emb[2:].copy(), times[2:], np.zeros((1, 2)), frames[2:]))
+        assert linker.cluster_ids().tolist() == expected, memory
 
 
 def test_track_cluster_expires_after_the_gap() -> None:
@@ -286,7 +329,7 @@ def test_track_cluster_expires_after_the_gap() -> None:
 
 def test_track_without_times_counts_frames() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
-    linker = TrackLinker(0.9, None, gap_frames=2)
+    linker = TrackLinker(0.9, None, gap_frames=2, memory=1)
     emb = np.repeat(v, 5, axis=0)
     frames = ("a", "b", "c", "d", "e")
     # a, then nothing matching for two frames (other crops), then e
