@@ -298,9 +298,9 @@ class LinkConfig:
         ),
     )
     hnsw_ef_search: int = field(
-        default=64,
+        default=256,
         metadata=_meta(
-            "HNSW query candidate list size for large batches (micro-batches use 256)",
+            "HNSW query candidate list size (ef)",
             check=lambda v: v >= 1,
             help="must be >= 1",
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +58,9 @@ def main() -> int:
     parser.add_argument("--ef", type=int, default=defaults.ef_search)
     parser.add_argument("--k", type=int, default=defaults.k_start)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--cache", type=Path, help="folder to keep the oracle's result in, to compare settings"
+    )
     args = parser.parse_args()
 
     emb, _ = clustered_embeddings(args.n, args.dim, seed=args.seed)
@@ -74,7 +78,14 @@ def main() -> int:
     engine = linker.cluster_ids()
     t_engine = time.perf_counter() - t0
     t0 = time.perf_counter()
-    expected, n_links = oracle(emb, args.threshold)
+    cache = args.cache / f"oracle-{args.n}-{args.dim}-{args.seed}-{args.threshold}.npz"
+    if args.cache and cache.exists():
+        saved = np.load(cache)
+        expected, n_links = saved["ids"], int(saved["links"])
+    else:
+        expected, n_links = oracle(emb, args.threshold)
+        if args.cache:
+            np.savez(cache, ids=expected, links=n_links)
     t_oracle = time.perf_counter() - t0
     result = {
         "n": args.n,
