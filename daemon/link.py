@@ -74,6 +74,9 @@ METHODS = ("cosine", "track")
 # threshold is settled with the exact float64 definition (pair_cosine).
 _FLOAT32_MARGIN = 1e-4
 
+# A query that cannot find its own crop even at this ef is settled exactly.
+_MAX_EF = 4096
+
 
 def default_threshold(method: str, embedder: str) -> float:
     """Return the default threshold for a linking method and an embedder name."""
@@ -455,7 +458,12 @@ class CosineLinker(Linker):
 
     def _link_knn(self, rows: IntArray, ef: int) -> None:
         """Query the index for each row, widening k until every neighbour above
-        the threshold is inside the returned set."""
+        the threshold is inside the returned set.
+
+        Every queried crop is itself in the index, so a search that does not
+        return the crop itself got lost on the way to it; such rows are asked
+        again with a larger ef, and settled exactly if that fails too.
+        """
         assert self._index is not None
         count = self._index.get_current_count()
         floor = self.threshold - _FLOAT32_MARGIN
@@ -463,24 +471,26 @@ class CosineLinker(Linker):
         pending = rows
         while len(pending):
             self._index.set_ef(max(ef, k))
-            queries = self._cols.embeddings[pending]
             try:
-                labels, distances = self._index.knn_query(queries, k=k)
+                labels, distances = self._index.knn_query(self._cols.embeddings[pending], k=k)
             except RuntimeError:
                 # hnswlib could not gather k results (a sparse graph region):
                 # settle these rows exactly rather than risk a missed link.
                 self._link_exact(pending, count)
                 return
+            labels = labels.astype(np.int64)
             sims = 1.0 - distances
-            full = sims[:, -1] >= floor
-            done = ~full if k < count else np.ones(len(pending), dtype=bool)
+            full = (sims[:, -1] >= floor) & (k < count)
+            lost = ~full & ~(labels == pending[:, None]).any(axis=1)
+            done = ~full & ~lost
             hit_rows, hit_cols = np.nonzero((sims >= floor) & done[:, None])
-            self._confirm(
-                pending[hit_rows],
-                labels[hit_rows, hit_cols].astype(np.int64),
-                sims[hit_rows, hit_cols],
-            )
-            pending = pending[~done]
+            self._confirm(pending[hit_rows], labels[hit_rows, hit_cols], sims[hit_rows, hit_cols])
+            if lost.any():
+                if ef < _MAX_EF:
+                    self._link_knn(pending[lost], min(4 * ef, _MAX_EF))
+                else:
+                    self._link_exact(pending[lost], count)
+            pending = pending[full]
             k = min(4 * k, count)
 
     def _link_exact(self, rows: IntArray, upto: int) -> None:
