@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--work", type=Path, default=Path("/tmp/crop-clusterd-scale"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--config", type=Path, help="config file for the cluster command")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -49,6 +50,7 @@ def main() -> int:
         sys.executable, "-m", "crop_clusterd.cli", "cluster",
         "--from-embeddings", str(pkl), "-o", str(out),
         "-th", str(args.threshold), "--log-format", "json",
+        *(["--config", str(args.config)] if args.config else []),
     ]  # fmt: skip
     start = time.perf_counter()
     child = subprocess.Popen(cmd)
