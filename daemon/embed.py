@@ -204,6 +204,11 @@ def register(cls: _E) -> _E:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove an embedder registered under ``name`` (for plugins and tests)."""
+    _REGISTRY.pop(name, None)
+
+
 def available_embedders() -> list[str]:
     """Sorted names of all registered embedders."""
     return sorted(_REGISTRY)

@@ -13,14 +13,12 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
-import torch
+from fakes import BLUE, GREEN, ORANGE, RED, YELLOW, ColourEmbedder, write_png
 from PIL import Image
 
-from crop_clusterd import embed
 from crop_clusterd.batch import (
     CLUSTERS_CSV,
     EMBEDDINGS_PKL,
@@ -30,54 +28,18 @@ from crop_clusterd.batch import (
     run_batch,
 )
 from crop_clusterd.config import Config, EmbedConfig, InputConfig, LinkConfig, OutputConfig
-from crop_clusterd.embed import Embedder, register
+from crop_clusterd.embed import register, unregister
 from crop_clusterd.inputs import InputError
 from crop_clusterd.outputs import read_clusters_csv
 
-FAKE = "colour-batch-test"
-
-
-class ColourEmbedder(Embedder):
-    """Embeds a crop as its centred 4x4 RGB thumbnail; counts how often weights load."""
-
-    name: ClassVar[str] = FAKE
-    loads: ClassVar[int] = 0
-
-    def _load(self) -> None:
-        type(self).loads += 1
-        self._dim = 48
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """4x4 thumbnail, 0..1 shifted to -0.5..0.5 so hue, not brightness, decides cosine."""
-        pixels = np.asarray(image.convert("RGB").resize((4, 4)), dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels - 0.5).permute(2, 0, 1).contiguous()
-
-    def _features(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch.flatten(1)
+FAKE = ColourEmbedder.name
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _colour_embedder() -> Iterator[None]:
     register(ColourEmbedder)
     yield
-    # No public unregister: drop it so other modules see only the real embedders.
-    del embed._REGISTRY[FAKE]
-
-
-# Shades of one hue have cosine > 0.99 under ColourEmbedder; different hues < 0.5.
-RED = ((230, 20, 20), (215, 35, 25), (240, 10, 40))
-GREEN = ((20, 200, 30), (35, 220, 20), (10, 190, 45))
-BLUE = ((20, 30, 220), (40, 20, 200))
-YELLOW = (200, 200, 20)
-# Cosine ~0.93 to the reds: linked at 0.9, not at 0.99.
-ORANGE = (230, 90, 20)
-
-
-def write_png(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (12, 10)) -> Path:
-    """A solid-colour PNG crop."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, rgb).save(path)
-    return path
+    unregister(FAKE)
 
 
 def config(out: Path, **link: object) -> Config:

@@ -18,59 +18,34 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import structlog
-import torch
+from fakes import BLUE, RED, YELLOW, ColourEmbedder, write_png
+from fakes import GREEN as ALL_GREENS
 from PIL import Image
 
 from crop_clusterd import cli, embed
 from crop_clusterd import log as log_mod
 from crop_clusterd.config import EmbedConfig, InputConfig, OutputConfig
-from crop_clusterd.embed import Embedder, register
+from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
 from crop_clusterd.link import COSINE_DEFAULT_THRESHOLD
 from crop_clusterd.outputs import NOT_CLUSTERED, TREE_MARKER, read_clusters_csv
 from crop_clusterd.simulate import TIME_FORMAT, SimConfig, SimSummary, simulate
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE = "colour-cli-test"
+FAKE = ColourEmbedder.name
+GREEN = ALL_GREENS[:2]  # the label tests below count on two green crops
 SEED_TIME_FORMAT = "%Y%m%d%H%M%S"
-
-# Shades of one hue have cosine > 0.99 under ColourEmbedder; different hues < 0.5.
-RED = ((230, 20, 20), (215, 35, 25), (240, 10, 40))
-GREEN = ((20, 200, 30), (35, 220, 20))
-BLUE = ((20, 30, 220), (40, 20, 200))
-YELLOW = (200, 200, 20)
-
-
-class ColourEmbedder(Embedder):
-    """Embeds a crop as its centred 4x4 RGB thumbnail; counts how often weights load."""
-
-    name: ClassVar[str] = FAKE
-    loads: ClassVar[int] = 0
-
-    def _load(self) -> None:
-        type(self).loads += 1
-        self._dim = 48
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """4x4 thumbnail, 0..1 shifted to -0.5..0.5 so hue, not brightness, decides cosine."""
-        pixels = np.asarray(image.convert("RGB").resize((4, 4)), dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels - 0.5).permute(2, 0, 1).contiguous()
-
-    def _features(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch.flatten(1)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _colour_embedder() -> Iterator[None]:
     register(ColourEmbedder)
     yield
-    # No public unregister: drop it so other modules see only the real embedders.
-    del embed._REGISTRY[FAKE]
+    unregister(FAKE)
 
 
 @pytest.fixture
@@ -95,13 +70,6 @@ def _restore_logging() -> Iterator[None]:
     logging.getLogger("crop_clusterd").setLevel(logging.NOTSET)
     logging.captureWarnings(False)
     structlog.reset_defaults()
-
-
-def write_png(path: Path, rgb: tuple[int, int, int]) -> Path:
-    """A solid-colour 12x10 PNG crop."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (12, 10), rgb).save(path)
-    return path
 
 
 def cluster(*args: str | Path) -> int:

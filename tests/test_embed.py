@@ -101,7 +101,7 @@ def test_register_and_create() -> None:
         assert isinstance(made, _Counting)
         assert made.loads == 0  # construction does not load weights
     finally:
-        del embed._REGISTRY["counting-test"]
+        embed.unregister("counting-test")
 
 
 def test_register_rejects_name_clash() -> None:
