@@ -37,6 +37,7 @@ the smaller id survives (:class:`~crop_clusterd.records.Merge`).
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,10 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .log import get_logger
 from .records import Embedded, Merge
+
+log = get_logger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -428,13 +432,23 @@ class CosineLinker(Linker):
             self._index = self._new_index(max(self._cols.n + self._cols.n // 8, 10_000))
             if seqs.start > 0:
                 self._index_add(np.arange(0, seqs.start))
+        t0 = time.perf_counter()
         order = self._locality_order(seqs)
         # Index the whole batch before querying any of it: a pair inside the batch
         # is then searched from both ends, and HNSW must miss it twice to lose it.
+        t1 = time.perf_counter()
         for start in range(0, len(order), params.chunk):
             self._index_add(order[start : start + params.chunk])
+        t2 = time.perf_counter()
         for start in range(0, len(order), params.chunk):
             self._link_knn(order[start : start + params.chunk], params.ef_search)
+        log.debug(
+            "hnsw_linked",
+            crops=len(order),
+            order_s=round(t1 - t0, 2),
+            index_s=round(t2 - t1, 2),
+            query_s=round(time.perf_counter() - t2, 2),
+        )
 
     def _locality_order(self, seqs: range) -> IntArray:
         """The order to index and query a batch in.
