@@ -471,6 +471,7 @@ class CosineLinker(Linker):
         for start in range(0, n, 16_384):
             block = emb[ids[start : start + 16_384]] @ anchors.T
             nearest[start : start + len(block)] = np.argmax(block, axis=1)
+        self._link_within_groups(ids, nearest)
         first = rng.choice(n, size=n // 20, replace=False)
         rest = np.ones(n, dtype=bool)
         rest[first] = False
@@ -478,6 +479,24 @@ class CosineLinker(Linker):
         later = later[np.argsort(nearest[later], kind="stable")]
         order: IntArray = ids[np.concatenate([first, later])]
         return order
+
+    def _link_within_groups(self, ids: IntArray, group: IntArray) -> None:
+        """Exact links among crops that share their nearest anchor.
+
+        Most pairs above the threshold do, and a matrix product finds those
+        links exactly and cheaply, so HNSW only has to supply the rest. Groups
+        too large for a cheap product are left to HNSW alone.
+        """
+        emb = self._cols.embeddings
+        floor = self.threshold - _FLOAT32_MARGIN
+        by_group = np.argsort(group, kind="stable")
+        bounds = np.flatnonzero(np.diff(group[by_group])) + 1
+        for members in np.split(ids[by_group], bounds):
+            if len(members) < 2 or len(members) > 16_384:
+                continue
+            sims = emb[members] @ emb[members].T
+            rows, cols = np.nonzero(np.triu(sims >= floor, k=1))
+            self._confirm(members[rows], members[cols], sims[rows, cols])
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space="ip", dim=self._cols.dim)
