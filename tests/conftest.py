@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+
+from crop_clusterd import log as log_mod
 
 # The real sample crops live next to the repository, never inside it.
 SEED_EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "seed-example"
@@ -48,3 +53,20 @@ def tiny_dino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
     ).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Undo whatever ``configure_logging`` set up during a test."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    monkeypatch.setattr(log_mod, "_warned_no_journal", False)
+    yield
+    if log_mod._handler is not None:
+        root.removeHandler(log_mod._handler)
+        log_mod._handler = None
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("crop_clusterd").setLevel(logging.NOTSET)
+    logging.captureWarnings(False)
+    structlog.reset_defaults()

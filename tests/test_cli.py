@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import pickle
 import subprocess
@@ -21,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import structlog
 from fakes import BLUE, RED, YELLOW, ColourEmbedder, write_png
 from fakes import GREEN as ALL_GREENS
 from PIL import Image
 
 from crop_clusterd import cli, embed
-from crop_clusterd import log as log_mod
 from crop_clusterd.config import EmbedConfig, InputConfig, OutputConfig
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
@@ -56,20 +53,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> str:
     return FAKE
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # main() configures logging onto the (captured) stderr; undo it for later tests.
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    if log_mod._handler is not None:
-        root.removeHandler(log_mod._handler)
-        log_mod._handler = None
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("crop_clusterd").setLevel(logging.NOTSET)
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
+# main() and configure_logging() change global logging state; undo it after each test.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def cluster(*args: str | Path) -> int:

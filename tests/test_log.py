@@ -7,12 +7,10 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 import crop_clusterd.log as log_mod
 from crop_clusterd.log import JournaldRenderer, configure_logging, get_logger, resolve_format
@@ -33,20 +31,8 @@ class TtyStream(io.StringIO):
         return True
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    monkeypatch.setattr(log_mod, "_warned_no_journal", False)
-    yield
-    if log_mod._handler is not None:
-        root.removeHandler(log_mod._handler)
-        log_mod._handler = None
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("crop_clusterd").setLevel(logging.NOTSET)
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
+# main() and configure_logging() change global logging state; undo it after each test.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
