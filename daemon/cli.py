@@ -14,10 +14,14 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import Config, ConfigError, format_config, load_config, parse_config
 from .log import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from .batch import BatchResult
 
 log = get_logger(__name__)
 
@@ -230,10 +234,7 @@ def _cmd_cluster(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result: object) -> None:
-    from .batch import BatchResult
-
-    assert isinstance(result, BatchResult)
+def _print_summary(result: BatchResult) -> None:
     print(
         f"{result.n_crops} crops -> {result.n_clusters} clusters "
         f"({result.n_clusters - result.n_singletons} with 2+ crops, "
