@@ -1,6 +1,8 @@
 """The ``crop-clusterd`` command line.
 
-``crop-clusterd cluster`` takes the old batch tool's flags (``-i -o -mf
+``crop-clusterd run`` is the daemon, ``crop-clusterd status`` reads its state,
+``crop-clusterd simulate`` writes demo data. ``crop-clusterd cluster`` takes the
+old batch tool's flags (``-i -o -mf
 --time_format -d -e -fp -kp -gs -c -th -se -sl -x``) with their meanings, plus
 new long options. Settings come from built-in defaults, then ``--config FILE``,
 then flags: a flag always wins.
@@ -116,6 +118,108 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                      help="least severe log level shown (default info)")  # fmt: skip
 
 
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration, print it, exit (2 on errors)")  # fmt: skip
+    p.add_argument("--watch", type=Path, metavar="DIR", help="crop folder to watch (watch.folder)")
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help="state folder (state.folder, default /var/lib/crop-clusterd)")  # fmt: skip
+    p.add_argument("-o", "--out", dest="out_folder", type=Path, metavar="DIR",
+                   help="output folder for the snapshots (output.folder)")  # fmt: skip
+    p.add_argument("-c", "--cluster", choices=("cosine", "track"), help="link.method")
+    p.add_argument("-th", "--threshold", type=float, help="link.threshold")
+    p.add_argument(
+        "-e", "--embed", metavar="NAME", help=f"embed.model: {', '.join(EMBEDDER_NAMES)}"
+    )
+    p.add_argument("-fp", "--from_pretrained", help="embed.from_pretrained")
+    p.add_argument("-d", "--device", help="embed.device")
+    p.add_argument("--batch-size", type=int, help="embed.batch_size")
+    p.add_argument("--time_format", help="input.time_format")
+    p.add_argument("--metadata", action="store_true", default=None,
+                   help="read flat-bug metadata JSON (metadata.enabled)")  # fmt: skip
+    p.add_argument("--polling", action="store_true", default=None,
+                   help="poll instead of inotify (watch.polling)")  # fmt: skip
+    p.add_argument("-gs", "--gen_cluster_dirs", action="store_true", default=None,
+                   help="keep clusters/<id>/ folders (output.gen_cluster_dirs)")  # fmt: skip
+    p.add_argument("--log-format", choices=("auto", "console", "json", "journald"),
+                   help="log.format (auto: journald under systemd, else console)")  # fmt: skip
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log.level")
+    p.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                   help="stop cleanly once nothing new has arrived for this long "
+                   "(demos and tests; a service runs until stopped)")  # fmt: skip
+
+
+def run_config_from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then the config file, then the ``run`` flags that were given."""
+    config = load_config(ns.config, embedders=_embedder_names())
+    if ns.embed is not None and ns.embed not in _embedder_names():
+        raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
+                           f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
+    merged = dataclasses.replace(
+        config,
+        input=_replace(config.input, time_format=ns.time_format),  # type: ignore[arg-type]
+        embed=_replace(
+            config.embed,
+            model=ns.embed,
+            from_pretrained=ns.from_pretrained,
+            device=ns.device,
+            batch_size=ns.batch_size,
+        ),  # type: ignore[arg-type]
+        link=_replace(config.link, method=ns.cluster, threshold=ns.threshold),  # type: ignore[arg-type]
+        output=_replace(config.output, folder=ns.out_folder, gen_cluster_dirs=ns.gen_cluster_dirs),  # type: ignore[arg-type]
+        log=_replace(config.log, format=ns.log_format, level=ns.log_level),  # type: ignore[arg-type]
+        watch=_replace(config.watch, folder=ns.watch, polling=ns.polling),  # type: ignore[arg-type]
+        metadata=_replace(config.metadata, enabled=ns.metadata),  # type: ignore[arg-type]
+        state=_replace(config.state, folder=ns.state),  # type: ignore[arg-type]
+    )
+    return parse_config(tomllib.loads(format_config(merged)), "command line",
+                        embedders=_embedder_names())  # fmt: skip
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from .embed import EmbedderError
+    from .store import StateError
+    from .supervisor import Daemon
+
+    try:
+        config = run_config_from_args(ns)
+    except ConfigError as exc:
+        print(f"crop-clusterd: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    if ns.check_config:
+        print(format_config(config), end="")
+        return 0
+    configure_logging(config.log.format, config.log.level)
+    daemon = Daemon(config, exit_when_idle_s=ns.exit_when_idle)
+    try:
+        summary = daemon.run()
+    except (StateError, EmbedderError) as exc:
+        log.error("daemon_failed", reason=str(exc))
+        print(f"crop-clusterd run: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{summary.crops} crops -> {summary.clusters} clusters "
+        f"({summary.clusters - summary.singletons} with 2+ crops, {summary.singletons} "
+        f"singletons); {summary.new_crops} new in this run, {summary.skipped} files skipped; "
+        f"outputs in {config.output.folder}/"
+    )
+    return 0
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from .status import main_status
+
+    state = ns.state
+    if state is None:
+        try:
+            state = load_config(ns.config, embedders=_embedder_names()).state.folder
+        except ConfigError as exc:
+            print(f"crop-clusterd: configuration error:\n{exc}", file=sys.stderr)
+            return 2
+    return main_status(state, ns.json, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``crop-clusterd`` parser with its subcommands."""
     from .simulate import add_simulate_arguments
@@ -141,6 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
         "with metadata JSON and labels.csv.",
     )
     add_simulate_arguments(simulate)
+    run = sub.add_parser(
+        "run",
+        help="run the daemon: watch a folder, cluster crops as they land",
+        description="Watch the crop folder, embed new crops in micro-batches, assign them to "
+        "clusters incrementally, keep the state in the state folder and snapshots "
+        "(clusters.csv, embeddings.pkl, merges.csv, errors.csv) in the output folder. "
+        "SIGTERM or Ctrl-C stops cleanly with a final snapshot.",
+    )
+    _add_run_arguments(run)
+    status = sub.add_parser(
+        "status",
+        help="show what a running (or stopped) daemon has done",
+        description="Read the state folder (safe while the daemon runs) and print processed "
+        "crops, clusters, queue, errors, crops/s over the last minute and the last snapshot.",
+    )
+    status.add_argument("--state", type=Path, metavar="DIR",
+                        help="state folder (default: state.folder of --config)")  # fmt: skip
+    status.add_argument("--config", type=Path, help="TOML config file to take state.folder from")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
 
@@ -155,7 +278,8 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     if ns.embed is not None and ns.embed not in _embedder_names():
         raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
                            f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
-    merged = Config(
+    merged = dataclasses.replace(
+        config,
         input=_replace(
             config.input,
             recursive=ns.recursive,
@@ -256,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.command == "cluster":
         return _cmd_cluster(ns)
+    if ns.command == "run":
+        return _cmd_run(ns)
+    if ns.command == "status":
+        return _cmd_status(ns)
     if ns.command == "simulate":
         from .simulate import main as simulate_main
 

@@ -36,7 +36,12 @@ __all__ = [
     "InputConfig",
     "LinkConfig",
     "LogConfig",
+    "MetadataConfig",
     "OutputConfig",
+    "ServiceConfig",
+    "SnapshotConfig",
+    "StateConfig",
+    "WatchConfig",
     "format_config",
     "load_config",
     "parse_colour",
@@ -196,6 +201,14 @@ class EmbedConfig:
         default=32,
         metadata=_meta("crops per model call", check=lambda v: v >= 1, help="must be >= 1"),
     )
+    max_wait_ms: int = field(
+        default=200,
+        metadata=_meta(
+            "run: a micro-batch goes to the model after this long even if not full, ms",
+            check=lambda v: v >= 0,
+            help="must be >= 0",
+        ),
+    )
     allow_download: bool = field(
         default=False,
         metadata=_meta("let dino fetch weights from the Hugging Face hub (needs network)"),
@@ -333,6 +346,136 @@ class LogConfig:
     level: LogLevel = field(default="info", metadata=_meta("debug | info | warning | error"))
 
 
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """run: the crop folder the daemon watches, and when a file counts as ready."""
+
+    folder: Path = field(default=Path("crops"), metadata=_meta("crop folder to watch"))
+    recursive: bool = field(
+        default=True, metadata=_meta("watch sub-folders too (flat-bug makes one per frame)")
+    )
+    polling: bool = field(
+        default=False,
+        metadata=_meta("poll instead of inotify (network, FUSE and SMB mounts send no events)"),
+    )
+    poll_interval_s: float = field(
+        default=2.0,
+        metadata=_meta(
+            "how often the polling observer looks, seconds",
+            check=_positive,
+            help="must be > 0",
+        ),
+    )
+    settle_ms: int = field(
+        default=500,
+        metadata=_meta(
+            "a file is ready once its size and mtime are unchanged this long, ms",
+            check=_non_negative,
+            help="must be >= 0",
+        ),
+    )
+    rescan_s: float = field(
+        default=60.0,
+        metadata=_meta(
+            "full rescan interval, catching events the observer dropped, seconds",
+            check=_positive,
+            help="must be > 0",
+        ),
+    )
+    decode_retries: int = field(
+        default=3,
+        metadata=_meta(
+            "retries of a crop that does not decode before it is recorded in errors.csv",
+            check=_non_negative,
+            help="must be >= 0",
+        ),
+    )
+    retry_backoff_s: float = field(
+        default=1.0,
+        metadata=_meta(
+            "wait before the first decode retry, doubled for each further one, seconds",
+            check=_non_negative,
+            help="must be >= 0",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    """run: flat-bug metadata JSON in the watched tree (box positions)."""
+
+    enabled: bool = field(
+        default=False,
+        metadata=_meta(
+            "read each frame's metadata JSON from the watched tree: gating (cosine) or "
+            "motion (track), as -mf does for the batch command"
+        ),
+    )
+    wait_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "a crop waits this long for its frame's JSON, then links without a box, seconds",
+            check=_non_negative,
+            help="must be >= 0",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    """run: how often the output files are rewritten."""
+
+    interval_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "snapshot interval when something changed, seconds",
+            check=_positive,
+            help="must be > 0",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """run: the durable state that lets the daemon resume."""
+
+    folder: Path = field(
+        default=Path("/var/lib/crop-clusterd"),
+        metadata=_meta("state folder (SQLite database and the saved index)"),
+    )
+    index_save_s: float = field(
+        default=300.0,
+        metadata=_meta(
+            "how often the HNSW index is saved when it grew, seconds",
+            check=_positive,
+            help="must be > 0",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """run: health checks for systemd."""
+
+    stall_s: float = field(
+        default=120.0,
+        metadata=_meta(
+            "a stage busy on one unit of work longer than this counts as hung and the "
+            "systemd watchdog is no longer fed, seconds",
+            check=_positive,
+            help="must be > 0",
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; one field per TOML section."""
@@ -342,6 +485,11 @@ class Config:
     link: LinkConfig = field(default_factory=LinkConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
 # --- loading ----------------------------------------------------------------

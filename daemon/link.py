@@ -37,10 +37,12 @@ the smaller id survives (:class:`~crop_clusterd.records.Merge`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hnswlib
 import numpy as np
@@ -168,6 +170,11 @@ class HnswParams:
     threads: int = 0  # 0 = all cores
     chunk: int = 20_000
     seed: int = 100
+    # From this many lost queries in one batch on, they are settled through a
+    # side index (see CosineLinker._settle_lost) instead of retries and exact
+    # search; below it, retrying is cheaper.
+    side_index_from: int = 1024
+    side_ef: int = 128
 
 
 @dataclass(frozen=True)
@@ -376,6 +383,10 @@ class Linker(ABC):
     def cluster_ids(self) -> IntArray:
         """Cluster id of every crop so far, indexed by sequence number."""
 
+    @abstractmethod
+    def cluster_of(self, seqs: IntArray) -> IntArray:
+        """Current cluster id of the given crops (cheap for a micro-batch)."""
+
     @property
     def embeddings(self) -> npt.NDArray[np.float32]:
         """The stored embeddings, indexed by sequence number (read-only view)."""
@@ -400,6 +411,9 @@ class CosineLinker(Linker):
         # Sorted times of all timed crops, for the gating window.
         self._sorted_times: FloatArray = np.empty(0)
         self._sorted_seqs: IntArray = np.empty(0, dtype=np.int64)
+        # For the batch being linked: each crop's most similar crop of its own
+        # group (-1 = unknown), a second landmark for telling a lost search.
+        self._nearest_known: IntArray = np.empty(0, dtype=np.int64)
 
     def add(self, batch: LinkBatch) -> AddResult:
         """Link a batch to everything seen so far (and to itself)."""
@@ -419,6 +433,101 @@ class CosineLinker(Linker):
         """Cluster id (smallest member's sequence number) of every crop."""
         return self._uf.roots()
 
+    def cluster_of(self, seqs: IntArray) -> IntArray:
+        """Current cluster id of the given crops."""
+        return np.array([self._uf.find(int(s)) for s in seqs], dtype=np.int64)
+
+    # -- persistence (the daemon's state folder) -------------------------------------
+
+    def restore(
+        self,
+        batch: LinkBatch,
+        cluster_ids: IntArray,
+        index_file: Path | None = None,
+        index_covers: int = 0,
+    ) -> bool:
+        """Resume from stored state without linking anything again.
+
+        ``batch`` holds every stored crop in sequence order and ``cluster_ids``
+        their current ids (smallest member's sequence number). The HNSW index is
+        loaded from ``index_file`` when it covers exactly the first
+        ``index_covers`` crops, and the rest are added to it; without a usable
+        file it is rebuilt. Returns whether the saved index was used.
+        """
+        if self._cols.n:
+            raise RuntimeError("restore() needs a fresh linker")
+        if len(cluster_ids) != len(batch):
+            raise ValueError("one cluster id per stored crop is needed")
+        if len(batch) == 0:
+            return False
+        seqs = self._cols.append(batch)
+        self._uf.grow(self._cols.n)
+        if np.any(cluster_ids > np.arange(len(batch))):
+            raise ValueError("a cluster id is larger than the sequence number of its member")
+        self._uf.parent[: self._cols.n] = cluster_ids
+        if self.gating is not None:
+            timed = np.flatnonzero(~np.isnan(self._cols.times[: self._cols.n]))
+            order = np.argsort(self._cols.times[timed], kind="stable")
+            self._sorted_seqs = timed[order].astype(np.int64)
+            self._sorted_times = self._cols.times[self._sorted_seqs]
+            return False
+        if self._cols.n < self.hnsw.brute_force_below:
+            return False
+        used = False
+        if index_file is not None and index_covers > 0 and index_file.exists():
+            used = self._load_index(index_file, index_covers)
+        if not used:
+            self._index = self._new_index(max(self._cols.n + self._cols.n // 8, 10_000))
+            index_covers = 0
+        assert self._index is not None
+        rest = np.arange(index_covers, seqs.stop, dtype=np.int64)
+        for start in range(0, len(rest), self.hnsw.chunk):
+            self._index_add(rest[start : start + self.hnsw.chunk])
+        return used
+
+    def _load_index(self, path: Path, covers: int) -> bool:
+        index = hnswlib.Index(space="ip", dim=self._cols.dim)
+        try:
+            index.load_index(str(path), max_elements=max(self._cols.n + self._cols.n // 8, 10_000))
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.warning("index_unusable", file=str(path), reason=str(exc))
+            return False
+        if index.get_current_count() != covers or index.dim != self._cols.dim:
+            log.warning(
+                "index_unusable",
+                file=str(path),
+                reason=f"holds {index.get_current_count()} crops, state says {covers}",
+            )
+            return False
+        # ef and the thread count are not saved with the index.
+        index.set_ef(self.hnsw.ef_search)
+        index.set_num_threads(self.hnsw.threads or _cpu_count())
+        self._index = index
+        return True
+
+    def save_index(self, path: Path) -> int:
+        """Save the HNSW index atomically; return how many crops it covers (0: none kept).
+
+        Building with several threads is not deterministic, so the daemon keeps
+        the index it built rather than rebuilding a different one at each start.
+        """
+        if self._index is None:
+            return 0
+        tmp = path.with_name(f".{path.name}.tmp")
+        self._index.save_index(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return int(self._index.get_current_count())
+
     # -- ungated: hnswlib candidates ----------------------------------------------
 
     def _link_ungated(self, seqs: range) -> None:
@@ -433,6 +542,7 @@ class CosineLinker(Linker):
             if seqs.start > 0:
                 self._index_add(np.arange(0, seqs.start))
         t0 = time.perf_counter()
+        self._nearest_known = np.full(self._cols.n, -1, dtype=np.int64)
         order = self._locality_order(seqs)
         # Index the whole batch before querying any of it: a pair inside the batch
         # is then searched from both ends, and HNSW must miss it twice to lose it.
@@ -440,14 +550,21 @@ class CosineLinker(Linker):
         for start in range(0, len(order), params.chunk):
             self._index_add(order[start : start + params.chunk])
         t2 = time.perf_counter()
-        for start in range(0, len(order), params.chunk):
-            self._link_knn(order[start : start + params.chunk], params.ef_search)
+        lost = [
+            self._link_knn(self._index, order[start : start + params.chunk], params.ef_search)
+            for start in range(0, len(order), params.chunk)
+        ]
+        t3 = time.perf_counter()
+        n_lost = self._settle_lost(np.concatenate(lost))
+        self._nearest_known = np.empty(0, dtype=np.int64)
         log.debug(
             "hnsw_linked",
             crops=len(order),
+            lost=n_lost,
             order_s=round(t1 - t0, 2),
             index_s=round(t2 - t1, 2),
-            query_s=round(time.perf_counter() - t2, 2),
+            query_s=round(t3 - t2, 2),
+            lost_s=round(time.perf_counter() - t3, 2),
         )
 
     def _locality_order(self, seqs: range) -> IntArray:
@@ -485,7 +602,8 @@ class CosineLinker(Linker):
 
         Most pairs above the threshold do, and a matrix product finds those
         links exactly and cheaply, so HNSW only has to supply the rest. Groups
-        too large for a cheap product are left to HNSW alone.
+        too large for a cheap product are left to HNSW alone. Each crop's most
+        similar group member is kept for :meth:`_link_knn`.
         """
         emb = self._cols.embeddings
         floor = self.threshold - _FLOAT32_MARGIN
@@ -497,6 +615,8 @@ class CosineLinker(Linker):
             sims = emb[members] @ emb[members].T
             rows, cols = np.nonzero(np.triu(sims >= floor, k=1))
             self._confirm(members[rows], members[cols], sims[rows, cols])
+            np.fill_diagonal(sims, -np.inf)
+            self._nearest_known[members] = members[np.argmax(sims, axis=1)]
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space="ip", dim=self._cols.dim)
@@ -517,42 +637,103 @@ class CosineLinker(Linker):
             self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
         self._index.add_items(self._cols.embeddings[ids], ids)
 
-    def _link_knn(self, rows: IntArray, ef: int) -> None:
-        """Query the index for each row, widening k until every neighbour above
-        the threshold is inside the returned set.
+    def _link_knn(
+        self, index: hnswlib.Index, rows: IntArray, ef: int, members: bool = True
+    ) -> IntArray:
+        """Query ``index`` for each row, widening k until every neighbour above
+        the threshold is inside the returned set; return the rows that got lost.
 
-        Every queried crop is itself in the index, so a search that does not
-        return the crop itself got lost on the way to it; such rows are asked
-        again with a larger ef, and settled exactly if that fails too.
+        With ``members`` every queried crop is itself in the index, so a search
+        that returns neither the crop itself nor its most similar crop known
+        from the exact in-group pass got lost on the way (or the crop has no
+        incoming links, which is common at a million crops and is why the
+        second landmark exists): such rows are returned unlinked.
         """
-        assert self._index is not None
-        count = self._index.get_current_count()
+        count = index.get_current_count()
         floor = self.threshold - _FLOAT32_MARGIN
         k = min(self.hnsw.k_start, count)
         pending = rows
+        lost_rows: list[IntArray] = []
         while len(pending):
-            self._index.set_ef(max(ef, k))
+            index.set_ef(max(ef, k))
             try:
-                labels, distances = self._index.knn_query(self._cols.embeddings[pending], k=k)
+                labels, distances = index.knn_query(self._cols.embeddings[pending], k=k)
             except RuntimeError:
                 # hnswlib could not gather k results (a sparse graph region):
                 # settle these rows exactly rather than risk a missed link.
-                self._link_exact(pending, count)
-                return
+                lost_rows.append(pending)
+                break
             labels = labels.astype(np.int64)
             sims = 1.0 - distances
             full = (sims[:, -1] >= floor) & (k < count)
-            lost = ~full & ~(labels == pending[:, None]).any(axis=1)
+            if members:
+                landmarks = np.full(len(pending), -1, dtype=np.int64)
+                if len(self._nearest_known):
+                    landmarks = self._nearest_known[pending]
+                reached = (labels == pending[:, None]) | (labels == landmarks[:, None])
+                lost = ~full & ~reached.any(axis=1)
+            else:
+                lost = np.zeros_like(full)
             done = ~full & ~lost
             hit_rows, hit_cols = np.nonzero((sims >= floor) & done[:, None])
             self._confirm(pending[hit_rows], labels[hit_rows, hit_cols], sims[hit_rows, hit_cols])
-            if lost.any():
-                if ef < _MAX_EF:
-                    self._link_knn(pending[lost], min(4 * ef, _MAX_EF))
-                else:
-                    self._link_exact(pending[lost], count)
+            lost_rows.append(pending[lost])
             pending = pending[full]
             k = min(4 * k, count)
+        return np.concatenate(lost_rows) if lost_rows else np.empty(0, dtype=np.int64)
+
+    def _settle_lost(self, lost: IntArray) -> int:
+        """Link the crops whose own search got lost; return how many there were.
+
+        A few are asked again with a larger ef and then settled exactly. Many
+        (thousands at a million crops, mostly nodes HNSW left without incoming
+        links, which no ef finds) get an index of their own that every other
+        crop queries, plus an exact search among themselves: each of their
+        pairs is again searched from both ends, for a fraction of the cost of
+        an exact search against everything.
+        """
+        assert self._index is not None
+        count = self._index.get_current_count()
+        n_lost = len(lost)
+        if n_lost >= self.hnsw.side_index_from:
+            self._link_via_side_index(np.unique(lost), count)
+            return n_lost
+        ef = self.hnsw.ef_search
+        while len(lost) and ef < _MAX_EF:
+            ef = min(4 * ef, _MAX_EF)
+            lost = self._link_knn(self._index, lost, ef)
+        if len(lost):
+            self._link_exact(lost, count)
+        return n_lost
+
+    def _link_via_side_index(self, lost: IntArray, count: int) -> None:
+        """Exact links among ``lost``; every other indexed crop queries an index of them."""
+        emb = self._cols.embeddings
+        floor = self.threshold - _FLOAT32_MARGIN
+        for start in range(0, len(lost), 1024):
+            part = lost[start : start + 1024]
+            sims = emb[part] @ emb[lost].T
+            rows, cols = np.nonzero(sims >= floor)
+            self._confirm(part[rows], lost[cols], sims[rows, cols])
+        side = hnswlib.Index(space="ip", dim=self._cols.dim)
+        side.init_index(
+            max_elements=len(lost),
+            M=self.hnsw.m,
+            ef_construction=self.hnsw.ef_construction,
+            random_seed=self.hnsw.seed,
+        )
+        side.set_num_threads(self.hnsw.threads or _cpu_count())
+        side.add_items(emb[lost], lost)
+        others = np.ones(count, dtype=bool)
+        others[lost] = False
+        rows = np.nonzero(others)[0].astype(np.int64)
+        for start in range(0, len(rows), self.hnsw.chunk):
+            part = rows[start : start + self.hnsw.chunk]
+            failed = self._link_knn(side, part, self.hnsw.side_ef, members=False)
+            if len(failed):
+                sims = emb[failed] @ emb[lost].T
+                hit_rows, hit_cols = np.nonzero(sims >= floor)
+                self._confirm(failed[hit_rows], lost[hit_cols], sims[hit_rows, hit_cols])
 
     def _link_exact(self, rows: IntArray, upto: int) -> None:
         """Exact search of ``rows`` against crops ``[0, upto)`` in bounded blocks."""
@@ -663,6 +844,12 @@ class TrackLinker(Linker):
         tracks = self._track_of[: self._cols.n]
         first = np.array([t.first_seq for t in self._tracks], dtype=np.int64)
         return first[tracks] if len(first) else np.empty(0, dtype=np.int64)
+
+    def cluster_of(self, seqs: IntArray) -> IntArray:
+        """Cluster id of the given crops (track clusters never merge)."""
+        return np.array(
+            [self._tracks[int(self._track_of[int(s)])].first_seq for s in seqs], dtype=np.int64
+        )
 
     def _frames_in_order(self, seqs: range) -> list[IntArray]:
         """Group a batch by frame; timed frames by (time, name), then untimed by name.
@@ -800,6 +987,4 @@ def make_linker(
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

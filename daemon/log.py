@@ -104,7 +104,20 @@ def resolve_format(
 
 _FIELD_BAD = re.compile(r"[^A-Z0-9_]")
 # Fields the renderer sets itself; a user field of that name is prefixed instead.
-_RESERVED = frozenset({"MESSAGE", "PRIORITY", "EVENT", "LOGGER", "SYSLOG_IDENTIFIER"})
+_RESERVED = frozenset(
+    {
+        "MESSAGE",
+        "PRIORITY",
+        "EVENT",
+        "LOGGER",
+        "SYSLOG_IDENTIFIER",
+        "CODE_FILE",
+        "CODE_LINE",
+        "CODE_FUNC",
+    }
+)
+# Event-dict key carrying the log call's (file, line, function) to the renderer.
+_CODE_KEY = "_journal_code"
 
 
 def _journal_field(key: str) -> str:
@@ -151,11 +164,12 @@ class JournaldRenderer:
         logger_name = ed.pop("logger", None)
         ed.pop("timestamp", None)  # the journal stamps entries itself
         exception = ed.pop("exception", None)
+        code = ed.pop(_CODE_KEY, None)
         parts = [event, *(f"{k}={_text(v)}" for k, v in ed.items())]
         message = " ".join(p for p in parts if p)
         if exception:
             message += "\n" + _text(exception)
-        fields: dict[str, str] = {
+        fields: dict[str, str | int] = {
             "MESSAGE": message,
             "PRIORITY": str(_PRIORITY.get(level, 6)),
             "EVENT": event,
@@ -165,6 +179,10 @@ class JournaldRenderer:
             fields["LOGGER"] = _text(logger_name)
         if exception:
             fields["EXCEPTION"] = _text(exception)
+        if code is not None:
+            # Without these, python-systemd records this method as every entry's origin.
+            # Its send() wants CODE_LINE as an int.
+            fields["CODE_FILE"], fields["CODE_LINE"], fields["CODE_FUNC"] = code
         for key, value in ed.items():
             fields.setdefault(_journal_field(key), _text(value))
         self._send(**fields)
@@ -179,6 +197,17 @@ class _JournaldHandler(logging.Handler):
             self.format(record)
         except Exception:
             self.handleError(record)
+
+
+def _add_code_location(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Pass the log call's location from the stdlib record on to `JournaldRenderer`.
+
+    Must run before ``remove_processors_meta``, which drops ``_record``.
+    """
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord):
+        event_dict[_CODE_KEY] = (record.pathname, record.lineno, record.funcName)
+    return event_dict
 
 
 def _json_default(value: Any) -> Any:
@@ -284,6 +313,7 @@ def configure_logging(
     elif chosen == "journald":
         if sender is None:  # resolve_format only picks journald with a sender
             raise RuntimeError("journald chosen without a journal sender")
+        final.insert(0, _add_code_location)
         final += [structlog.processors.format_exc_info, JournaldRenderer(sender)]
         handler = _JournaldHandler()
     else:

@@ -22,7 +22,9 @@ class Crop:
     ``name`` is the string written to ``clusters.csv``; ``time`` is the frame's
     capture time in seconds (naive local time read from the file name, only ever
     compared with other crops' times), ``center`` the centre of the crop's box in
-    frame pixels. Either is ``None`` when unknown.
+    frame pixels. Either is ``None`` when unknown. ``size`` and ``mtime_ns`` are
+    the file's stat when the daemon found it ready (the registry of processed
+    files keeps them); the batch command leaves them ``None``.
     """
 
     path: Path
@@ -31,6 +33,8 @@ class Crop:
     crop_index: int | None = None
     time: float | None = None
     center: tuple[float, float] | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,458 @@
+"""Durable state of the daemon: one SQLite database (WAL) in the state folder.
+
+Everything needed to resume lives here: the registry of processed files (path,
+size, mtime), each crop's embedding, time, box and cluster at the moment it was
+committed, the merges that happened since, and the files that were skipped. The
+link stage commits once per micro-batch, in one transaction, so after a crash at
+any moment the database holds whole batches only: the batch in flight is simply
+found again by the start-up scan and redone.
+
+Cluster ids are never rewritten in old rows. A crop's ``cluster`` column is its
+cluster id when its batch was committed; later merges are appended to
+``merges``. Replaying the merges in order over the stored ids gives every crop's
+current id (:func:`current_clusters`), which is also how the snapshot writer and
+``crop-clusterd status`` read them while the daemon runs.
+
+No pickle is ever read from the state folder: embeddings are raw float32 blobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .records import Embedded, Merge, Skipped
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.sqlite3"
+INDEX_NAME = "index.hnsw"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS crops (
+    seq      INTEGER PRIMARY KEY,
+    path     TEXT NOT NULL UNIQUE,
+    size     INTEGER,
+    mtime_ns INTEGER,
+    frame    TEXT,
+    crop_index INTEGER,
+    time     REAL,
+    cx       REAL,
+    cy       REAL,
+    batch    INTEGER NOT NULL,
+    cluster  INTEGER NOT NULL,
+    added    REAL NOT NULL,
+    vector   BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
+CREATE TABLE IF NOT EXISTS merges (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    at           REAL NOT NULL,
+    batch        INTEGER NOT NULL,
+    from_cluster INTEGER NOT NULL,
+    into_cluster INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    path     TEXT PRIMARY KEY,
+    reason   TEXT NOT NULL,
+    size     INTEGER,
+    mtime_ns INTEGER,
+    at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runtime (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class StateError(Exception):
+    """The state folder cannot be used (locked, corrupt, or built with other settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedCrop:
+    """One crop as a micro-batch commits it: the embedded crop and its cluster then."""
+
+    item: Embedded
+    seq: int
+    cluster: int
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    """A file recorded as not clustered (a row of ``errors.csv``), with its stat."""
+
+    skipped: Skipped
+    path: str
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredCrops:
+    """Columns of stored crops in sequence order (see :meth:`StateStore.load_crops`)."""
+
+    seqs: npt.NDArray[np.int64]
+    paths: tuple[str, ...]
+    frames: tuple[str | None, ...]
+    crop_indexes: tuple[int | None, ...]
+    times: npt.NDArray[np.float64]
+    centers: npt.NDArray[np.float64]
+    batches: npt.NDArray[np.int64]
+    clusters: npt.NDArray[np.int64]
+    vectors: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMerge:
+    """One row of the merges table."""
+
+    id: int
+    at: float
+    batch: int
+    merge: Merge
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSkip:
+    """One row of the skipped table."""
+
+    path: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Cheap totals for status lines."""
+
+    crops: int
+    skipped: int
+    merges: int
+    batches: int
+
+
+def current_clusters(
+    stored: npt.NDArray[np.int64], merges: Iterable[Merge]
+) -> npt.NDArray[np.int64]:
+    """Every crop's current cluster id from the ids stored at commit plus the merges.
+
+    ``stored[seq]`` is the crop's cluster when its batch was committed (the
+    smallest member's sequence number then, so ``stored[seq] <= seq`` and a
+    cluster's id is a member). Each merge re-points a whole cluster at a smaller
+    id, so replaying them in order and then following the pointers gives the
+    current ids.
+    """
+    parent = stored.astype(np.int64, copy=True)
+    for merge in merges:
+        # Both were cluster ids (roots) when the merge happened; `into` may since
+        # have been merged further, which the pointer jumping below follows.
+        if merge.from_cluster < len(parent):
+            parent[merge.from_cluster] = merge.into_cluster
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent
+        parent = grand
+
+
+class StateStore:
+    """The state database. One writer (the link stage); readers open their own.
+
+    ``readonly=True`` opens an existing database for reading only (the snapshot
+    writer, ``crop-clusterd status``); it never creates or migrates anything.
+    """
+
+    def __init__(self, folder: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> None:
+        self.folder = folder
+        self.path = folder / DB_NAME
+        self.readonly = readonly
+        if readonly:
+            if not self.path.exists():
+                raise StateError(f"no state database at {self.path}")
+            uri = f"file:{self.path}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False)
+        else:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"cannot create state folder {folder}: {exc}") from exc
+            self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        try:
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                # FULL: a commit survives power loss, not only a crash (traps lose power).
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._db.executescript(_SCHEMA)
+                self._check_schema()
+            self._db.execute("SELECT count(*) FROM crops").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StateError(f"state database {self.path} is unusable: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection (a no-op when already closed)."""
+        self._db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_schema(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+        elif row[0] != str(SCHEMA_VERSION):
+            raise StateError(
+                f"state database {self.path} has schema version {row[0]}, "
+                f"this crop-clusterd uses {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query inside sees the same snapshot."""
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        finally:
+            self._db.execute("COMMIT")
+
+    # -- settings the state was built with -------------------------------------------
+
+    def check_settings(self, settings: Mapping[str, object]) -> None:
+        """Record the settings on first use; afterwards refuse different ones.
+
+        Embeddings and cluster ids are only comparable under one model and one
+        linking rule, so resuming with another would silently mix two results.
+        """
+        wanted = json.dumps(dict(settings), sort_keys=True)
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
+        if row is None:
+            with self._db:
+                self._db.execute("INSERT INTO meta(key, value) VALUES ('settings', ?)", (wanted,))
+            return
+        stored = json.loads(row[0])
+        changed = [
+            f"{key}: state has {stored.get(key)!r}, config says {value!r}"
+            for key, value in sorted(settings.items())
+            if stored.get(key) != value
+        ]
+        if changed:
+            raise StateError(
+                f"the state in {self.folder} was built with other settings:\n  "
+                + "\n  ".join(changed)
+                + "\nUse another state folder (state.folder / --state) for the new settings, "
+                "or move this one away to start over."
+            )
+
+    def get_meta(self, key: str) -> str | None:
+        """A value from the meta table, or None."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value in the meta table (its own transaction)."""
+        with self._db:
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- the writer --------------------------------------------------------------------
+
+    def commit_batch(
+        self,
+        batch: int,
+        crops: Sequence[CommittedCrop],
+        merges: Sequence[Merge],
+        skipped: Sequence[SkippedFile],
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Commit one micro-batch atomically: its crops, its merges, its skips."""
+        at = time.time() if now is None else now
+        rows = []
+        for c in crops:
+            crop = c.item.crop
+            center = crop.center if crop.center is not None else (None, None)
+            rows.append(
+                (
+                    c.seq,
+                    crop.name,
+                    crop.size,
+                    crop.mtime_ns,
+                    crop.frame,
+                    crop.crop_index,
+                    crop.time,
+                    center[0],
+                    center[1],
+                    batch,
+                    c.cluster,
+                    at,
+                    np.ascontiguousarray(c.item.vector, dtype=np.float32).tobytes(),
+                )
+            )
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO crops(seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, "
+                "batch, cluster, added, vector) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            self._db.executemany(
+                "INSERT INTO merges(at, batch, from_cluster, into_cluster) VALUES (?,?,?,?)",
+                [(at, batch, m.from_cluster, m.into_cluster) for m in merges],
+            )
+            self._db.executemany(
+                "INSERT INTO skipped(path, reason, size, mtime_ns, at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, at = excluded.at",
+                [(s.path, s.skipped.reason, s.size, s.mtime_ns, at) for s in skipped],
+            )
+
+    def set_runtime(self, values: Mapping[str, object]) -> None:
+        """Publish the running daemon's figures for ``crop-clusterd status``."""
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO runtime(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+
+    # -- readers -----------------------------------------------------------------------
+
+    @contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """Run the readers called inside in one read transaction: one consistent view.
+
+        For the snapshot writer and ``crop-clusterd status``; do not nest the
+        readers that open their own (:meth:`counts`, :meth:`processed_paths`).
+        """
+        with self._read():
+            yield
+
+    def runtime(self) -> dict[str, object]:
+        """What the daemon last published with :meth:`set_runtime`."""
+        rows = self._db.execute("SELECT key, value FROM runtime").fetchall()
+        return {str(k): json.loads(v) for k, v in rows}
+
+    def processed_paths(self) -> set[str]:
+        """Paths that are done: clustered or recorded as skipped."""
+        with self._read() as db:
+            done = {row[0] for row in db.execute("SELECT path FROM crops")}
+            done.update(row[0] for row in db.execute("SELECT path FROM skipped"))
+        return done
+
+    def counts(self) -> Counts:
+        """Totals of crops, skipped files, merges and committed batches."""
+        with self._read() as db:
+            crops, batches = db.execute(
+                "SELECT count(*), coalesce(max(batch) + 1, 0) FROM crops"
+            ).fetchone()
+            (skipped,) = db.execute("SELECT count(*) FROM skipped").fetchone()
+            (merges,) = db.execute("SELECT count(*) FROM merges").fetchone()
+        return Counts(int(crops), int(skipped), int(merges), int(batches))
+
+    def last_batch(self) -> int:
+        """The highest committed batch number, -1 when none."""
+        row = self._db.execute(
+            "SELECT max(b) FROM (SELECT max(batch) AS b FROM crops "
+            "UNION ALL SELECT max(batch) FROM merges)"
+        ).fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def crops_added_since(self, t: float) -> int:
+        """How many crops were committed at or after wall-clock time ``t``."""
+        (n,) = self._db.execute("SELECT count(*) FROM crops WHERE added >= ?", (t,)).fetchone()
+        return int(n)
+
+    def load_crops(self, since_seq: int = 0, *, dim: int | None = None) -> StoredCrops:
+        """Stored crops with ``seq >= since_seq`` in sequence order, as columns."""
+        rows = self._db.execute(
+            "SELECT seq, path, frame, crop_index, time, cx, cy, batch, cluster, vector "
+            "FROM crops WHERE seq >= ? ORDER BY seq",
+            (since_seq,),
+        ).fetchall()
+        n = len(rows)
+        if rows:
+            dim = len(rows[0][9]) // 4
+        vectors = np.empty((n, dim or 0), dtype=np.float32)
+        for i, row in enumerate(rows):
+            blob = row[9]
+            if len(blob) != 4 * vectors.shape[1]:
+                raise StateError(
+                    f"crop {row[1]!r} (seq {row[0]}) has a {len(blob) // 4}-d embedding, "
+                    f"expected {vectors.shape[1]}"
+                )
+            vectors[i] = np.frombuffer(blob, dtype=np.float32)
+        nan = float("nan")
+        return StoredCrops(
+            seqs=np.array([r[0] for r in rows], dtype=np.int64),
+            paths=tuple(r[1] for r in rows),
+            frames=tuple(r[2] for r in rows),
+            crop_indexes=tuple(r[3] for r in rows),
+            times=np.array([nan if r[4] is None else r[4] for r in rows], dtype=np.float64),
+            centers=np.array(
+                [(nan, nan) if r[5] is None else (r[5], r[6]) for r in rows], dtype=np.float64
+            ).reshape(n, 2),
+            batches=np.array([r[7] for r in rows], dtype=np.int64),
+            clusters=np.array([r[8] for r in rows], dtype=np.int64),
+            vectors=vectors,
+        )
+
+    def load_cluster_column(self) -> npt.NDArray[np.int64]:
+        """Every crop's cluster id at commit, indexed by seq (no embeddings read)."""
+        rows = self._db.execute("SELECT cluster FROM crops ORDER BY seq").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def load_merges(self, since_id: int = 0) -> list[StoredMerge]:
+        """Merges with ``id > since_id`` in the order they happened."""
+        rows = self._db.execute(
+            "SELECT id, at, batch, from_cluster, into_cluster FROM merges WHERE id > ? ORDER BY id",
+            (since_id,),
+        ).fetchall()
+        return [
+            StoredMerge(int(r[0]), float(r[1]), int(r[2]), Merge(int(r[3]), int(r[4])))
+            for r in rows
+        ]
+
+    def load_skipped(self) -> list[StoredSkip]:
+        """Every skipped file, in path order."""
+        rows = self._db.execute("SELECT path, reason, at FROM skipped ORDER BY path").fetchall()
+        return [StoredSkip(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+
+def index_path(folder: Path) -> Path:
+    """Where the HNSW index is saved inside a state folder."""
+    return folder / INDEX_NAME
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by a library that does not fsync (hnswlib's save_index)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
