@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# The main job on demo data: set up .venv, simulate a trap session (~2,300 crops
-# with ground truth), cluster it with the bundled model and print the scores.
+# The main job on demo data: set up .venv, then run the daemon in the foreground
+# while a simulated trap writes frames into demo/session the way flat-bug does
+# (one folder per frame, crops written in place, metadata JSON). The daemon
+# clusters crops as they land and stops by itself once the session is over and
+# nothing new arrived for 15 s (Ctrl-C stops it earlier, with a final snapshot).
 # Everything lands in demo/ (ignored by git); run it again to start afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 rm -rf demo
-.venv/bin/crop-clusterd simulate -o demo/session --frames 150 --seed 1
-.venv/bin/crop-clusterd cluster -i demo/session --recursive -mf demo/session \
-    -c track -gs --labels demo/session/labels.csv -o demo/out
-echo "clusters: demo/out/clusters.csv   folders: demo/out/clusters/   scores: demo/out/eval.json"
+mkdir -p demo
+.venv/bin/crop-clusterd simulate -o demo/session --frames 100 --seed 1 --rate 1 --non-atomic \
+    > demo/simulate.log 2>&1 &
+simulator=$!
+trap 'kill "$simulator" 2>/dev/null || true' EXIT
+.venv/bin/crop-clusterd run --config config.toml --watch demo/session --metadata -c track \
+    --state demo/state -o demo/out -gs --exit-when-idle 15
+wait "$simulator" || true
+.venv/bin/python scripts/score.py demo/out/clusters.csv demo/session/labels.csv
+echo "clusters: demo/out/clusters.csv   folders: demo/out/clusters/   state: demo/state/"
