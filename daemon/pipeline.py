@@ -241,7 +241,7 @@ class LinkStage(threading.Thread):
         now = self.clock()
         latencies = [1000.0 * (now - t) for t in item.ready_at]
         for c, latency in zip(committed, latencies, strict=True):
-            log.debug(
+            log.info(
                 "crop_assigned",
                 file=c.item.crop.name,
                 seq=c.seq,
