@@ -534,3 +534,70 @@ def test_cluster_help_is_accurate(
     assert "singletons in dedup/not-clustered/" in text
     assert "singletons in clusters/not-clustered/" in text
     assert "embeddings.pkl (not when re-clustering --from-embeddings)" in text
+
+
+# --- run and status -------------------------------------------------------------------
+
+
+def test_run_check_config_prints_the_merged_daemon_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[watch]\nsettle_ms = 900\n[state]\nfolder = '/srv/state'\n")
+    code = cli.main(
+        ["run", "--config", str(config), "--watch", str(tmp_path / "w"), "--check-config"]
+    )
+    assert code == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["watch"]["settle_ms"] == 900
+    assert printed["watch"]["folder"] == str(tmp_path / "w")  # the flag wins
+    assert printed["state"]["folder"] == "/srv/state"
+
+
+def test_run_check_config_explains_a_typo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[watch]\nsettle_msec = 900\n[snapshot]\ninterval_s = 0\n")
+    assert cli.main(["run", "--config", str(config), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "watch.settle_msec" in err and "settle_ms" in err
+    assert "snapshot.interval_s: must be > 0" in err
+
+
+def test_status_without_state_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--state", str(tmp_path / "none")]) == 1
+    assert "none" in capsys.readouterr().err
+
+
+def test_run_then_status_reports_the_stopped_daemon(
+    tmp_path: Path, colour_embedder_cli: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    watch = tmp_path / "watch"
+    for i, rgb in enumerate((*RED, BLUE[0])):
+        write_png(watch / f"f{i}" / f"crop_2024070122000{i}_CROPNUMBER_0_UUID_A.png", rgb)
+    from crop_clusterd.supervisor import Daemon
+
+    config = cli.run_config_from_args(
+        cli.build_parser().parse_args(
+            ["run", "--watch", str(watch), "--state", str(tmp_path / "state"),
+             "-o", str(tmp_path / "out"), "-th", "0.99"]
+        )
+    )  # fmt: skip
+    config = config.__class__(
+        **{**config.__dict__, "embed": EmbedConfig(model="colour-test", max_wait_ms=20)}
+    )
+    summary = Daemon(config, exit_when_idle_s=0.5).run()
+    assert (summary.crops, summary.clusters) == (4, 2)
+    capsys.readouterr()  # the daemon's log lines (structlog prints when unconfigured)
+    assert cli.main(["status", "--state", str(tmp_path / "state"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["crops"] == 4 and status["clusters"] == 2
+    assert status["phase"] == "stopped"
+
+
+@pytest.fixture
+def colour_embedder_cli() -> Iterator[None]:
+    register(ColourEmbedder)
+    yield
+    unregister(ColourEmbedder.name)

@@ -47,9 +47,7 @@ def make_config(
     threshold = 0.98 if method == "cosine" else 0.9
     return dataclasses.replace(
         c,
-        input=dataclasses.replace(
-            c.input, recursive=True, meta_folder=watch if metadata else None
-        ),
+        input=dataclasses.replace(c.input, recursive=True, meta_folder=watch if metadata else None),
         embed=dataclasses.replace(c.embed, model="colour-test", batch_size=8, max_wait_ms=50),
         link=dataclasses.replace(c.link, method=method, threshold=threshold),  # type: ignore[arg-type]
         watch=dataclasses.replace(c.watch, folder=watch, settle_ms=150, rescan_s=1.0),
