@@ -227,7 +227,7 @@ def test_state_built_with_other_settings_is_refused(tmp_path: Path) -> None:
     other = dataclasses.replace(config, link=dataclasses.replace(config.link, threshold=0.5))
     from crop_clusterd.store import StateError
 
-    with pytest.raises(StateError, match="link.threshold"):
+    with pytest.raises(StateError, match=r"link\.threshold"):
         Daemon(other).run()
 
 
