@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -339,3 +340,67 @@ def test_track_without_times_counts_frames() -> None:
     ids = linker.cluster_ids().tolist()
     assert ids[:4] == [0, 1, 1, 1]
     assert ids[4] == 4  # a was last seen 4 frames before e: expired
+
+
+# --- persistence (the daemon's restarts) ------------------------------------------------
+
+
+def sub(batch: LinkBatch, lo: int, hi: int) -> LinkBatch:
+    return LinkBatch(
+        batch.embeddings[lo:hi].copy(),
+        batch.times[lo:hi],
+        batch.centers[lo:hi],
+        batch.frames[lo:hi],
+    )
+
+
+@pytest.mark.parametrize("gating", [None, Gating()])
+def test_restored_linker_goes_on_exactly_like_one_that_never_stopped(
+    tmp_path: Path, gating: Gating | None
+) -> None:
+    rng = np.random.default_rng(4)
+    emb = clustered(rng, 600, 16, 40, 0.15)
+    times = np.sort(rng.uniform(0, 2000, 600))
+    centers = rng.uniform(0, 300, (600, 2))
+    whole = batch_of(emb, times, centers)
+    params = HnswParams(brute_force_below=0, k_start=4)
+    before = CosineLinker(0.95, gating, params)
+    merges = []
+    for lo in range(0, 400, 50):
+        merges.extend(before.add(sub(whole, lo, lo + 50)).merges)
+    index_file = tmp_path / "index.hnsw"
+    covers = before.save_index(index_file)
+    assert covers == (0 if gating is not None else 400)
+    # The daemon stores each crop's id at commit plus the merges; restore from
+    # the current ids, as store.current_clusters computes them.
+    restored = CosineLinker(0.95, gating, params)
+    used = restored.restore(sub(whole, 0, 400), before.cluster_ids(), index_file, covers)
+    assert used == (gating is None)
+    for lo in range(400, 600, 50):
+        restored.add(sub(whole, lo, lo + 50))
+        before.add(sub(whole, lo, lo + 50))
+    assert partition(restored.cluster_ids()) == partition(before.cluster_ids())
+    assert np.array_equal(restored.cluster_ids(), before.cluster_ids())
+    expected = cosine_oracle(emb, 0.95, times=times if gating else None,
+                             centers=centers if gating else None, gating=gating)  # fmt: skip
+    assert partition(restored.cluster_ids()) == partition(expected)
+
+
+def test_a_saved_index_that_does_not_match_the_state_is_rebuilt(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    emb = clustered(rng, 300, 8, 20, 0.1)
+    whole = batch_of(emb)
+    params = HnswParams(brute_force_below=0)
+    first = CosineLinker(0.95, None, params)
+    first.add(sub(whole, 0, 200))
+    index_file = tmp_path / "index.hnsw"
+    first.save_index(index_file)
+    restored = CosineLinker(0.95, None, params)
+    # The state says 250 crops were covered: the file (200) is not used.
+    assert not restored.restore(sub(whole, 0, 250), np.arange(250), index_file, 250)
+    index_file.write_bytes(b"garbage")
+    again = CosineLinker(0.95, None, params)
+    assert not again.restore(sub(whole, 0, 200), first.cluster_ids(), index_file, 200)
+    again.add(sub(whole, 200, 300))
+    first.add(sub(whole, 200, 300))
+    assert partition(again.cluster_ids()) == partition(first.cluster_ids())
