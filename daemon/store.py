@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -389,36 +390,47 @@ class StateStore:
         return int(n)
 
     def load_crops(self, since_seq: int = 0, *, dim: int | None = None) -> StoredCrops:
-        """Stored crops with ``seq >= since_seq`` in sequence order, as columns."""
-        rows = self._db.execute(
+        """Stored crops with ``seq >= since_seq`` in sequence order, as columns.
+
+        Rows are streamed into preallocated arrays, so the embeddings are held
+        once (not once as blobs and again as an array). ``dim`` sizes the
+        vectors of an empty result.
+        """
+        n, dim_bytes = self._db.execute(
+            "SELECT count(*), max(length(vector)) FROM crops WHERE seq >= ?", (since_seq,)
+        ).fetchone()
+        n = int(n)
+        dim = int(dim_bytes) // 4 if dim_bytes else (dim or 0)
+        vectors = np.empty((n, dim), dtype=np.float32)
+        scalars: list[tuple[Any, ...]] = []
+        cursor = self._db.execute(
             "SELECT seq, path, frame, crop_index, time, cx, cy, batch, cluster, vector "
             "FROM crops WHERE seq >= ? ORDER BY seq",
             (since_seq,),
-        ).fetchall()
-        n = len(rows)
-        if rows:
-            dim = len(rows[0][9]) // 4
-        vectors = np.empty((n, dim or 0), dtype=np.float32)
-        for i, row in enumerate(rows):
+        )
+        for i, row in enumerate(cursor):
             blob = row[9]
-            if len(blob) != 4 * vectors.shape[1]:
+            if i >= n or len(blob) != 4 * dim:
                 raise StateError(
                     f"crop {row[1]!r} (seq {row[0]}) has a {len(blob) // 4}-d embedding, "
-                    f"expected {vectors.shape[1]}"
+                    f"expected {dim}"
                 )
             vectors[i] = np.frombuffer(blob, dtype=np.float32)
+            scalars.append(row[:9])
+        if len(scalars) != n:
+            raise StateError(f"state database {self.path} changed while it was read")
         nan = float("nan")
         return StoredCrops(
-            seqs=np.array([r[0] for r in rows], dtype=np.int64),
-            paths=tuple(r[1] for r in rows),
-            frames=tuple(r[2] for r in rows),
-            crop_indexes=tuple(r[3] for r in rows),
-            times=np.array([nan if r[4] is None else r[4] for r in rows], dtype=np.float64),
+            seqs=np.array([r[0] for r in scalars], dtype=np.int64),
+            paths=tuple(r[1] for r in scalars),
+            frames=tuple(r[2] for r in scalars),
+            crop_indexes=tuple(r[3] for r in scalars),
+            times=np.array([nan if r[4] is None else r[4] for r in scalars], dtype=np.float64),
             centers=np.array(
-                [(nan, nan) if r[5] is None else (r[5], r[6]) for r in rows], dtype=np.float64
+                [(nan, nan) if r[5] is None else (r[5], r[6]) for r in scalars], dtype=np.float64
             ).reshape(n, 2),
-            batches=np.array([r[7] for r in rows], dtype=np.int64),
-            clusters=np.array([r[8] for r in rows], dtype=np.int64),
+            batches=np.array([r[7] for r in scalars], dtype=np.int64),
+            clusters=np.array([r[8] for r in scalars], dtype=np.int64),
             vectors=vectors,
         )
 
