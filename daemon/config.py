@@ -311,7 +311,7 @@ class LinkConfig:
         ),
     )
     hnsw_ef_search: int = field(
-        default=256,
+        default=128,
         metadata=_meta(
             "HNSW query candidate list size (ef)",
             check=lambda v: v >= 1,

@@ -160,10 +160,12 @@ class HnswParams:
     m: int = 32
     ef_construction: int = 100
     # Query candidate list size. A large batch is indexed whole before any of it
-    # is queried, so a pair inside it is searched from both ends; with M=32,
-    # ef=256 matched the all-pairs oracle exactly at 200,000 crops where ef=64
-    # and ef=128 lost a few dozen links (scripts/check_oracle.py).
-    ef_search: int = 256
+    # is queried, so a pair inside it is searched from both ends, and pairs that
+    # share one of their three nearest anchors are linked exactly beforehand.
+    # With both, ef=64 and ef=128 matched the all-pairs oracle exactly at 200,000
+    # crops (without the anchor pairs they lost a few dozen links there); 128
+    # keeps a margin for a million (scripts/check_oracle.py).
+    ef_search: int = 128
     k_start: int = 16
     # Below this many crops an exact search is faster than keeping an index.
     brute_force_below: int = 4096
@@ -174,7 +176,7 @@ class HnswParams:
     # side index (see CosineLinker._settle_lost) instead of retries and exact
     # search; below it, retrying is cheaper.
     side_index_from: int = 1024
-    side_ef: int = 128
+    side_ef: int = 32
 
 
 @dataclass(frozen=True)
@@ -584,17 +586,15 @@ class CosineLinker(Linker):
         rng = np.random.default_rng(self.hnsw.seed)
         emb = self._cols.embeddings
         anchors = emb[ids[rng.choice(n, size=min(1024, n), replace=False)]]
-        nearest = np.empty(n, dtype=np.int64)
-        second = np.empty(n, dtype=np.int64)
+        # Each crop's three nearest anchors, nearest first.
+        top = np.empty((n, 3), dtype=np.int64)
         for start in range(0, n, 16_384):
             block = emb[ids[start : start + 16_384]] @ anchors.T
-            top = np.argpartition(block, -2, axis=1)[:, -2:]
-            values = np.take_along_axis(block, top, axis=1)
-            swap = values[:, 0] > values[:, 1]
-            top[swap] = top[swap][:, ::-1]
-            nearest[start : start + len(block)] = top[:, 1]
-            second[start : start + len(block)] = top[:, 0]
-        self._link_within_groups(ids, nearest, second)
+            best = np.argpartition(block, -3, axis=1)[:, -3:]
+            rank = np.argsort(-np.take_along_axis(block, best, axis=1), axis=1)
+            top[start : start + len(block)] = np.take_along_axis(best, rank, axis=1)
+        nearest = top[:, 0]
+        self._link_within_groups(ids, nearest, top[:, 1:])
         first = rng.choice(n, size=n // 20, replace=False)
         rest = np.ones(n, dtype=bool)
         rest[first] = False
@@ -603,9 +603,10 @@ class CosineLinker(Linker):
         order: IntArray = ids[np.concatenate([first, later])]
         return order
 
-    def _link_within_groups(self, ids: IntArray, group: IntArray, second: IntArray) -> None:
+    def _link_within_groups(self, ids: IntArray, group: IntArray, runners_up: IntArray) -> None:
         """Exact links among crops that share their nearest anchor, and between
-        crops whose nearest anchor is the other's second nearest.
+        crops whose nearest anchor is the other's second or third nearest
+        (``runners_up``, one row per crop).
 
         Most pairs above the threshold are of those kinds, and matrix products
         find them exactly and cheaply, so HNSW only has to supply the rest (at a
@@ -617,8 +618,10 @@ class CosineLinker(Linker):
         floor = self.threshold - _FLOAT32_MARGIN
         by_group = np.argsort(group, kind="stable")
         bounds = np.flatnonzero(np.diff(group[by_group])) + 1
-        by_second = np.argsort(second, kind="stable")
-        second_starts = np.searchsorted(second[by_second], np.arange(group.max() + 2))
+        guest_of = runners_up.T.ravel()  # column-major: every crop's 2nd, then every 3rd
+        guest_ids = np.tile(ids, runners_up.shape[1])
+        by_guest = np.argsort(guest_of, kind="stable")
+        guest_starts = np.searchsorted(guest_of[by_guest], np.arange(group.max() + 2))
         for members in np.split(ids[by_group], bounds):
             if len(members) < 2 or len(members) > 16_384:
                 continue
@@ -628,7 +631,7 @@ class CosineLinker(Linker):
             np.fill_diagonal(sims, -np.inf)
             self._nearest_known[members] = members[np.argmax(sims, axis=1)]
             g = int(group[members[0] - ids[0]])
-            guests = ids[by_second[second_starts[g] : second_starts[g + 1]]]
+            guests = guest_ids[by_guest[guest_starts[g] : guest_starts[g + 1]]]
             if 0 < len(guests) <= 16_384:
                 sims = emb[guests] @ emb[members].T
                 rows, cols = np.nonzero(sims >= floor)
