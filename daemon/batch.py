@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,9 @@ from .outputs import (
     write_errors_csv,
 )
 from .records import Assignment, Crop, Skipped
+
+if TYPE_CHECKING:
+    from .embed import Embedder
 
 log = get_logger(__name__)
 
@@ -190,6 +193,23 @@ def run_batch(request: BatchRequest) -> BatchResult:
     )
 
 
+def make_embedder(config: Config) -> Embedder:
+    """The embedder the config names, not loaded yet (``load()`` is lazy)."""
+    # Imported here: torch takes seconds to import and --from-embeddings needs none of it.
+    from .embed import EmbedderOptions, create_embedder
+
+    return create_embedder(
+        config.embed.model,
+        EmbedderOptions(
+            model=config.embed.from_pretrained,
+            arch=config.embed.arch,
+            device=config.embed.device,
+            allow_download=config.embed.allow_download,
+            background=config.input.background_rgb,
+        ),
+    )
+
+
 def _gating(config: Config) -> Gating:
     return Gating(
         max_center_dist_px=config.link.max_center_dist_px,
@@ -225,23 +245,13 @@ def _embed_inputs(
     request: BatchRequest, config: Config, tally: ProblemTally, skipped: list[Skipped]
 ) -> _Embeddings:
     # Imported here: torch takes seconds to import and --from-embeddings needs none of it.
-    from .embed import EmbedderOptions, create_embedder
     from .intake import embed_crops
 
     paths = resolve_inputs(request.inputs, recursive=config.input.recursive)
     names = [str(p) for p in paths]
     log.info("inputs_resolved", files=len(paths))
     crops = _describe(paths, names, config, tally)
-    embedder = create_embedder(
-        config.embed.model,
-        EmbedderOptions(
-            model=config.embed.from_pretrained,
-            arch=config.embed.arch,
-            device=config.embed.device,
-            allow_download=config.embed.allow_download,
-            background=config.input.background_rgb,
-        ),
-    )
+    embedder = make_embedder(config)
     kept: list[Crop] = []
     vectors: npt.NDArray[np.float32] | None = None
     started = last_report = time.perf_counter()

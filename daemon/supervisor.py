@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from .batch import make_embedder
 from .config import Config
-from .embed import Embedder, EmbedderOptions, create_embedder
+from .embed import Embedder
 from .flatbug import TimeFormat
 from .intake import IntakeOptions, IntakeStage, IntakeUnit
 from .link import Gating, HnswParams, LinkBatch, Linker, Motion, default_threshold, make_linker
@@ -243,16 +244,7 @@ class Daemon:
             self._total = len(linker)
         crops_at_start = len(linker)
 
-        embedder = self._embedder or create_embedder(
-            config.embed.model,
-            EmbedderOptions(
-                model=config.embed.from_pretrained,
-                arch=config.embed.arch,
-                device=config.embed.device,
-                allow_download=config.embed.allow_download,
-                background=config.input.background_rgb,
-            ),
-        )
+        embedder = self._embedder or make_embedder(config)
         self.notifier.status("loading model")
         t0 = time.perf_counter()
         embedder.load()
