@@ -30,6 +30,7 @@ import os
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,14 @@ from watchdog.observers.polling import PollingObserver
 from .flatbug import parse_metadata_name
 from .inputs import is_ignored_name, is_image_name
 from .log import get_logger
+
+# watchdog 7's inotify emitter warns "Callback with id ... already exists for
+# watch ..." (with its whole watch table) when a new folder's watch is added
+# twice, which happens for each per-frame folder flat-bug creates. It is
+# harmless (the callback is replaced) and would flood the journal.
+warnings.filterwarnings(
+    "ignore", message=r"Callback with id .* already exists", category=RuntimeWarning
+)
 
 __all__ = [
     "FileKind",
