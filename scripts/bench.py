@@ -47,6 +47,7 @@ from synth import clustered_embeddings
 from crop_clusterd.config import Config
 from crop_clusterd.embed import Embedder, EmbedderOptions, create_embedder
 from crop_clusterd.images import load_rgb
+from crop_clusterd.intake import _FRAME_QUIET_S
 from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
@@ -469,15 +470,21 @@ def bench_latency(s: Settings, base: Config, embedder: Embedder, report: Report)
     settle_s = config.watch.settle_ms / 1000.0
     wait_s = config.embed.max_wait_ms / 1000.0
     p50 = percentile(latency, 50)
-    # A crop settles (settle_ms of quiet), then its frame must be quiet settle_ms
-    # too (metadata is off by default, so the frame is not known to be complete).
-    design = gather + 2 * settle_s + wait_s
+    # A crop settles (settle_ms of quiet), then its frame must be quiet for the
+    # intake's frame-quiet time (metadata is off by default, so the frame is not
+    # known to be complete).
+    quiet_s = _FRAME_QUIET_S
+    design = gather + settle_s + quiet_s + wait_s
     work = latency - design
     report.add("latency p50", p50, "s")
     report.add("latency p95", percentile(latency, 95), "s")
     report.add("latency max", float(latency.max()), "s")
     report.add("  of p50: frame gathering (median)", float(np.median(gather)) / p50, "share")
-    report.add(f"  of p50: settle 2 x {config.watch.settle_ms} ms", 2 * settle_s / p50, "share")
+    report.add(
+        f"  of p50: settle {config.watch.settle_ms} ms + frame quiet {quiet_s * 1000:.0f} ms",
+        (settle_s + quiet_s) / p50,
+        "share",
+    )
     report.add(f"  of p50: micro-batch wait {config.embed.max_wait_ms} ms", wait_s / p50, "share")
     report.add("  rest (decode, model, link, commit) p50", percentile(work, 50), "s")
     report.details["latency"] = {
