@@ -178,7 +178,7 @@ class IntakeUnit:
 # flat-bug writes a frame's crops in one burst, so once one of them has settled
 # the rest settle within moments; a frame goes to the linker this long after its
 # latest crop became ready (or at once, with metadata, when every box has its crop).
-_FRAME_QUIET_S = 0.25
+FRAME_QUIET_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ class IntakeStage(threading.Thread):
     def _release_frames(self, now: float) -> None:
         released: list[tuple[tuple[float, str], str, _Waiting, list[Crop]]] = []
         for frame, waiting in self._waiting.items():
-            if now - waiting.last_ready < _FRAME_QUIET_S and not self._frame_complete(
+            if now - waiting.last_ready < FRAME_QUIET_S and not self._frame_complete(
                 frame, waiting
             ):
                 continue  # more crops of this frame may still be settling

@@ -47,7 +47,7 @@ from synth import clustered_embeddings
 from crop_clusterd.config import Config
 from crop_clusterd.embed import Embedder, EmbedderOptions, create_embedder
 from crop_clusterd.images import load_rgb
-from crop_clusterd.intake import _FRAME_QUIET_S
+from crop_clusterd.intake import FRAME_QUIET_S
 from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
@@ -473,7 +473,7 @@ def bench_latency(s: Settings, base: Config, embedder: Embedder, report: Report)
     # A crop settles (settle_ms of quiet), then its frame must be quiet for the
     # intake's frame-quiet time (metadata is off by default, so the frame is not
     # known to be complete).
-    quiet_s = _FRAME_QUIET_S
+    quiet_s = FRAME_QUIET_S
     design = gather + settle_s + quiet_s + wait_s
     work = latency - design
     report.add("latency p50", p50, "s")
