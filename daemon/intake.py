@@ -487,7 +487,11 @@ class IntakeStage(threading.Thread):
             for crop, t, attempts, future in zip(
                 unit.crops, unit.ready_at, unit.attempts, unit.futures, strict=True
             ):
-                result = future.result()
+                try:
+                    result = future.result()
+                except Exception as exc:  # an unforeseen decoder failure is a skip, not a crash
+                    log.exception("decode_crashed", file=crop.name)
+                    result = Skipped(crop.name, f"decoder error: {type(exc).__name__}: {exc}")
                 if isinstance(result, Prepared):
                     prepared.append(result)
                     ready_at.append(t)

@@ -283,6 +283,8 @@ class LinkStage(threading.Thread):
             self.progress.begin("commit")
             try:
                 self.store.commit_batch(self.batch_no, committed, merges, skipped, now=self.wall())
+            except sqlite3.IntegrityError:
+                raise  # a bug (a crop committed twice), not a full disk: retrying cannot help
             except sqlite3.Error as exc:
                 self.commit_error = str(exc)
                 log.error("state_commit_failed", batch=self.batch_no, reason=str(exc))
