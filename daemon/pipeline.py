@@ -149,8 +149,12 @@ class LinkStage(threading.Thread):
     """Assigns each micro-batch to clusters and commits it to the state store.
 
     The only owner of the linker and of the store's writer connection. A
-    commit that fails (a full disk, an I/O error) is retried with backoff and
-    nothing is marked processed until it succeeds.
+    commit that fails (a full disk, an I/O error) is retried with backoff (at
+    most ``max_backoff_s`` apart) and nothing is marked processed until it
+    succeeds. ``stopping`` is set when another stage failed; ``shutdown`` when
+    the daemon is stopping: a commit still failing then is retried for
+    ``shutdown_grace_s`` more and given up (the stage fails), since its crops
+    are not marked processed and the next start finds them again.
     """
 
     def __init__(
@@ -165,6 +169,9 @@ class LinkStage(threading.Thread):
         index_file: Path | None,
         index_save_s: float,
         on_commit: Callable[[BatchCommitted], None] = lambda _: None,
+        shutdown: threading.Event | None = None,
+        shutdown_grace_s: float = 5.0,
+        max_backoff_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -178,6 +185,9 @@ class LinkStage(threading.Thread):
         self.index_file = index_file
         self.index_save_s = index_save_s
         self.on_commit = on_commit
+        self.shutdown = shutdown if shutdown is not None else stopping
+        self.shutdown_grace_s = shutdown_grace_s
+        self.max_backoff_s = max_backoff_s
         self.clock = clock
         self.wall = wall
         self.error: BaseException | None = None
@@ -217,7 +227,13 @@ class LinkStage(threading.Thread):
             log.warning("index_save_failed", file=str(self.index_file), reason=str(exc))
             return
         if covers:
-            self.store.set_meta("index_covers", str(covers))
+            try:
+                self.store.set_meta("index_covers", str(covers))
+            except sqlite3.Error as exc:
+                # A full disk must not kill the stage: with the old count the
+                # next start finds the file does not match and rebuilds the index.
+                log.warning("index_save_failed", file=str(self.index_file), reason=str(exc))
+                return
         self._index_saved_n = len(self.linker)
         log.info("index_saved", crops=covers, seconds=round(time.perf_counter() - t0, 2))
 
@@ -279,6 +295,7 @@ class LinkStage(threading.Thread):
         skipped: tuple[SkippedFile, ...],
     ) -> None:
         backoff = 1.0
+        give_up_at: float | None = None
         while True:
             self.progress.begin("commit")
             try:
@@ -296,7 +313,28 @@ class LinkStage(threading.Thread):
             finally:
                 self.progress.end("commit")
             # The linker already holds this batch, so it cannot be dropped: wait
-            # for the disk (the watchdog keeps the service alive meanwhile).
-            if self.stopping.wait(backoff) and backoff >= 30:
-                raise RuntimeError(f"state commit still failing at shutdown: {self.commit_error}")
-            backoff = min(2 * backoff, 30.0)
+            # for the disk (the watchdog keeps the service alive meanwhile, since
+            # nothing is busy between attempts). Waits are real time, not `clock`.
+            if self.shutdown.is_set() or self.stopping.is_set():
+                if give_up_at is None:
+                    give_up_at = time.monotonic() + self.shutdown_grace_s
+                    backoff = min(backoff, 1.0)
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(
+                        f"state commit still failing at shutdown: {self.commit_error}"
+                    )
+                time.sleep(min(backoff, left))
+            else:
+                # Either event ends the wait: a stop must not sit out a 30 s backoff.
+                self._wait_either(backoff)
+            backoff = min(2 * backoff, self.max_backoff_s)
+
+    def _wait_either(self, seconds: float) -> None:
+        """Sleep ``seconds``, returning early when the daemon stops or a stage fails."""
+        deadline = time.monotonic() + seconds
+        while not (self.shutdown.is_set() or self.stopping.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.shutdown.wait(min(left, 0.1))

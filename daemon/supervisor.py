@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -35,7 +36,7 @@ from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import BatchCommitted, EmbeddedBatch, EmbedStage, LinkStage
 from .queues import Stop
-from .snapshot import SnapshotError, SnapshotWriter
+from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .store import StateError, StateStore, current_clusters, index_path
 from .watch import Watcher
 
@@ -160,7 +161,12 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
 
 
 class Daemon:
-    """The running service: owns the stages, the observer and the shutdown."""
+    """The running service: owns the stages, the observer and the shutdown.
+
+    ``snapshot_files`` writes the output files (default :class:`OutputFiles`);
+    ``state_store`` opens the link stage's writer connection (default
+    :class:`StateStore`). Both are seams for tests that inject a full disk.
+    """
 
     def __init__(
         self,
@@ -169,6 +175,8 @@ class Daemon:
         embedder: Embedder | None = None,
         notifier: Notifier | None = None,
         exit_when_idle_s: float | None = None,
+        snapshot_files: OutputFiles | None = None,
+        state_store: Callable[[Path], StateStore] = StateStore,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -180,6 +188,11 @@ class Daemon:
         self.stopping = threading.Event()
         self.progress = Progress(config.service.stall_s, clock=clock)
         self._embedder = embedder
+        # Seams for fault tests: how snapshot files are written, and how the
+        # link stage's writer connection to the state database is opened.
+        self._snapshot_files = snapshot_files
+        self._state_store = state_store
+        self._link: LinkStage | None = None
         self._commits: deque[tuple[float, int]] = deque()
         self._total = 0
         self._lock = threading.Lock()
@@ -221,7 +234,7 @@ class Daemon:
     def _run(self, started: float) -> RunSummary:
         config = self.config
         state_folder = config.state.folder
-        store = StateStore(state_folder)
+        store = self._state_store(state_folder)
         runtime = StateStore(state_folder)
         linker, settings = linker_settings(config)
         store.check_settings(settings)
@@ -297,10 +310,12 @@ class Daemon:
             index_file=index_path(state_folder),
             index_save_s=config.state.index_save_s,
             on_commit=self._on_commit,
+            shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,
         )
-        snapshots = SnapshotWriter(state_folder, config.output)
+        self._link = link
+        snapshots = SnapshotWriter(state_folder, config.output, files=self._snapshot_files)
         watcher = Watcher(
             config.watch.folder,
             intake.hint,
@@ -442,8 +457,14 @@ class Daemon:
             f"{total} crops, {self._clusters} clusters, queue {depth}, "
             f"{self._rate():.1f} crops/s, last snapshot {last}"
         )
+        state_error = self._link.commit_error if self._link is not None else None
+        if state_error:
+            line += f"; STATE COMMIT FAILING: {state_error}"
         if self._snapshot_error:
             line += f"; SNAPSHOT FAILING: {self._snapshot_error}"
+        stalled = self.progress.stalled()
+        if stalled:
+            line += "; STALLED: " + ", ".join(f"{stage} {secs:.0f} s" for stage, secs in stalled)
         return line
 
     def _publish(
