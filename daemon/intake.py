@@ -46,6 +46,22 @@ log = get_logger(__name__)
 _BATCHES_AHEAD = 2
 
 
+def record_name(path: Path) -> str:
+    """The name a file is known, stored and reported under: its path as text.
+
+    Linux file names are bytes; one that is not valid UTF-8 would decode to lone
+    surrogates, which SQLite, JSON logs and UTF-8 CSV readers all reject. Such
+    bytes are written as ``\\xNN`` escapes instead (``crop_\\xff.png``), so the
+    crop is still clustered and the same file always gets the same name.
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A decoded crop, preprocessed into the embedder's input tensor (C x H x W)."""
@@ -339,7 +355,7 @@ class IntakeStage(threading.Thread):
             return
         if kind(path) is None:
             return
-        name = str(path)
+        name = record_name(path)
         if name in self._known or name in self._settling:
             return
         self._settling.add(name)
@@ -349,7 +365,7 @@ class IntakeStage(threading.Thread):
         found = 0
         try:
             for seen in scan_tree(folder, recursive=self.options.recursive):
-                name = str(seen.path)
+                name = record_name(seen.path)
                 if name in self._known or name in self._settling:
                     continue
                 self._settling.add(name)
@@ -368,17 +384,17 @@ class IntakeStage(threading.Thread):
     def _settle(self, now: float) -> None:
         result = self.settler.poll()
         for path in result.vanished:
-            self._settling.discard(str(path))
-            log.info("file_vanished", file=str(path))
+            self._settling.discard(record_name(path))
+            log.info("file_vanished", file=record_name(path))
         for path in result.not_regular:
-            self._settling.discard(str(path))
-            self._known.add(str(path))
-            log.info("not_a_regular_file", file=str(path))
+            self._settling.discard(record_name(path))
+            self._known.add(record_name(path))
+            log.info("not_a_regular_file", file=record_name(path))
         for path, reason in result.failed:
-            self._settling.discard(str(path))
-            log.warning("stat_failed", file=str(path), reason=reason)
+            self._settling.discard(record_name(path))
+            log.warning("stat_failed", file=record_name(path), reason=reason)
         for seen in result.ready:
-            name = str(seen.path)
+            name = record_name(seen.path)
             self._settling.discard(name)
             if kind(seen.path) == "metadata":
                 self._metadata_ready(seen)
@@ -446,7 +462,7 @@ class IntakeStage(threading.Thread):
     def _describe(self, seen: FileSeen) -> Crop:
         crop, problems = describe_crop(
             seen.path,
-            str(seen.path),
+            record_name(seen.path),
             time_format=self.options.time_format,
             metadata=self.metadata_index,
         )

@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import pickle
+import re
 import secrets
 import shutil
 import stat
@@ -37,10 +38,13 @@ __all__ = [
     "SyncStats",
     "atomic_write",
     "cluster_folder_plan",
+    "escape_cell",
     "load_embeddings_pickle",
     "pick_representatives",
     "read_clusters_csv",
+    "read_errors_csv",
     "sync_link_tree",
+    "unescape_cell",
     "write_clusters_csv",
     "write_embeddings_pickle",
     "write_errors_csv",
@@ -132,8 +136,34 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(folder)
 
 
+# A spreadsheet opening the CSV runs a cell that starts with one of these as a
+# formula (CSV injection: a crop named "=HYPERLINK(...).png"). OWASP's fix: prefix
+# such cells with an apostrophe, which spreadsheets show as text. A leading
+# apostrophe is doubled, so :func:`unescape_cell` can always undo the escape.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+# Plain numbers (e.g. a label "-1") cannot be formulas; they stay as they are.
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def escape_cell(value: str) -> str:
+    """A text cell made safe from spreadsheet formula evaluation (prefix ``'``)."""
+    if value.startswith(_FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def unescape_cell(value: str) -> str:
+    """Undo :func:`escape_cell` on a cell read back from one of our CSV files."""
+    if value.startswith("'") and escape_cell(value[1:]) == value:
+        return value[1:]
+    return value
+
+
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """Atomically write a UTF-8 CSV file with ``header`` and ``rows``."""
+    """Atomically write a UTF-8 CSV file with ``header`` and ``rows``.
+
+    Every text cell goes through :func:`escape_cell`, so no cell is a live formula.
+    """
 
     def write(binary: BinaryIO) -> None:
         # newline="" lets the csv module quote embedded newlines itself.
@@ -148,7 +178,8 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object
             # unquoted, and readers treat it as a line break: quote such rows.
             quoted = csv.writer(text, lineterminator="\n", quoting=csv.QUOTE_ALL)
             writer.writerow(header)
-            for row in rows:
+            for raw in rows:
+                row = [escape_cell(c) if isinstance(c, str) else c for c in raw]
                 if any(isinstance(cell, str) and "\r" in cell for cell in row):
                     quoted.writerow(row)
                 else:
@@ -198,7 +229,22 @@ def read_clusters_csv(path: Path) -> list[tuple[str, int]]:
                 raise ValueError(
                     f"{path}: line {reader.line_num}: cluster {row[1]!r} is not an integer"
                 ) from None
-            out.append((row[0], cluster))
+            out.append((unescape_cell(row[0]), cluster))
+    return out
+
+
+def read_errors_csv(path: Path) -> list[tuple[str, str]]:
+    """Read ``errors.csv`` back as ``(filename, reason)`` pairs, in file order."""
+    out: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or header[:2] != ["filename", "reason"]:
+            raise ValueError(f"{path}: line 1: expected header 'filename,reason', got {header!r}")
+        for row in reader:
+            if len(row) < 2:
+                raise ValueError(f"{path}: line {reader.line_num}: expected 2 columns, got {row!r}")
+            out.append((unescape_cell(row[0]), unescape_cell(row[1])))
     return out
 
 

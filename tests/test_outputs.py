@@ -24,6 +24,7 @@ from crop_clusterd.outputs import (
     load_embeddings_pickle,
     pick_representatives,
     read_clusters_csv,
+    read_errors_csv,
     sync_link_tree,
     write_clusters_csv,
     write_embeddings_pickle,
@@ -192,9 +193,8 @@ def test_errors_csv_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "errors.csv"
     write_errors_csv(path, skipped)
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        table = list(csv.reader(handle))
-    assert table[0] == ["filename", "reason"]
-    assert [tuple(r) for r in table[1:]] == [(s.name, s.reason) for s in skipped]
+        assert next(csv.reader(handle)) == ["filename", "reason"]
+    assert read_errors_csv(path) == [(s.name, s.reason) for s in skipped]
 
 
 def test_merges_csv_times_are_iso_utc(tmp_path: Path) -> None:
