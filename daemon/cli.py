@@ -198,6 +198,9 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         log.error("daemon_failed", reason=str(exc))
         print(f"crop-clusterd run: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # a stage failed; its traceback is in the log
+        print(f"crop-clusterd run: {exc}", file=sys.stderr)
+        return 1
     print(
         f"{summary.crops} crops -> {summary.clusters} clusters "
         f"({summary.clusters - summary.singletons} with 2+ crops, {summary.singletons} "
