@@ -104,6 +104,21 @@ def _tmp_name(name: str) -> str:
     return f".{cut}.tmp-"
 
 
+def remove_stale_temp_files(path: Path) -> int:
+    """Delete temporary files that :func:`atomic_write` left for ``path`` when the
+    process was killed mid-write (a snapshot of a million embeddings leaves a
+    large one); return how many. Call before anything writes ``path`` again."""
+    removed = 0
+    prefix = _tmp_name(path.name)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path.parent):
+            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Replace ``path`` with what ``write`` writes to the binary file it is given.
 

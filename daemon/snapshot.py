@@ -38,6 +38,7 @@ from .outputs import (
     SyncStats,
     cluster_folder_plan,
     pick_representatives,
+    remove_stale_temp_files,
     sync_link_tree,
     write_clusters_csv,
     write_embeddings_pickle,
@@ -232,6 +233,10 @@ class SnapshotWriter:
         self._failures = 0
         self._failed_since: float | None = None
         self._last_error: str | None = None
+        # A kill mid-write leaves hidden temporary files; this writer owns them.
+        for name in (CLUSTERS_CSV, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV):
+            if removed := remove_stale_temp_files(self.out / name):
+                log.info("stale_temp_files_removed", file=str(self.out / name), count=removed)
 
     # -- public ------------------------------------------------------------------------
 

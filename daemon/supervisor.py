@@ -38,7 +38,7 @@ from .pipeline import BatchCommitted, EmbeddedBatch, EmbedStage, LinkStage
 from .queues import Stop
 from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .store import StateError, StateStore, current_clusters, index_path
-from .watch import Watcher
+from .watch import ObserverFactory, Watcher
 
 log = get_logger(__name__)
 
@@ -177,12 +177,14 @@ class Daemon:
         exit_when_idle_s: float | None = None,
         snapshot_files: OutputFiles | None = None,
         state_store: Callable[[Path], StateStore] = StateStore,
+        observer_factory: ObserverFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.exit_when_idle_s = exit_when_idle_s
+        self.observer_factory = observer_factory
         self.clock = clock
         self.wall = wall
         self.stopping = threading.Event()
@@ -322,6 +324,7 @@ class Daemon:
             recursive=config.watch.recursive,
             polling=config.watch.polling,
             poll_interval_s=config.watch.poll_interval_s,
+            observer_factory=self.observer_factory,
             clock=self.clock,
         )
         pinger = WatchdogPinger(

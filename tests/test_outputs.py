@@ -25,6 +25,7 @@ from crop_clusterd.outputs import (
     pick_representatives,
     read_clusters_csv,
     read_errors_csv,
+    remove_stale_temp_files,
     sync_link_tree,
     write_clusters_csv,
     write_embeddings_pickle,
@@ -677,3 +678,16 @@ def test_pick_representatives_matches_brute_force() -> None:
 def test_pick_representatives_rejects_shape_mismatch() -> None:
     with pytest.raises(ValueError, match="2 assignments"):
         pick_representatives(_assign([0, 0]), np.ones((3, 4), dtype=np.float32))
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "clusters.csv"
+    write_clusters_csv(target, [Assignment(0, "a.png", 0)])
+    # What a SIGKILL between mkstemp and rename leaves behind:
+    stale = tmp_path / ".clusters.csv.tmp-k1ll3d"
+    stale.write_bytes(b"filename,clu")
+    other = tmp_path / ".embeddings.pkl.tmp-k1ll3d"
+    other.write_bytes(b"x")
+    assert remove_stale_temp_files(target) == 1
+    assert not stale.exists() and other.exists()
+    assert read_clusters_csv(target) == [("a.png", 0)]
