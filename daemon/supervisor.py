@@ -12,6 +12,7 @@ committed, then a final snapshot is written (STOPPING=1 first).
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import signal
@@ -196,6 +197,7 @@ class Daemon:
         self._state_store = state_store
         self._link: LinkStage | None = None
         self._commits: deque[tuple[float, int]] = deque()
+        self._last_commit_at = -math.inf
         self._total = 0
         self._lock = threading.Lock()
         self._snapshot_error: str | None = None
@@ -372,7 +374,10 @@ class Daemon:
                         or self.progress.busy()
                         or intake.scans == 0
                     )
-                    if busy:
+                    # Work that came and went between two looks counts too.
+                    with self._lock:
+                        last_commit = self._last_commit_at
+                    if busy or (idle_since is not None and last_commit >= idle_since):
                         idle_since = None
                     elif idle_since is None:
                         idle_since = now
@@ -417,6 +422,7 @@ class Daemon:
     def _on_commit(self, report: BatchCommitted) -> None:
         now = self.clock()
         with self._lock:
+            self._last_commit_at = now
             self._total = report.total_crops
             self._commits.append((now, report.crops))
             while self._commits and now - self._commits[0][0] > 60:
