@@ -294,4 +294,3 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path, method:
     assert len(names) == len(set(names)), "a crop is in clusters.csv twice"
     assert set(names) == crops_in(watch)
     assert partition(rows) == batch_partition(config, watch, tmp_path)
-
