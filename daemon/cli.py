@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -178,6 +179,23 @@ def run_config_from_args(ns: argparse.Namespace) -> Config:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
+    # Importing torch takes seconds; a stop request meanwhile must lead to a
+    # clean stop, not Python's default death by SIGTERM (systemd calls that a
+    # failure). The daemon installs its own handlers once it runs.
+    early: list[str] = []
+
+    def remember(signum: int, _frame: object) -> None:
+        early.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, remember) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_daemon(ns, early)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_daemon(ns: argparse.Namespace, early: list[str]) -> int:
     from .embed import EmbedderError
     from .store import StateError
     from .supervisor import Daemon
@@ -192,6 +210,8 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         return 0
     configure_logging(config.log.format, config.log.level)
     daemon = Daemon(config, exit_when_idle_s=ns.exit_when_idle)
+    if early:
+        daemon.request_stop(f"{early[0]} during start-up")
     try:
         summary = daemon.run()
     except (StateError, EmbedderError) as exc:

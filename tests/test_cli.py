@@ -601,3 +601,38 @@ def colour_embedder_cli() -> Iterator[None]:
     register(ColourEmbedder)
     yield
     unregister(ColourEmbedder.name)
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler installed (Linux /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (15 - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_sigterm_while_starting_up_stops_cleanly(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    watch = tmp_path / "watch"
+    write_png(watch / "f" / "crop_20240701220000_CROPNUMBER_0_UUID_A.png", RED[0])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "crop_clusterd.cli", "run", "--watch", str(watch),
+         "--state", str(tmp_path / "state"), "-o", str(tmp_path / "out"),
+         "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(child.pid):
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    # Most likely still importing torch: long before the daemon's own handlers.
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    assert "SIGTERM during start-up" in err
+    assert "crops ->" in out
