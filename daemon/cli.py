@@ -153,10 +153,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_config_from_args(ns: argparse.Namespace) -> Config:
     """Defaults, then the config file, then the ``run`` flags that were given."""
-    config = load_config(ns.config, embedders=_embedder_names())
-    if ns.embed is not None and ns.embed not in _embedder_names():
-        raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
-                           f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
+    config = _load_checking_embed(ns)
     merged = dataclasses.replace(
         config,
         input=_replace(config.input, time_format=ns.time_format),  # type: ignore[arg-type]
@@ -174,8 +171,7 @@ def run_config_from_args(ns: argparse.Namespace) -> Config:
         metadata=_replace(config.metadata, enabled=ns.metadata),  # type: ignore[arg-type]
         state=_replace(config.state, folder=ns.state),  # type: ignore[arg-type]
     )
-    return parse_config(tomllib.loads(format_config(merged)), "command line",
-                        embedders=_embedder_names())  # fmt: skip
+    return _revalidated(merged)
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -290,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_checking_embed(ns: argparse.Namespace) -> Config:
+    """The config file (or defaults), after checking the ``--embed`` flag's name."""
+    config = load_config(ns.config, embedders=_embedder_names())
+    if ns.embed is not None and ns.embed not in _embedder_names():
+        raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
+                           f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
+    return config
+
+
+def _revalidated(merged: Config) -> Config:
+    # Flags bypass the file's validation: send the merged result through it again.
+    return parse_config(tomllib.loads(format_config(merged)), "command line",
+                        embedders=_embedder_names())  # fmt: skip
+
+
 def _replace(section: object, **changes: object) -> object:
     kept = {k: v for k, v in changes.items() if v is not None}
     return dataclasses.replace(section, **kept) if kept else section  # type: ignore[type-var]
@@ -297,10 +308,7 @@ def _replace(section: object, **changes: object) -> object:
 
 def config_from_args(ns: argparse.Namespace) -> Config:
     """Defaults, then the config file, then the flags that were given."""
-    config = load_config(ns.config, embedders=_embedder_names())
-    if ns.embed is not None and ns.embed not in _embedder_names():
-        raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
-                           f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
+    config = _load_checking_embed(ns)
     merged = dataclasses.replace(
         config,
         input=_replace(
@@ -331,9 +339,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         ),  # type: ignore[arg-type]
         log=_replace(config.log, format=ns.log_format, level=ns.log_level),  # type: ignore[arg-type]
     )
-    # Flags bypass the file's validation: send the merged result through it again.
-    return parse_config(tomllib.loads(format_config(merged)), "command line",
-                        embedders=_embedder_names())  # fmt: skip
+    return _revalidated(merged)
 
 
 def _embedder_names() -> list[str]:

@@ -20,7 +20,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -227,40 +227,39 @@ def write_clusters_csv(
         )
 
 
-def read_clusters_csv(path: Path) -> list[tuple[str, int]]:
-    """Read ``clusters.csv`` back as ``(filename, cluster)`` pairs, in file order."""
-    out: list[tuple[str, int]] = []
+def _read_pairs(path: Path, header: tuple[str, str]) -> Iterator[tuple[int, str, str]]:
+    """Rows of a two-column CSV we wrote, as (line number, first cell, second cell),
+    after checking the header; cells are not yet unescaped."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or header[:2] != ["filename", "cluster"]:
-            raise ValueError(f"{path}: line 1: expected header 'filename,cluster', got {header!r}")
+        found = next(reader, None)
+        if found is None or found[:2] != list(header):
+            raise ValueError(f"{path}: line 1: expected header '{','.join(header)}', got {found!r}")
         for row in reader:
             if len(row) < 2:
                 raise ValueError(f"{path}: line {reader.line_num}: expected 2 columns, got {row!r}")
-            try:
-                cluster = int(row[1])
-            except ValueError:
-                raise ValueError(
-                    f"{path}: line {reader.line_num}: cluster {row[1]!r} is not an integer"
-                ) from None
-            out.append((unescape_cell(row[0]), cluster))
+            yield reader.line_num, row[0], row[1]
+
+
+def read_clusters_csv(path: Path) -> list[tuple[str, int]]:
+    """Read ``clusters.csv`` back as ``(filename, cluster)`` pairs, in file order."""
+    out: list[tuple[str, int]] = []
+    for line, name, cluster in _read_pairs(path, ("filename", "cluster")):
+        try:
+            out.append((unescape_cell(name), int(cluster)))
+        except ValueError:
+            raise ValueError(
+                f"{path}: line {line}: cluster {cluster!r} is not an integer"
+            ) from None
     return out
 
 
 def read_errors_csv(path: Path) -> list[tuple[str, str]]:
     """Read ``errors.csv`` back as ``(filename, reason)`` pairs, in file order."""
-    out: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or header[:2] != ["filename", "reason"]:
-            raise ValueError(f"{path}: line 1: expected header 'filename,reason', got {header!r}")
-        for row in reader:
-            if len(row) < 2:
-                raise ValueError(f"{path}: line {reader.line_num}: expected 2 columns, got {row!r}")
-            out.append((unescape_cell(row[0]), unescape_cell(row[1])))
-    return out
+    return [
+        (unescape_cell(name), unescape_cell(reason))
+        for _, name, reason in _read_pairs(path, ("filename", "reason"))
+    ]
 
 
 def write_errors_csv(path: Path, skipped: Iterable[Skipped]) -> None:

@@ -394,6 +394,7 @@ class Daemon:
             pinger.stop()
             self._snapshot(snapshots, final=True)
             self._publish(runtime, intake, embed_inbox, link_inbox, watcher, link, "stopped")
+            n_skipped = runtime.counts().skipped
             store.close()
             runtime.close()
         for stage in (intake, embed, link):
@@ -403,11 +404,6 @@ class Daemon:
         sizes = np.bincount(ids) if len(ids) else np.zeros(0, dtype=np.int64)
         for line in intake.tally.summary_lines():
             log.warning("crop_problems", summary=line)
-        skipped = StateStore(state_folder, readonly=True)
-        try:
-            n_skipped = skipped.counts().skipped
-        finally:
-            skipped.close()
         return RunSummary(
             crops=len(ids),
             clusters=int(np.count_nonzero(sizes)),
