@@ -1,0 +1,73 @@
+"""Every engine default, written once.
+
+The config schema (:mod:`crop_clusterd.config`), the command line and the
+engines (:mod:`crop_clusterd.linking`, :mod:`crop_clusterd.embed`) all read
+their defaults from here, so a default changed here changes everywhere. This
+module imports nothing, so the config can read it without importing torch,
+hnswlib or scipy. Settings that only one place uses (batch size, folders,
+intervals) keep their default in the config schema, their one place.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- embedders ------------------------------------------------------------------------
+
+# Registry names, in the order the help text lists them; the first is the default.
+EMBEDDER_NAMES: Final = ("efficientnet-lite0", "dino", "hierarchical")
+DEFAULT_EMBEDDER: Final = EMBEDDER_NAMES[0]
+
+# --- linking methods and thresholds -----------------------------------------------------
+
+METHODS: Final = ("cosine", "track")
+DEFAULT_METHOD: Final = "cosine"
+
+# The old batch tool's threshold (SEED-NOTES.md); the cosine default everywhere.
+COSINE_THRESHOLD: Final = 0.9
+
+# Track thresholds chosen on the simulator's ground truth (scripts/bench_methods.py,
+# see README "Benchmarks"). efficientnet-lite0: 0.65 had the best ARI averaged over
+# seeds 0 and 1 (340 frames, ~5,200 crops each) with metadata and the default motion.
+# dino and hierarchical were NOT benchmarked: placeholders until someone measures them.
+TRACK_THRESHOLDS: Final[dict[str, float]] = {
+    "efficientnet-lite0": 0.65,
+    "dino": 0.6,
+    "hierarchical": 0.8,
+}
+
+# --- gating (cosine with metadata; the old tool's rule and limits, SEED-NOTES.md) -------
+
+MAX_CENTER_DIST_PX: Final = 100.0
+NEAR_WINDOW_S: Final = 300.0
+ANY_WINDOW_S: Final = 30.0
+
+# --- track ------------------------------------------------------------------------------
+
+TRACK_GAP_S: Final = 300.0
+TRACK_GAP_FRAMES: Final = 150
+TRACK_MEMORY: Final = 3
+TRACK_MAX_MOVE_PX: Final = 300.0
+TRACK_MOVE_PENALTY: Final = 0.3
+
+# --- HNSW (ungated cosine) ---------------------------------------------------------------
+
+# Measured on clustered 384-d data (scripts/check_oracle.py): M=32 misses ten times
+# fewer neighbours above the threshold than M=16 at the same ef, for about 20% more
+# build time.
+HNSW_M: Final = 32
+HNSW_EF_CONSTRUCTION: Final = 100
+# With whole-batch indexing and anchor pairs, ef=64 and ef=128 matched the all-pairs
+# oracle exactly at 200,000 crops; 128 keeps a margin for a million.
+HNSW_EF_SEARCH: Final = 128
+
+
+def default_threshold(method: str, embedder: str) -> float:
+    """The threshold a method uses when none is given.
+
+    ``cosine``: :data:`COSINE_THRESHOLD` whatever the embedder. ``track``: the
+    embedder's entry in :data:`TRACK_THRESHOLDS`, else :data:`COSINE_THRESHOLD`.
+    """
+    if method == "track":
+        return TRACK_THRESHOLDS.get(embedder, COSINE_THRESHOLD)
+    return COSINE_THRESHOLD
