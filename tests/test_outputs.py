@@ -16,22 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crop_clusterd.outputs import (
-    NOT_CLUSTERED,
-    TREE_MARKER,
-    atomic_write,
-    cluster_folder_plan,
-    load_embeddings_pickle,
-    pick_representatives,
+from crop_clusterd.atomic import atomic_write, remove_stale_temp_files
+from crop_clusterd.clusterdirs import NOT_CLUSTERED, cluster_folder_plan, pick_representatives
+from crop_clusterd.csvfiles import (
     read_clusters_csv,
     read_errors_csv,
-    remove_stale_temp_files,
-    sync_link_tree,
     write_clusters_csv,
-    write_embeddings_pickle,
     write_errors_csv,
     write_merges_csv,
 )
+from crop_clusterd.embfile import load_embeddings_pickle, write_embeddings_pickle
+from crop_clusterd.linktree import TREE_MARKER, sync_link_tree
 from crop_clusterd.records import Assignment, Merge, Skipped
 
 NASTY_NAMES = [

@@ -17,20 +17,13 @@ import numpy.typing as npt
 import pytest
 from structlog.testing import capture_logs
 
+from crop_clusterd.atomic import atomic_write
+from crop_clusterd.clusterdirs import NOT_CLUSTERED
 from crop_clusterd.config import OutputConfig
-from crop_clusterd.outputs import (
-    NOT_CLUSTERED,
-    atomic_write,
-    load_embeddings_pickle,
-    read_clusters_csv,
-)
+from crop_clusterd.csvfiles import MERGES_CSV, read_clusters_csv
+from crop_clusterd.embfile import load_embeddings_pickle
 from crop_clusterd.records import Assignment, Crop, Embedded, Merge, Skipped
-from crop_clusterd.snapshot import (
-    MERGES_CSV,
-    OutputFiles,
-    SnapshotError,
-    SnapshotWriter,
-)
+from crop_clusterd.snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from crop_clusterd.store import (
     CommittedCrop,
     SkippedFile,
