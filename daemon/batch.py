@@ -17,7 +17,11 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from .atomic import atomic_write
+from .clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, cluster_folder_plan, pick_representatives
 from .config import Config
+from .csvfiles import CLUSTERS_CSV, ERRORS_CSV, write_clusters_csv, write_errors_csv
+from .embfile import EMBEDDINGS_PKL, load_embeddings_pickle, write_embeddings_pickle
 from .evaluate import (
     Evaluation,
     evaluate,
@@ -35,17 +39,8 @@ from .link import (
     default_threshold,
     make_linker,
 )
+from .linktree import sync_link_tree
 from .log import get_logger
-from .outputs import (
-    atomic_write,
-    cluster_folder_plan,
-    load_embeddings_pickle,
-    pick_representatives,
-    sync_link_tree,
-    write_clusters_csv,
-    write_embeddings_pickle,
-    write_errors_csv,
-)
 from .records import Assignment, Crop, Skipped
 
 if TYPE_CHECKING:
@@ -53,12 +48,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-CLUSTERS_CSV = "clusters.csv"
-EMBEDDINGS_PKL = "embeddings.pkl"
-ERRORS_CSV = "errors.csv"
 EVAL_JSON = "eval.json"
-CLUSTER_DIRS = "clusters"
-DEDUP_DIRS = "dedup"
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ def configure_logging(
     ``systemd.journal.send`` (tests). Calling it again replaces the previous
     setup. Raises `ValueError` for an unknown level or format.
     """
-    global _handler, _warned_no_journal
+    global _warned_no_journal
     if level.lower() not in _LEVELS:
         raise ValueError(f"unknown log level {level!r}; choose debug, info, warning or error")
     stream = sys.stderr if stream is None else stream
@@ -284,61 +284,14 @@ def configure_logging(
     )
     fell_back = wanted_journal and chosen != "journald"
 
-    # json is for machines: ISO 8601 in UTC. console is for people on this host: local time.
-    if chosen == "json":
-        timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    else:
-        timestamper = structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False)
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_logger_name,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.ExtraAdder(),
-        _drop_record_leftovers,
-        _ensure_str_event,
-    ]
-    if chosen != "journald":
-        shared.append(timestamper)
-    shared.append(structlog.processors.StackInfoRenderer())
-
-    handler: logging.Handler
-    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
-    if chosen == "json":
-        final += [
-            structlog.processors.format_exc_info,
-            _event_first,
-            structlog.processors.JSONRenderer(default=_json_default),
-        ]
-        handler = logging.StreamHandler(stream)
-    elif chosen == "journald":
-        if sender is None:  # resolve_format only picks journald with a sender
-            raise RuntimeError("journald chosen without a journal sender")
-        final.insert(0, _add_code_location)
-        final += [structlog.processors.format_exc_info, JournaldRenderer(sender)]
-        handler = _JournaldHandler()
-    else:
-        isatty = getattr(stream, "isatty", None)
-        colors = bool(isatty()) if callable(isatty) else False
-        final.append(structlog.dev.ConsoleRenderer(colors=colors))
-        handler = logging.StreamHandler(stream)
+    shared = _shared_processors(chosen)
+    handler = _make_handler(chosen, stream)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared, processors=_final_processors(chosen, stream, sender)
+        )
     )
-
-    root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
-        _handler.close()
-    root.addHandler(handler)
-    # Our own loggers log at the configured level; other libraries only from
-    # warning up, or a debug run drowns in e.g. PIL's per-chunk PNG messages.
-    wanted = _LEVELS[level.lower()]
-    root.setLevel(max(wanted, logging.WARNING))
-    logging.getLogger(APP_LOGGER).setLevel(wanted)
-    _handler = handler
-    logging.captureWarnings(True)
-    adopt_library_loggers()
-
+    _install_handler(handler, _LEVELS[level.lower()])
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -359,6 +312,80 @@ def configure_logging(
             fallback="console",
         )
     return chosen
+
+
+def _shared_processors(chosen: Literal["console", "json", "journald"]) -> list[Processor]:
+    """Processors that both structlog and foreign (stdlib) records go through."""
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.ExtraAdder(),
+        _drop_record_leftovers,
+        _ensure_str_event,
+    ]
+    # json is for machines: ISO 8601 in UTC. console is for people on this host:
+    # local time. The journal stamps entries itself.
+    if chosen == "json":
+        shared.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+    elif chosen == "console":
+        shared.append(structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False))
+    shared.append(structlog.processors.StackInfoRenderer())
+    return shared
+
+
+def _final_processors(
+    chosen: Literal["console", "json", "journald"],
+    stream: TextIO,
+    sender: JournalSender | None,
+) -> list[Processor]:
+    """The formatter's processors for ``chosen``, ending in its renderer.
+
+    Raises ``RuntimeError`` for journald without a ``sender``.
+    """
+    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if chosen == "json":
+        final += [
+            structlog.processors.format_exc_info,
+            _event_first,
+            structlog.processors.JSONRenderer(default=_json_default),
+        ]
+    elif chosen == "journald":
+        if sender is None:  # resolve_format only picks journald with a sender
+            raise RuntimeError("journald chosen without a journal sender")
+        final.insert(0, _add_code_location)
+        final += [structlog.processors.format_exc_info, JournaldRenderer(sender)]
+    else:
+        isatty = getattr(stream, "isatty", None)
+        colors = bool(isatty()) if callable(isatty) else False
+        final.append(structlog.dev.ConsoleRenderer(colors=colors))
+    return final
+
+
+def _make_handler(
+    chosen: Literal["console", "json", "journald"], stream: TextIO
+) -> logging.Handler:
+    """The stdlib handler for ``chosen``: the journal, or a stream handler on ``stream``."""
+    if chosen == "journald":
+        return _JournaldHandler()
+    return logging.StreamHandler(stream)
+
+
+def _install_handler(handler: logging.Handler, wanted: int) -> None:
+    """Replace the previous handler on the root logger and set the levels."""
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    root.addHandler(handler)
+    # Our own loggers log at the configured level; other libraries only from
+    # warning up, or a debug run drowns in e.g. PIL's per-chunk PNG messages.
+    root.setLevel(max(wanted, logging.WARNING))
+    logging.getLogger(APP_LOGGER).setLevel(wanted)
+    _handler = handler
+    logging.captureWarnings(True)
+    adopt_library_loggers()
 
 
 # Libraries that install their own stderr handler and stop propagation on import.

@@ -31,25 +31,24 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import numpy.typing as npt
 
-from .batch import CLUSTER_DIRS, CLUSTERS_CSV, DEDUP_DIRS, EMBEDDINGS_PKL, ERRORS_CSV
+from .atomic import remove_stale_temp_files
+from .clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, cluster_folder_plan, pick_representatives
 from .config import OutputConfig
-from .log import get_logger
-from .outputs import (
-    SyncStats,
-    cluster_folder_plan,
-    pick_representatives,
-    remove_stale_temp_files,
-    sync_link_tree,
+from .csvfiles import (
+    CLUSTERS_CSV,
+    ERRORS_CSV,
+    MERGES_CSV,
     write_clusters_csv,
-    write_embeddings_pickle,
     write_errors_csv,
     write_merges_csv,
 )
+from .embfile import EMBEDDINGS_PKL, write_embeddings_pickle
+from .linktree import SyncStats, sync_link_tree
+from .log import get_logger
 from .records import Assignment, Merge, Skipped
 from .store import DB_NAME, StateError, StateStore, StoredMerge, StoredSkip, current_clusters
 
 __all__ = [
-    "MERGES_CSV",
     "OutputFiles",
     "SnapshotError",
     "SnapshotReport",
@@ -57,8 +56,6 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
-
-MERGES_CSV = "merges.csv"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +95,7 @@ class SnapshotError(Exception):
 
 
 class OutputFiles:
-    """How the snapshot files are written (all atomic, see :mod:`crop_clusterd.outputs`).
+    """How the snapshot files are written (all atomic, see :mod:`crop_clusterd.atomic`).
 
     A seam for tests: a subclass can make one file fail the way a full disk
     would, without touching the file system or patching builtins.
@@ -127,7 +124,7 @@ class OutputFiles:
         return sync_link_tree(root, plan)
 
 
-class _Columns:
+class _SnapshotColumns:
     """Cached columns of the stored crops, grown in place as batches are committed."""
 
     def __init__(self, keep_vectors: bool) -> None:
@@ -226,7 +223,7 @@ class SnapshotWriter:
         self._clock = clock
         self._store: StateStore | None = None
         self._store_ino: tuple[int, int] | None = None
-        self._cols = _Columns(keep_vectors=self.save_embeddings or self.dedup)
+        self._cols = _SnapshotColumns(keep_vectors=self.save_embeddings or self.dedup)
         self._merges: list[StoredMerge] = []
         self._skipped: list[StoredSkip] = []
         self._written: tuple[int, int, tuple[StoredSkip, ...]] | None = None
@@ -311,7 +308,7 @@ class SnapshotWriter:
         return self._store
 
     def _reset_cache(self) -> None:
-        self._cols = _Columns(keep_vectors=self._cols.keep_vectors)
+        self._cols = _SnapshotColumns(keep_vectors=self._cols.keep_vectors)
         self._merges = []
         self._skipped = []
         self._written = None

@@ -32,8 +32,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crop_clusterd.batch import CLUSTERS_CSV, EMBEDDINGS_PKL, BatchRequest, run_batch
+from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.cli import build_parser, config_from_args
+from crop_clusterd.csvfiles import CLUSTERS_CSV
+from crop_clusterd.embfile import EMBEDDINGS_PKL
 from crop_clusterd.evaluate import Evaluation, load_labels_csv, match_labels
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate

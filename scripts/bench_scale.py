@@ -20,7 +20,8 @@ from pathlib import Path
 
 from synth import clustered_embeddings
 
-from crop_clusterd.outputs import read_clusters_csv, write_embeddings_pickle
+from crop_clusterd.csvfiles import read_clusters_csv
+from crop_clusterd.embfile import write_embeddings_pickle
 
 
 def main() -> int:

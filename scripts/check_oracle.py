@@ -29,8 +29,10 @@ from synth import clustered_embeddings
 from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch, pair_cosine
 
 
-def oracle(emb: npt.NDArray[np.float32], threshold: float, block: int = 2048) -> np.ndarray:
-    """Cluster id (smallest member) per row, from all pairs."""
+def oracle(
+    emb: npt.NDArray[np.float32], threshold: float, block: int = 2048
+) -> tuple[npt.NDArray[np.int64], int]:
+    """Cluster id (smallest member) per row, from all pairs, and how many pairs linked."""
     n = len(emb)
     rows, cols = [], []
     for start in range(0, n, block):

@@ -99,7 +99,7 @@ def run_burst(
     (one new frame folder per cloned frame, timestamps moved on), so a burst costs
     no disk and no rendering time.
     """
-    from crop_clusterd.outputs import read_clusters_csv
+    from crop_clusterd.csvfiles import read_clusters_csv
     from crop_clusterd.simulate import frame_name
 
     if work.exists():

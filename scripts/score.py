@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.evaluate import evaluate, load_labels_csv, match_labels
-from crop_clusterd.outputs import read_clusters_csv
 
 
 def main() -> int:

@@ -135,7 +135,7 @@ def install_child_hooks(spec: ChildSpec, embedder: Any) -> None:
     Only test scaffolding is patched (module attributes and the embedder instance);
     the daemon code runs unchanged inside the windows.
     """
-    from crop_clusterd import outputs
+    from crop_clusterd import atomic
     from crop_clusterd.log import get_logger
     from crop_clusterd.store import StateStore
 
@@ -171,7 +171,7 @@ def install_child_hooks(spec: ChildSpec, embedder: Any) -> None:
 
     StateStore.commit_batch = slow_commit_batch
 
-    atomic_write = outputs.atomic_write
+    atomic_write = atomic.atomic_write
 
     def slow_atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         def slow(handle: Any) -> None:
@@ -183,7 +183,9 @@ def install_child_hooks(spec: ChildSpec, embedder: Any) -> None:
         atomic_write(path, slow)
         log.info("soak_snapshot_tmp_done", file=Path(path).name)
 
-    outputs.atomic_write = slow_atomic_write
+    # Every output writer calls atomic.atomic_write through the module, so this
+    # one patch covers them all.
+    atomic.atomic_write = slow_atomic_write
 
 
 def child_main(spec: ChildSpec) -> int:
@@ -338,7 +340,7 @@ class OutputReader(threading.Thread):
             with tempfile.NamedTemporaryFile(suffix=".pkl") as tmp:
                 tmp.write(data)
                 tmp.flush()
-                from crop_clusterd.outputs import load_embeddings_pickle
+                from crop_clusterd.embfile import load_embeddings_pickle
 
                 loaded = load_embeddings_pickle(Path(tmp.name))
             if len(loaded.names) != loaded.embeddings.shape[0]:
@@ -599,7 +601,7 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
         reader.stop.set()
         reader.join(30)
 
-    from crop_clusterd.outputs import read_clusters_csv
+    from crop_clusterd.csvfiles import read_clusters_csv
 
     rows = read_clusters_csv(out / "clusters.csv")
     names = [n for n, _ in rows]

@@ -19,18 +19,12 @@ import pytest
 from fakes import BLUE, GREEN, ORANGE, RED, YELLOW, ColourEmbedder, write_png
 from PIL import Image
 
-from crop_clusterd.batch import (
-    CLUSTERS_CSV,
-    EMBEDDINGS_PKL,
-    ERRORS_CSV,
-    EVAL_JSON,
-    BatchRequest,
-    run_batch,
-)
+from crop_clusterd.batch import EVAL_JSON, BatchRequest, run_batch
 from crop_clusterd.config import Config, EmbedConfig, InputConfig, LinkConfig, OutputConfig
+from crop_clusterd.csvfiles import CLUSTERS_CSV, ERRORS_CSV, read_clusters_csv
 from crop_clusterd.embed import register, unregister
+from crop_clusterd.embfile import EMBEDDINGS_PKL
 from crop_clusterd.inputs import InputError
-from crop_clusterd.outputs import read_clusters_csv
 
 FAKE = ColourEmbedder.name
 

@@ -25,11 +25,13 @@ from fakes import GREEN as ALL_GREENS
 from PIL import Image
 
 from crop_clusterd import cli, embed
+from crop_clusterd.clusterdirs import NOT_CLUSTERED
 from crop_clusterd.config import EmbedConfig, InputConfig, OutputConfig
+from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
 from crop_clusterd.link import COSINE_DEFAULT_THRESHOLD
-from crop_clusterd.outputs import NOT_CLUSTERED, TREE_MARKER, read_clusters_csv
+from crop_clusterd.linktree import TREE_MARKER
 from crop_clusterd.simulate import TIME_FORMAT, SimConfig, SimSummary, simulate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,10 +30,11 @@ from fakes import ColourEmbedder
 from test_notify import Receiver, named
 from test_supervisor import committed, crops_in, frame_dirs, make_config, session, wait_for
 
+from crop_clusterd.atomic import atomic_write
 from crop_clusterd.config import Config
+from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.log import configure_logging
-from crop_clusterd.outputs import atomic_write, read_clusters_csv
 from crop_clusterd.records import Assignment, Merge
 from crop_clusterd.snapshot import OutputFiles
 from crop_clusterd.status import format_status, read_status

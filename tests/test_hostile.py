@@ -32,14 +32,14 @@ from PIL import Image
 from test_supervisor import batch_partition, crops_in, make_config, partition, session, wait_for
 
 from crop_clusterd.config import Config
-from crop_clusterd.embed import register, unregister
-from crop_clusterd.outputs import (
+from crop_clusterd.csvfiles import (
     escape_cell,
     read_clusters_csv,
     read_errors_csv,
     write_clusters_csv,
     write_errors_csv,
 )
+from crop_clusterd.embed import register, unregister
 from crop_clusterd.records import Assignment, Skipped
 from crop_clusterd.simulate import frame_name
 from crop_clusterd.store import StateStore

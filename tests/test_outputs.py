@@ -8,6 +8,7 @@ import os
 import pickle
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -16,22 +17,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crop_clusterd.outputs import (
-    NOT_CLUSTERED,
-    TREE_MARKER,
-    atomic_write,
-    cluster_folder_plan,
-    load_embeddings_pickle,
-    pick_representatives,
+from crop_clusterd import atomic
+from crop_clusterd.atomic import atomic_write, remove_stale_temp_files
+from crop_clusterd.clusterdirs import NOT_CLUSTERED, cluster_folder_plan, pick_representatives
+from crop_clusterd.csvfiles import (
+    CLUSTERS_CSV,
+    ERRORS_CSV,
+    MERGES_CSV,
     read_clusters_csv,
     read_errors_csv,
-    remove_stale_temp_files,
-    sync_link_tree,
     write_clusters_csv,
-    write_embeddings_pickle,
     write_errors_csv,
     write_merges_csv,
 )
+from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle, write_embeddings_pickle
+from crop_clusterd.linktree import TREE_MARKER, sync_link_tree
 from crop_clusterd.records import Assignment, Merge, Skipped
 
 NASTY_NAMES = [
@@ -691,3 +691,59 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path: Path) -> None:
     assert remove_stale_temp_files(target) == 1
     assert not stale.exists() and other.exists()
     assert read_clusters_csv(target) == [("a.png", 0)]
+
+
+def test_every_output_writer_goes_through_atomic_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers call ``atomic.atomic_write`` through the module, so one wrapper sees every
+    file (scripts/soak.py widens the crash window this way)."""
+    seen: list[str] = []
+    original = atomic.atomic_write
+
+    def spy(path: Path, write: Callable[[BinaryIO], None]) -> None:
+        seen.append(Path(path).name)
+        original(path, write)
+
+    monkeypatch.setattr(atomic, "atomic_write", spy)
+    rows = [Assignment(0, "a.png", 0)]
+    write_clusters_csv(tmp_path / CLUSTERS_CSV, rows)
+    write_errors_csv(tmp_path / ERRORS_CSV, [Skipped("b.png", "truncated")])
+    write_merges_csv(tmp_path / MERGES_CSV, [(0.0, Merge(1, 0))])
+    write_embeddings_pickle(tmp_path / EMBEDDINGS_PKL, ["a.png"], np.ones((1, 2)))
+    source = tmp_path / "a.png"
+    source.write_bytes(b"x")
+    sync_link_tree(tmp_path / "tree", {PurePosixPath("a.png"): source})
+    assert seen == [CLUSTERS_CSV, ERRORS_CSV, MERGES_CSV, EMBEDDINGS_PKL, TREE_MARKER]
+
+
+def test_sync_stats_count_every_step_of_one_call(tmp_path: Path) -> None:
+    """One call that removes, replaces, keeps, links and prunes reports each count."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("keep", "new", "moved"):
+        (src / f"{name}.png").write_bytes(name.encode())
+    root = tmp_path / "tree"
+    first = {
+        PurePosixPath("k/keep.png"): src / "keep.png",
+        PurePosixPath("r/moved.png"): src / "keep.png",
+        PurePosixPath("gone/deep/stale.png"): src / "keep.png",
+        PurePosixPath("file/inner.png"): src / "keep.png",
+    }
+    sync_link_tree(root, first)
+    stats = sync_link_tree(
+        root,
+        {
+            PurePosixPath("k/keep.png"): src / "keep.png",
+            PurePosixPath("r/moved.png"): src / "moved.png",
+            PurePosixPath("n/new.png"): src / "new.png",
+            PurePosixPath("file"): src / "new.png",
+            PurePosixPath("m/missing.png"): src / "missing.png",
+        },
+    )
+    assert (stats.linked, stats.copied, stats.replaced, stats.unchanged) == (3, 0, 1, 1)
+    # stale.png and file/inner.png, then the folder "file" where a file is now wanted.
+    assert stats.removed == 3
+    assert stats.dirs_removed == 2  # gone/deep, then gone
+    assert stats.missing == (PurePosixPath("m/missing.png"),)
+    assert not (root / "gone").exists() and (root / "file").is_file()

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
+from crop_clusterd.simspecies import make_species
 from crop_clusterd.simulate import (
     TIME_FORMAT,
     SimConfig,
@@ -26,7 +27,6 @@ from crop_clusterd.simulate import (
     add_simulate_arguments,
     config_from_args,
     main,
-    make_species,
     simulate,
 )
 

@@ -17,20 +17,13 @@ import numpy.typing as npt
 import pytest
 from structlog.testing import capture_logs
 
+from crop_clusterd.atomic import atomic_write
+from crop_clusterd.clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, NOT_CLUSTERED
 from crop_clusterd.config import OutputConfig
-from crop_clusterd.outputs import (
-    NOT_CLUSTERED,
-    atomic_write,
-    load_embeddings_pickle,
-    read_clusters_csv,
-)
+from crop_clusterd.csvfiles import CLUSTERS_CSV, ERRORS_CSV, MERGES_CSV, read_clusters_csv
+from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.records import Assignment, Crop, Embedded, Merge, Skipped
-from crop_clusterd.snapshot import (
-    MERGES_CSV,
-    OutputFiles,
-    SnapshotError,
-    SnapshotWriter,
-)
+from crop_clusterd.snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from crop_clusterd.store import (
     CommittedCrop,
     SkippedFile,
@@ -400,3 +393,23 @@ def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
     assert problems == []
     assert reads[0] > 0
     assert len(read_clusters_csv(out / "clusters.csv")) == 26 * batch
+
+
+def test_output_name_constants_are_what_the_writers_write(tmp_path: Path, built: Builder) -> None:
+    """The names the snapshot imports from each writer's module are the files it writes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    b = Builder(tmp_path / "state2", src)
+    b.commit([0, 0, 2], skipped=["bad.png"])
+    SnapshotWriter(tmp_path / "state", output(tmp_path)).write(now=T0)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        CLUSTERS_CSV,
+        EMBEDDINGS_PKL,
+        MERGES_CSV,
+        ERRORS_CSV,
+    }
+    folders = replace(output(tmp_path, gen_cluster_dirs=True, dedup=True), folder=tmp_path / "o2")
+    SnapshotWriter(tmp_path / "state2", folders).write(now=T0)
+    files = {CLUSTERS_CSV, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV}
+    assert {p.name for p in (tmp_path / "o2").iterdir()} == files | {CLUSTER_DIRS, DEDUP_DIRS}
+    assert (tmp_path / "o2" / CLUSTER_DIRS / NOT_CLUSTERED).is_dir()

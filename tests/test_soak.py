@@ -34,8 +34,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import register, unregister
-from crop_clusterd.outputs import read_clusters_csv
 from crop_clusterd.supervisor import Daemon, RunSummary
 from crop_clusterd.watch import WatchMode
 

@@ -23,8 +23,8 @@ from fakes import ColourEmbedder
 
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.config import Config
+from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import EmbedderOptions, register, unregister
-from crop_clusterd.outputs import read_clusters_csv
 from crop_clusterd.simulate import SimConfig, simulate
 from crop_clusterd.store import StateStore
 from crop_clusterd.supervisor import Daemon, RunSummary
