@@ -45,7 +45,8 @@ import torch
 from synth import clustered_embeddings
 
 from crop_clusterd.config import Config
-from crop_clusterd.embed import Embedder, EmbedderOptions, create_embedder
+from crop_clusterd.embed import Embedder
+from crop_clusterd.factory import embedder_from_config
 from crop_clusterd.images import load_rgb
 from crop_clusterd.intake import FRAME_QUIET_S
 from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch
@@ -247,8 +248,8 @@ def pipeline(watch: Path, run: Path, embedder: Embedder, base: Config) -> Pipeli
 
 def load_embedder(base: Config) -> tuple[Embedder, float]:
     """The bundled model on CPU, loaded; and the seconds loading took."""
-    embedder = create_embedder(
-        MODEL, EmbedderOptions(device="cpu", background=base.input.background_rgb)
+    embedder = embedder_from_config(
+        dataclasses.replace(base, embed=dataclasses.replace(base.embed, model=MODEL, device="cpu"))
     )
     t0 = time.perf_counter()
     embedder.load()

@@ -25,6 +25,7 @@ from fakes import GREEN as ALL_GREENS
 from PIL import Image
 
 from crop_clusterd import cli, embed
+from crop_clusterd import defaults as engine_defaults
 from crop_clusterd.config import EmbedConfig, InputConfig, OutputConfig
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
@@ -48,8 +49,8 @@ def _colour_embedder() -> Iterator[None]:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> str:
     """The colour embedder's name, accepted by ``-e`` for this test."""
-    # cli keeps its own list of names so --from-embeddings never imports torch.
-    monkeypatch.setattr(cli, "EMBEDDER_NAMES", (*cli.EMBEDDER_NAMES, FAKE))
+    # cli checks names against the defaults list so --from-embeddings never imports torch.
+    monkeypatch.setattr(engine_defaults, "EMBEDDER_NAMES", (*engine_defaults.EMBEDDER_NAMES, FAKE))
     return FAKE
 
 
@@ -301,7 +302,7 @@ def test_unknown_embedder_names_the_choices(
     assert cluster("-i", tmp_path, "-e", "dinov3", "-o", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "'dinov3'" in err
-    for name in cli.EMBEDDER_NAMES:
+    for name in engine_defaults.EMBEDDER_NAMES:
         assert name in err
     assert not (tmp_path / "out").exists()
 
@@ -503,8 +504,8 @@ def test_cli_embedder_names_match_the_registry() -> None:
         for name in embed.available_embedders()
         if embed.EMBEDDERS[name].__module__.startswith("crop_clusterd.")
     ]
-    assert sorted(cli.EMBEDDER_NAMES) == builtin
-    assert cli.EMBEDDER_NAMES[0] == embed.DEFAULT_EMBEDDER == EmbedConfig().model
+    assert sorted(engine_defaults.EMBEDDER_NAMES) == builtin
+    assert engine_defaults.EMBEDDER_NAMES[0] == embed.DEFAULT_EMBEDDER == EmbedConfig().model
 
 
 def test_cluster_help_is_accurate(
@@ -521,7 +522,7 @@ def test_cluster_help_is_accurate(
                  "-th", "-se", "-sl", "-x", "--from-embeddings", "--labels",
                  "--labels-from-folders", "--recursive", "--config", "--check-config"):  # fmt: skip
         assert f" {flag} " in f" {text} " or f" {flag}," in text, flag
-    for name in cli.EMBEDDER_NAMES:
+    for name in engine_defaults.EMBEDDER_NAMES:
         assert name in text
     defaults = InputConfig(), EmbedConfig(), OutputConfig()
     assert f"default: {defaults[1].model}" in text
@@ -578,7 +579,7 @@ def test_run_then_status_reports_the_stopped_daemon(
         write_png(watch / f"f{i}" / f"crop_2024070122000{i}_CROPNUMBER_0_UUID_A.png", rgb)
     from crop_clusterd.supervisor import Daemon
 
-    config = cli.run_config_from_args(
+    config = cli.config_from_args(
         cli.build_parser().parse_args(
             ["run", "--watch", str(watch), "--state", str(tmp_path / "state"),
              "-o", str(tmp_path / "out"), "-th", "0.99"]

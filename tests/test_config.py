@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from crop_clusterd.config import (
+    Check,
     Config,
     ConfigError,
     EmbedConfig,
@@ -382,7 +383,7 @@ def test_format_config_comments_each_key() -> None:
 class _Extra:
     names: tuple[str, ...] = ("a",)
     ratio: float = field(
-        default=0.5, metadata={"check": lambda v: 0 < v <= 1, "help": "must be in (0, 1]"}
+        default=0.5, metadata={"check": Check(lambda v: 0 < v <= 1, "must be in (0, 1]")}
     )
     label: str | None = None
 
