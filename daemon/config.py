@@ -82,7 +82,8 @@ class InputConfig:
 
     recursive: bool = field(default=False, metadata=_meta("scan directories recursively"))
     meta_folder: Path | None = field(
-        default=None, metadata=_meta('flat-bug metadata folder; "" = no spatio-temporal gating')
+        default=None,
+        metadata=_meta('batch: flat-bug metadata folder, turns metadata on; "" = none'),
     )
     time_format: str = field(
         default="%Y%m%d%H%M%S",
@@ -348,8 +349,8 @@ class MetadataConfig:
     enabled: bool = field(
         default=False,
         metadata=_meta(
-            "read each frame's metadata JSON from the watched tree: gating (cosine) or "
-            "motion (track), as -mf does for the batch command"
+            "metadata on (also when input.meta_folder is set): gating (cosine) or motion "
+            "(track); run reads each frame's JSON from the watched tree"
         ),
     )
     wait_s: float = field(
