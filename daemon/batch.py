@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -29,22 +29,13 @@ from .evaluate import (
     load_labels_csv,
     match_labels,
 )
+from .factory import embedder_from_config, linker_from_config, linker_spec
 from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop
 from .inputs import resolve_inputs
-from .link import (
-    Gating,
-    HnswParams,
-    LinkBatch,
-    Motion,
-    default_threshold,
-    make_linker,
-)
+from .link import LinkBatch
 from .linktree import sync_link_tree
 from .log import get_logger
 from .records import Assignment, Crop, Skipped
-
-if TYPE_CHECKING:
-    from .embed import Embedder
 
 log = get_logger(__name__)
 
@@ -89,7 +80,13 @@ class _Embeddings:
 
 
 def run_batch(request: BatchRequest) -> BatchResult:
-    """Cluster the requested crops (or embeddings) and write every output."""
+    """Cluster the requested crops (or embeddings) and write every output.
+
+    Writes clusters.csv, errors.csv, embeddings.pkl (unless re-clustering a
+    pickle or ``output.save_embeddings`` is false), the cluster/dedup folders
+    when asked and, with labels, eval.json into ``output.folder``. Raises
+    `InputError`, `OSError` or `ValueError` for unusable inputs.
+    """
     config = request.config
     out = config.output.folder
     out.mkdir(parents=True, exist_ok=True)
@@ -104,63 +101,27 @@ def run_batch(request: BatchRequest) -> BatchResult:
         data = _embed_inputs(request, config, tally, skipped)
     timings["embed_s"] = time.perf_counter() - t0
 
-    method = config.link.method
-    threshold = config.link.threshold
-    if threshold is None:
-        threshold = default_threshold(method, config.embed.model)
-    with_metadata = config.input.meta_folder is not None
-    gating = _gating(config) if with_metadata and method == "cosine" else None
-    motion = None
-    if with_metadata and method == "track":
-        motion = Motion(config.link.track_max_move_px, config.link.track_move_penalty)
-    linker = make_linker(
-        method,
-        threshold,
-        gating,
-        gap_s=config.link.track_gap_s,
-        gap_frames=config.link.track_gap_frames,
-        memory=config.link.track_memory,
-        motion=motion,
-        hnsw=HnswParams(
-            m=config.link.hnsw_m,
-            ef_construction=config.link.hnsw_ef_construction,
-            ef_search=config.link.hnsw_ef_search,
-        ),
-    )
     t0 = time.perf_counter()
-    batch = _link_batch(data)
-    if len(batch):
-        linker.add(batch)
-    ids = linker.cluster_ids()
+    ids = _cluster(config, data)
     timings["cluster_s"] = time.perf_counter() - t0
     sizes = np.bincount(ids, minlength=len(ids)) if len(ids) else np.zeros(0, dtype=np.int64)
     n_clusters = int(np.count_nonzero(sizes))
     n_singletons = int(np.count_nonzero(sizes == 1))
+    spec = linker_spec(config)
     log.info(
         "clustered",
         crops=len(ids),
         clusters=n_clusters,
         singletons=n_singletons,
-        method=method,
-        threshold=threshold,
-        metadata=with_metadata,
+        method=spec.method,
+        threshold=spec.threshold,
+        metadata=spec.metadata,
         seconds=round(timings["cluster_s"], 2),
     )
 
     labels = _labels(request, data)
     t0 = time.perf_counter()
-    assignments = [
-        Assignment(seq=i, name=name, cluster=int(c))
-        for i, (name, c) in enumerate(zip(data.names, ids.tolist(), strict=True))
-    ]
-    label_map = None
-    if config.output.save_labels and labels is not None:
-        label_map = {n: lab for n, lab in zip(data.names, labels, strict=True) if lab is not None}
-    write_clusters_csv(out / CLUSTERS_CSV, assignments, label_map)
-    write_errors_csv(out / ERRORS_CSV, skipped)
-    if config.output.save_embeddings and request.from_embeddings is None:
-        write_embeddings_pickle(out / EMBEDDINGS_PKL, data.names, data.vectors, labels)
-    _write_folders(config, out, assignments, data)
+    _write_outputs(request, data, ids, labels, skipped)
     timings["write_s"] = time.perf_counter() - t0
 
     evaluation = None
@@ -175,37 +136,45 @@ def run_batch(request: BatchRequest) -> BatchResult:
         n_clusters=n_clusters,
         n_singletons=n_singletons,
         skipped=tuple(skipped),
-        threshold=threshold,
-        method=method,
+        threshold=spec.threshold,
+        method=spec.method,
         warnings=warnings,
         evaluation=evaluation,
         timings=timings,
     )
 
 
-def make_embedder(config: Config) -> Embedder:
-    """The embedder the config names, not loaded yet (``load()`` is lazy)."""
-    # Imported here: torch takes seconds to import and --from-embeddings needs none of it.
-    from .embed import EmbedderOptions, create_embedder
-
-    return create_embedder(
-        config.embed.model,
-        EmbedderOptions(
-            model=config.embed.from_pretrained,
-            arch=config.embed.arch,
-            device=config.embed.device,
-            allow_download=config.embed.allow_download,
-            background=config.input.background_rgb,
-        ),
-    )
+def _cluster(config: Config, data: _Embeddings) -> npt.NDArray[np.int64]:
+    """Link every crop in one batch; each crop's cluster id, in ``data`` order."""
+    linker = linker_from_config(config)
+    batch = _link_batch(data)
+    if len(batch):
+        linker.add(batch)
+    return linker.cluster_ids()
 
 
-def _gating(config: Config) -> Gating:
-    return Gating(
-        max_center_dist_px=config.link.max_center_dist_px,
-        near_window_s=config.link.near_window_s,
-        any_window_s=config.link.any_window_s,
-    )
+def _write_outputs(
+    request: BatchRequest,
+    data: _Embeddings,
+    ids: npt.NDArray[np.int64],
+    labels: tuple[str | None, ...] | None,
+    skipped: Sequence[Skipped],
+) -> None:
+    """clusters.csv, errors.csv, embeddings.pkl and the cluster/dedup folders."""
+    config = request.config
+    out = config.output.folder
+    assignments = [
+        Assignment(seq=i, name=name, cluster=int(c))
+        for i, (name, c) in enumerate(zip(data.names, ids.tolist(), strict=True))
+    ]
+    label_map = None
+    if config.output.save_labels and labels is not None:
+        label_map = {n: lab for n, lab in zip(data.names, labels, strict=True) if lab is not None}
+    write_clusters_csv(out / CLUSTERS_CSV, assignments, label_map)
+    write_errors_csv(out / ERRORS_CSV, skipped)
+    if config.output.save_embeddings and request.from_embeddings is None:
+        write_embeddings_pickle(out / EMBEDDINGS_PKL, data.names, data.vectors, labels)
+    _write_folders(config, out, assignments, data)
 
 
 def _describe(
@@ -241,7 +210,7 @@ def _embed_inputs(
     names = [str(p) for p in paths]
     log.info("inputs_resolved", files=len(paths))
     crops = _describe(paths, names, config, tally)
-    embedder = make_embedder(config)
+    embedder = embedder_from_config(config)
     kept: list[Crop] = []
     vectors: npt.NDArray[np.float32] | None = None
     started = last_report = time.perf_counter()
@@ -290,7 +259,7 @@ def _from_pickle(path: Path, config: Config, tally: ProblemTally) -> _Embeddings
     log.info("embeddings_loaded", file=str(path), crops=len(loaded.names))
     crops: tuple[Crop, ...] = ()
     # Frames, times and boxes come from the names; only needed for gating or track.
-    if config.input.meta_folder is not None or config.link.method == "track":
+    if config.with_metadata or config.link.method == "track":
         paths = [Path(n) for n in loaded.names]
         crops = tuple(_describe(paths, loaded.names, config, tally))
     return _Embeddings(

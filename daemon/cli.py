@@ -11,16 +11,30 @@ then flags: a flag always wins.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
-import tomllib
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
-from . import __version__
-from .config import Config, ConfigError, format_config, load_config, parse_config
+from . import __version__, defaults
+from .config import (
+    Config,
+    ConfigError,
+    EmbedConfig,
+    InputConfig,
+    LinkConfig,
+    LogConfig,
+    LogFormat,
+    LogLevel,
+    OutputConfig,
+    StateConfig,
+    format_config,
+    load_config,
+    parse_config,
+    read_toml,
+)
 from .log import configure_logging, get_logger
 
 if TYPE_CHECKING:
@@ -28,11 +42,61 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-EMBEDDER_NAMES = ("efficientnet-lite0", "dino", "hierarchical")
+# Each subcommand's flags as data: argparse dest -> the ``section.key`` it sets.
+# A flag that was given overrides the file's value before the one validation.
+CLUSTER_FLAGS: Final[Mapping[str, str]] = {
+    "out_folder": "output.folder",
+    "meta_folder": "input.meta_folder",
+    "time_format": "input.time_format",
+    "device": "embed.device",
+    "embed": "embed.model",
+    "from_pretrained": "embed.from_pretrained",
+    "dedup": "output.dedup",
+    "gen_cluster_dirs": "output.gen_cluster_dirs",
+    "cluster": "link.method",
+    "threshold": "link.threshold",
+    "save_embs": "output.save_embeddings",
+    "save_labels": "output.save_labels",
+    "recursive": "input.recursive",
+    "arch": "embed.arch",
+    "batch_size": "embed.batch_size",
+    "workers": "input.workers",
+    "background": "input.background",
+    "allow_download": "embed.allow_download",
+    "log_format": "log.format",
+    "log_level": "log.level",
+}
+RUN_FLAGS: Final[Mapping[str, str]] = {
+    "watch": "watch.folder",
+    "state": "state.folder",
+    "out_folder": "output.folder",
+    "cluster": "link.method",
+    "threshold": "link.threshold",
+    "embed": "embed.model",
+    "from_pretrained": "embed.from_pretrained",
+    "device": "embed.device",
+    "batch_size": "embed.batch_size",
+    "time_format": "input.time_format",
+    "metadata": "metadata.enabled",
+    "polling": "watch.polling",
+    "gen_cluster_dirs": "output.gen_cluster_dirs",
+    "log_format": "log.format",
+    "log_level": "log.level",
+}
+FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {"cluster": CLUSTER_FLAGS, "run": RUN_FLAGS}
+
+_INPUT, _EMBED, _OUTPUT = InputConfig(), EmbedConfig(), OutputConfig()
+_LOG, _STATE = LogConfig(), StateConfig()
+_LOG_FORMATS = typing.get_args(LogFormat)
+_LOG_LEVELS = typing.get_args(LogLevel)
 
 
 def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
-    old = p.add_argument_group("the old batch tool's flags")
+    _add_old_flags(p.add_argument_group("the old batch tool's flags"))
+    _add_new_options(p.add_argument_group("crop-clusterd options"))
+
+
+def _add_old_flags(old: argparse._ArgumentGroup) -> None:
     old.add_argument(
         "-i",
         "--input",
@@ -40,33 +104,30 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="image files, directories, glob patterns or .txt lists of them",
     )
-    old.add_argument("-o", "--out_folder", "--out", dest="out_folder", type=Path,
-                     help="output folder (default: output.folder, 'out')")  # fmt: skip
     old.add_argument(
-        "-mf",
-        "--meta_folder",
+        "-o",
+        "--out_folder",
+        "--out",
+        dest="out_folder",
         type=Path,
-        help="flat-bug metadata folder (searched recursively); turns on spatio-temporal gating",
+        help=f"output folder (default: output.folder, '{_OUTPUT.folder}')",
     )
-    old.add_argument(
-        "--time_format",
-        help="how frame names carry their capture time, strftime style ('%%Y%%m%%d%%H%%M%%S', "
-        "the default) or the old doubled style ('%%YYYY-%%mm-%%dd_%%HH-%%MM-%%SS')",
-    )
+    old.add_argument("-mf", "--meta_folder", type=Path,
+                     help="flat-bug metadata folder (searched recursively); turns on "
+                     "spatio-temporal gating")  # fmt: skip
+    old.add_argument("--time_format",
+                     help="how frame names carry their capture time, strftime style "
+                     f"('{_percent(_INPUT.time_format)}', the default) or the old doubled "
+                     "style ('%%YYYY-%%mm-%%dd_%%HH-%%MM-%%SS')")  # fmt: skip
     old.add_argument("-d", "--device", help="torch device (default: cuda:0 if available, else cpu)")
-    old.add_argument(
-        "-e",
-        "--embed",
-        metavar="NAME",
-        help=f"embedder: {', '.join(EMBEDDER_NAMES)} (default: efficientnet-lite0, bundled)",
-    )
-    old.add_argument(
-        "-fp",
-        "--from_pretrained",
-        help="dino: Hugging Face model id or local folder; "
-        "hierarchical: TorchScript or state-dict file; "
-        "efficientnet-lite0: another state-dict file for it (default: the bundled weights)",
-    )
+    old.add_argument("-e", "--embed", metavar="NAME",
+                     help=f"embedder: {', '.join(defaults.EMBEDDER_NAMES)} "
+                     f"(default: {_EMBED.model}, bundled)")  # fmt: skip
+    old.add_argument("-fp", "--from_pretrained",
+                     help="dino: Hugging Face model id or local folder; "
+                     "hierarchical: TorchScript or state-dict file; "
+                     "efficientnet-lite0: another state-dict file for it "
+                     "(default: the bundled weights)")  # fmt: skip
     old.add_argument("-kp", "--dedup", action="store_true", default=None,
                      help="write dedup/<id>_<name>: one representative crop per cluster of "
                      "2+ crops, singletons in dedup/not-clustered/")  # fmt: skip
@@ -76,14 +137,15 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     old.add_argument(
         "-c",
         "--cluster",
-        choices=("cosine", "track"),
-        help="clustering method (default: cosine, the old rule)",
+        choices=defaults.METHODS,
+        help=f"clustering method (default: {LinkConfig().method}, the old rule)",
     )
     old.add_argument(
         "-th",
         "--threshold",
         type=float,
-        help="cosine similarity needed to link (default: 0.9 for cosine, per-embedder for track)",
+        help="cosine similarity needed to link (default: "
+        f"{defaults.COSINE_THRESHOLD:g} for cosine, per-embedder for track)",
     )
     old.add_argument("-se", "--save_embs", action="store_true", default=None,
                      help="write embeddings.pkl (on by default; output.save_embeddings = "
@@ -94,7 +156,8 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                      help="number of label classes; accepted for compatibility, "
                      "checked against the labels found")  # fmt: skip
 
-    new = p.add_argument_group("crop-clusterd options")
+
+def _add_new_options(new: argparse._ArgumentGroup) -> None:
     new.add_argument("--config", type=Path, help="TOML config file (flags override it)")
     new.add_argument("--check-config", action="store_true",
                      help="validate the configuration, print it and exit")  # fmt: skip
@@ -107,16 +170,20 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     new.add_argument("--labels-from-folders", action="store_true",
                      help="use each crop's parent folder name as its label")  # fmt: skip
     new.add_argument("--arch", help="hierarchical: architecture name of a state-dict file")
-    new.add_argument("--batch-size", type=int, help="crops per model call (default 32)")
-    new.add_argument("--workers", type=int, help="decode/preprocess threads (default 2)")
-    new.add_argument("--background", help="colour for transparent areas (default #808080)")
+    new.add_argument("--batch-size", type=int,
+                     help=f"crops per model call (default {_EMBED.batch_size})")  # fmt: skip
+    new.add_argument("--workers", type=int,
+                     help=f"decode/preprocess threads (default {_INPUT.workers})")  # fmt: skip
+    new.add_argument(
+        "--background", help=f"colour for transparent areas (default {_INPUT.background})"
+    )
     new.add_argument("--allow-download", action="store_true", default=None,
                      help="let dino download from the Hugging Face hub")  # fmt: skip
-    new.add_argument("--log-format", choices=("auto", "console", "json", "journald"),
-                     help="where logs go (default auto: journald under systemd, "
+    new.add_argument("--log-format", choices=_LOG_FORMATS,
+                     help=f"where logs go (default {_LOG.format}: journald under systemd, "
                      "else console lines on stderr)")  # fmt: skip
-    new.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                     help="least severe log level shown (default info)")  # fmt: skip
+    new.add_argument("--log-level", choices=_LOG_LEVELS,
+                     help=f"least severe log level shown (default {_LOG.level})")  # fmt: skip
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,14 +192,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="validate the configuration, print it, exit (2 on errors)")  # fmt: skip
     p.add_argument("--watch", type=Path, metavar="DIR", help="crop folder to watch (watch.folder)")
     p.add_argument("--state", type=Path, metavar="DIR",
-                   help="state folder (state.folder, default /var/lib/crop-clusterd)")  # fmt: skip
+                   help=f"state folder (state.folder, default {_STATE.folder})")  # fmt: skip
     p.add_argument("-o", "--out", dest="out_folder", type=Path, metavar="DIR",
                    help="output folder for the snapshots (output.folder)")  # fmt: skip
-    p.add_argument("-c", "--cluster", choices=("cosine", "track"), help="link.method")
+    p.add_argument("-c", "--cluster", choices=defaults.METHODS, help="link.method")
     p.add_argument("-th", "--threshold", type=float, help="link.threshold")
-    p.add_argument(
-        "-e", "--embed", metavar="NAME", help=f"embed.model: {', '.join(EMBEDDER_NAMES)}"
-    )
+    p.add_argument("-e", "--embed", metavar="NAME",
+                   help=f"embed.model: {', '.join(defaults.EMBEDDER_NAMES)}")  # fmt: skip
     p.add_argument("-fp", "--from_pretrained", help="embed.from_pretrained")
     p.add_argument("-d", "--device", help="embed.device")
     p.add_argument("--batch-size", type=int, help="embed.batch_size")
@@ -143,35 +209,70 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="poll instead of inotify (watch.polling)")  # fmt: skip
     p.add_argument("-gs", "--gen_cluster_dirs", action="store_true", default=None,
                    help="keep clusters/<id>/ folders (output.gen_cluster_dirs)")  # fmt: skip
-    p.add_argument("--log-format", choices=("auto", "console", "json", "journald"),
-                   help="log.format (auto: journald under systemd, else console)")  # fmt: skip
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log.level")
+    p.add_argument(
+        "--log-format",
+        choices=_LOG_FORMATS,
+        help=f"log.format ({_LOG.format}: journald under systemd, else console)",
+    )
+    p.add_argument("--log-level", choices=_LOG_LEVELS, help="log.level")
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                    help="stop cleanly once nothing new has arrived for this long "
                    "(demos and tests; a service runs until stopped)")  # fmt: skip
 
 
-def run_config_from_args(ns: argparse.Namespace) -> Config:
-    """Defaults, then the config file, then the ``run`` flags that were given."""
-    config = _load_checking_embed(ns)
-    merged = dataclasses.replace(
-        config,
-        input=_replace(config.input, time_format=ns.time_format),  # type: ignore[arg-type]
-        embed=_replace(
-            config.embed,
-            model=ns.embed,
-            from_pretrained=ns.from_pretrained,
-            device=ns.device,
-            batch_size=ns.batch_size,
-        ),  # type: ignore[arg-type]
-        link=_replace(config.link, method=ns.cluster, threshold=ns.threshold),  # type: ignore[arg-type]
-        output=_replace(config.output, folder=ns.out_folder, gen_cluster_dirs=ns.gen_cluster_dirs),  # type: ignore[arg-type]
-        log=_replace(config.log, format=ns.log_format, level=ns.log_level),  # type: ignore[arg-type]
-        watch=_replace(config.watch, folder=ns.watch, polling=ns.polling),  # type: ignore[arg-type]
-        metadata=_replace(config.metadata, enabled=ns.metadata),  # type: ignore[arg-type]
-        state=_replace(config.state, folder=ns.state),  # type: ignore[arg-type]
-    )
-    return _revalidated(merged)
+def _percent(text: str) -> str:
+    # argparse %-formats help texts.
+    return text.replace("%", "%%")
+
+
+def apply_overrides(
+    data: Mapping[str, Any], ns: argparse.Namespace, table: Mapping[str, str]
+) -> dict[str, Any]:
+    """``data`` (parsed TOML) with each flag of ``table`` that was given set in it.
+
+    ``table`` maps an argparse dest to the ``section.key`` it sets; a flag was
+    given when its value is not ``None``. Paths become strings, as the file
+    spells them. A section that is not a table is left for validation to report.
+    """
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for dest, key in table.items():
+        value = getattr(ns, dest)
+        if value is None:
+            continue
+        section_name, name = key.split(".")
+        section = merged.setdefault(section_name, {})
+        if isinstance(section, dict):
+            section[name] = str(value) if isinstance(value, Path) else value
+    return merged
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then ``--config`` FILE, then the flags of ``ns.command`` that were given.
+
+    Validated once, as one mapping. Raises `ConfigError` listing every problem;
+    one that a flag caused names the flag too.
+    """
+    table = FLAG_TABLES[ns.command]
+    data: Mapping[str, Any] = {} if ns.config is None else read_toml(ns.config)
+    source = "<defaults>" if ns.config is None else str(ns.config)
+    try:
+        return parse_config(apply_overrides(data, ns, table), source, embedders=_embedder_names())
+    except ConfigError as exc:
+        flags = _flag_names(ns.command)
+        given = {key: flags[dest] for dest, key in table.items() if getattr(ns, dest) is not None}
+        raise ConfigError([_name_flag(e, given) for e in exc.errors], exc.source) from None
+
+
+def _name_flag(error: str, given: Mapping[str, str]) -> str:
+    key = error.split(":", 1)[0]
+    return f"{error} (from {given[key]})" if key in given else error
+
+
+def _flag_names(command: str) -> dict[str, str]:
+    """argparse dest -> the flag's longest spelling, for the subcommand ``command``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    (_add_cluster_arguments if command == "cluster" else _add_run_arguments)(parser)
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -197,7 +298,7 @@ def _run_daemon(ns: argparse.Namespace, early: list[str]) -> int:
     from .supervisor import Daemon
 
     try:
-        config = run_config_from_args(ns)
+        config = config_from_args(ns)
     except ConfigError as exc:
         print(f"crop-clusterd: configuration error:\n{exc}", file=sys.stderr)
         return 2
@@ -286,64 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_checking_embed(ns: argparse.Namespace) -> Config:
-    """The config file (or defaults), after checking the ``--embed`` flag's name."""
-    config = load_config(ns.config, embedders=_embedder_names())
-    if ns.embed is not None and ns.embed not in _embedder_names():
-        raise ConfigError([f"--embed: unknown embedder {ns.embed!r}; "
-                           f"choose one of {', '.join(_embedder_names())}"])  # fmt: skip
-    return config
-
-
-def _revalidated(merged: Config) -> Config:
-    # Flags bypass the file's validation: send the merged result through it again.
-    return parse_config(tomllib.loads(format_config(merged)), "command line",
-                        embedders=_embedder_names())  # fmt: skip
-
-
-def _replace(section: object, **changes: object) -> object:
-    kept = {k: v for k, v in changes.items() if v is not None}
-    return dataclasses.replace(section, **kept) if kept else section  # type: ignore[type-var]
-
-
-def config_from_args(ns: argparse.Namespace) -> Config:
-    """Defaults, then the config file, then the flags that were given."""
-    config = _load_checking_embed(ns)
-    merged = dataclasses.replace(
-        config,
-        input=_replace(
-            config.input,
-            recursive=ns.recursive,
-            meta_folder=ns.meta_folder,
-            time_format=ns.time_format,
-            background=ns.background,
-            workers=ns.workers,
-        ),  # type: ignore[arg-type]
-        embed=_replace(
-            config.embed,
-            model=ns.embed,
-            from_pretrained=ns.from_pretrained,
-            arch=ns.arch,
-            device=ns.device,
-            batch_size=ns.batch_size,
-            allow_download=ns.allow_download,
-        ),  # type: ignore[arg-type]
-        link=_replace(config.link, method=ns.cluster, threshold=ns.threshold),  # type: ignore[arg-type]
-        output=_replace(
-            config.output,
-            folder=ns.out_folder,
-            gen_cluster_dirs=ns.gen_cluster_dirs,
-            dedup=ns.dedup,
-            save_embeddings=ns.save_embs,
-            save_labels=ns.save_labels,
-        ),  # type: ignore[arg-type]
-        log=_replace(config.log, format=ns.log_format, level=ns.log_level),  # type: ignore[arg-type]
-    )
-    return _revalidated(merged)
-
-
 def _embedder_names() -> list[str]:
-    return list(EMBEDDER_NAMES)
+    # The names from defaults, not the registry: --from-embeddings must not import torch.
+    return list(defaults.EMBEDDER_NAMES)
 
 
 def _cmd_cluster(ns: argparse.Namespace) -> int:

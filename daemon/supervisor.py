@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from .batch import make_embedder
 from .config import Config
 from .embed import Embedder
+from .factory import embedder_from_config, linker_from_config, state_settings
 from .flatbug import TimeFormat
 from .intake import IntakeOptions, IntakeStage, IntakeUnit
-from .link import Gating, HnswParams, LinkBatch, Linker, Motion, default_threshold, make_linker
+from .link import LinkBatch, Linker
 from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import BatchCommitted, EmbeddedBatch, EmbedStage, LinkStage
@@ -54,61 +54,6 @@ class RunSummary:
     skipped: int
     new_crops: int
     seconds: float
-
-
-def linker_settings(config: Config) -> tuple[Linker, dict[str, object]]:
-    """Build the linker the config asks for, and the settings a state folder must match."""
-    link = config.link
-    method = link.method
-    threshold = link.threshold
-    if threshold is None:
-        threshold = default_threshold(method, config.embed.model)
-    with_metadata = config.metadata.enabled
-    gating = None
-    motion = None
-    if with_metadata and method == "cosine":
-        gating = Gating(link.max_center_dist_px, link.near_window_s, link.any_window_s)
-    if with_metadata and method == "track":
-        motion = Motion(link.track_max_move_px, link.track_move_penalty)
-    linker = make_linker(
-        method,
-        threshold,
-        gating,
-        gap_s=link.track_gap_s,
-        gap_frames=link.track_gap_frames,
-        memory=link.track_memory,
-        motion=motion,
-        hnsw=HnswParams(
-            m=link.hnsw_m,
-            ef_construction=link.hnsw_ef_construction,
-            ef_search=link.hnsw_ef_search,
-        ),
-    )
-    settings: dict[str, object] = {
-        "embed.model": config.embed.model,
-        "embed.from_pretrained": config.embed.from_pretrained,
-        "embed.arch": config.embed.arch,
-        "input.background": config.input.background,
-        "input.time_format": config.input.time_format,
-        "link.method": method,
-        "link.threshold": threshold,
-        "metadata.enabled": with_metadata,
-    }
-    if gating is not None:
-        settings["link.gating"] = [
-            gating.max_center_dist_px,
-            gating.near_window_s,
-            gating.any_window_s,
-        ]
-    if method == "track":
-        settings["link.track"] = [
-            link.track_gap_s,
-            link.track_gap_frames,
-            link.track_memory,
-            link.track_max_move_px,
-            link.track_move_penalty,
-        ]
-    return linker, settings
 
 
 def restore_linker(linker: Linker, store: StateStore) -> int:
@@ -240,8 +185,8 @@ class Daemon:
         state_folder = config.state.folder
         store = self._state_store(state_folder)
         runtime = StateStore(state_folder)
-        linker, settings = linker_settings(config)
-        store.check_settings(settings)
+        linker = linker_from_config(config)
+        store.check_settings(state_settings(config))
         runtime.set_runtime(
             {
                 "pid": os.getpid(),
@@ -261,7 +206,7 @@ class Daemon:
             self._total = len(linker)
         crops_at_start = len(linker)
 
-        embedder = self._embedder or make_embedder(config)
+        embedder = self._embedder or embedder_from_config(config)
         self.notifier.status("loading model")
         t0 = time.perf_counter()
         embedder.load()
@@ -280,7 +225,7 @@ class Daemon:
                 rescan_s=config.watch.rescan_s,
                 decode_retries=config.watch.decode_retries,
                 retry_backoff_s=config.watch.retry_backoff_s,
-                metadata=config.metadata.enabled,
+                metadata=config.with_metadata,
                 metadata_wait_s=config.metadata.wait_s,
                 time_format=TimeFormat.compile(config.input.time_format),
                 workers=config.input.workers,

@@ -45,10 +45,12 @@ import torch
 from synth import clustered_embeddings
 
 from crop_clusterd.config import Config
-from crop_clusterd.embed import Embedder, EmbedderOptions, create_embedder
+from crop_clusterd.defaults import COSINE_THRESHOLD
+from crop_clusterd.embed import Embedder
+from crop_clusterd.factory import embedder_from_config, linker_from_config
 from crop_clusterd.images import load_rgb
 from crop_clusterd.intake import FRAME_QUIET_S
-from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch
+from crop_clusterd.link import LinkBatch, Linker
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
 from crop_clusterd.store import DB_NAME
@@ -247,8 +249,8 @@ def pipeline(watch: Path, run: Path, embedder: Embedder, base: Config) -> Pipeli
 
 def load_embedder(base: Config) -> tuple[Embedder, float]:
     """The bundled model on CPU, loaded; and the seconds loading took."""
-    embedder = create_embedder(
-        MODEL, EmbedderOptions(device="cpu", background=base.input.background_rgb)
+    embedder = embedder_from_config(
+        dataclasses.replace(base, embed=dataclasses.replace(base.embed, model=MODEL, device="cpu"))
     )
     t0 = time.perf_counter()
     embedder.load()
@@ -301,7 +303,7 @@ def bench_throughput(s: Settings, base: Config, embedder: Embedder, report: Repo
 # --- 2. incremental assignment ---------------------------------------------------------
 
 
-def time_micro_batches(linker: CosineLinker, extra: npt.NDArray[np.float32]) -> list[float]:
+def time_micro_batches(linker: Linker, extra: npt.NDArray[np.float32]) -> list[float]:
     """Seconds per micro-batch to add ``extra`` 32 at a time and look up their clusters."""
     times: list[float] = []
     for start in range(0, len(extra) - MICRO_BATCH + 1, MICRO_BATCH):
@@ -318,7 +320,7 @@ def recluster_seconds(n: int, dim: int, seed: int, repeats: int) -> float:
     emb, _ = clustered_embeddings(n, dim, seed=seed + 1)
     times = []
     for _ in range(repeats):
-        linker = CosineLinker(0.9, None, HnswParams())
+        linker = linker_from_config(Config())  # default: ungated cosine
         t0 = time.perf_counter()
         linker.add(LinkBatch.from_embeddings(emb.copy()))
         times.append(time.perf_counter() - t0)
@@ -338,7 +340,7 @@ def bench_assign(s: Settings, report: Report) -> None:
         # The first n rows are a C-contiguous view the linker adopts without a copy;
         # the held-back rows come from the same individuals, like tomorrow's crops.
         extra = emb[n:].copy()
-        linker = CosineLinker(0.9, None, HnswParams())
+        linker = linker_from_config(Config())  # default: ungated cosine
         t0 = time.perf_counter()
         linker.add(LinkBatch.from_embeddings(emb[:n]))
         build_s = time.perf_counter() - t0
@@ -370,7 +372,7 @@ def bench_assign(s: Settings, report: Report) -> None:
         gc.collect()
     report.details["assign"] = {
         "dim": s.dim,
-        "threshold": 0.9,
+        "threshold": COSINE_THRESHOLD,
         "micro_batch": MICRO_BATCH,
         "recluster_n": scratch_n,
         "recluster_s": scratch_s,

@@ -21,6 +21,7 @@ from pathlib import Path
 from synth import clustered_embeddings
 
 from crop_clusterd.csvfiles import read_clusters_csv
+from crop_clusterd.defaults import COSINE_THRESHOLD
 from crop_clusterd.embfile import write_embeddings_pickle
 
 
@@ -29,7 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--threshold", type=float, default=COSINE_THRESHOLD)
     parser.add_argument("--work", type=Path, default=Path("/tmp/crop-clusterd-scale"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--config", type=Path, help="config file for the cluster command")

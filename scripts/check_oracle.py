@@ -26,6 +26,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from synth import clustered_embeddings
 
+from crop_clusterd.defaults import COSINE_THRESHOLD
 from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch, pair_cosine
 
 
@@ -83,7 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--threshold", type=float, default=COSINE_THRESHOLD)
     parser.add_argument("--seed", type=int, default=0)
     defaults = HnswParams()
     parser.add_argument("--m", type=int, default=defaults.m)

@@ -191,13 +191,13 @@ def install_child_hooks(spec: ChildSpec, embedder: Any) -> None:
 def child_main(spec: ChildSpec) -> int:
     """Run the daemon in this process with the soak hooks; JSON logs on stdout."""
     register_fakes()
-    from crop_clusterd.batch import make_embedder
+    from crop_clusterd.factory import embedder_from_config
     from crop_clusterd.log import configure_logging
     from crop_clusterd.supervisor import Daemon
 
     configure_logging("json", spec.log_level, stream=sys.stdout)
     config = child_config(spec)
-    embedder = make_embedder(config)
+    embedder = embedder_from_config(config)
     install_child_hooks(spec, embedder)
     summary = Daemon(config, embedder=embedder, exit_when_idle_s=spec.exit_when_idle_s).run()
     print(json.dumps({"event": "soak_summary", **dataclasses.asdict(summary)}), flush=True)

@@ -8,6 +8,7 @@ test-only colour embedder, whose clusters are known by construction.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +27,9 @@ from fakes import GREEN as ALL_GREENS
 from PIL import Image
 
 from crop_clusterd import cli, embed
+from crop_clusterd import defaults as engine_defaults
 from crop_clusterd.clusterdirs import NOT_CLUSTERED
-from crop_clusterd.config import EmbedConfig, InputConfig, OutputConfig
+from crop_clusterd.config import Config, EmbedConfig, InputConfig, OutputConfig
 from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
@@ -50,8 +53,8 @@ def _colour_embedder() -> Iterator[None]:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> str:
     """The colour embedder's name, accepted by ``-e`` for this test."""
-    # cli keeps its own list of names so --from-embeddings never imports torch.
-    monkeypatch.setattr(cli, "EMBEDDER_NAMES", (*cli.EMBEDDER_NAMES, FAKE))
+    # cli checks names against the defaults list so --from-embeddings never imports torch.
+    monkeypatch.setattr(engine_defaults, "EMBEDDER_NAMES", (*engine_defaults.EMBEDDER_NAMES, FAKE))
     return FAKE
 
 
@@ -303,7 +306,7 @@ def test_unknown_embedder_names_the_choices(
     assert cluster("-i", tmp_path, "-e", "dinov3", "-o", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "'dinov3'" in err
-    for name in cli.EMBEDDER_NAMES:
+    for name in engine_defaults.EMBEDDER_NAMES:
         assert name in err
     assert not (tmp_path / "out").exists()
 
@@ -505,8 +508,8 @@ def test_cli_embedder_names_match_the_registry() -> None:
         for name in embed.available_embedders()
         if embed.EMBEDDERS[name].__module__.startswith("crop_clusterd.")
     ]
-    assert sorted(cli.EMBEDDER_NAMES) == builtin
-    assert cli.EMBEDDER_NAMES[0] == embed.DEFAULT_EMBEDDER == EmbedConfig().model
+    assert sorted(engine_defaults.EMBEDDER_NAMES) == builtin
+    assert engine_defaults.EMBEDDER_NAMES[0] == embed.DEFAULT_EMBEDDER == EmbedConfig().model
 
 
 def test_cluster_help_is_accurate(
@@ -523,7 +526,7 @@ def test_cluster_help_is_accurate(
                  "-th", "-se", "-sl", "-x", "--from-embeddings", "--labels",
                  "--labels-from-folders", "--recursive", "--config", "--check-config"):  # fmt: skip
         assert f" {flag} " in f" {text} " or f" {flag}," in text, flag
-    for name in cli.EMBEDDER_NAMES:
+    for name in engine_defaults.EMBEDDER_NAMES:
         assert name in text
     defaults = InputConfig(), EmbedConfig(), OutputConfig()
     assert f"default: {defaults[1].model}" in text
@@ -580,7 +583,7 @@ def test_run_then_status_reports_the_stopped_daemon(
         write_png(watch / f"f{i}" / f"crop_2024070122000{i}_CROPNUMBER_0_UUID_A.png", rgb)
     from crop_clusterd.supervisor import Daemon
 
-    config = cli.run_config_from_args(
+    config = cli.config_from_args(
         cli.build_parser().parse_args(
             ["run", "--watch", str(watch), "--state", str(tmp_path / "state"),
              "-o", str(tmp_path / "out"), "-th", "0.99"]
@@ -638,3 +641,63 @@ def test_sigterm_while_starting_up_stops_cleanly(tmp_path: Path) -> None:
     assert child.returncode == 0, err[-2000:]
     assert "SIGTERM during start-up" in err
     assert "crops ->" in out
+
+
+# --- flags as data --------------------------------------------------------------------
+
+
+def test_a_flag_overrides_the_file_and_keeps_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[embed]\nbatch_size = 16\ndevice = 'cpu'\n[link]\nthreshold = 0.8\n")
+    argv = ["cluster", "--config", str(config), "--batch-size", "4", "-o", str(tmp_path / "o")]
+    assert cli.main([*argv, "--check-config"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["embed"]["batch_size"] == 4  # the flag wins
+    assert printed["embed"]["device"] == "cpu"  # the file's other keys stay
+    assert printed["link"]["threshold"] == 0.8
+    assert printed["output"]["folder"] == str(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected", "flag"),
+    [
+        (["cluster", "--batch-size", "0"], "embed.batch_size: must be >= 1, got an integer (0)",
+         "--batch-size"),
+        (["cluster", "-th", "2"], "link.threshold: must be in [-1, 1], got a float (2.0)",
+         "--threshold"),
+        (["cluster", "--background", "grey"], "input.background: must be a colour",
+         "--background"),
+        (["run", "--time_format", "plain"], "input.time_format: must contain a % time",
+         "--time_format"),
+        (["run", "--batch-size", "-3"], "embed.batch_size: must be >= 1, got an integer (-3)",
+         "--batch-size"),
+    ],
+)  # fmt: skip
+def test_a_bad_flag_value_gets_the_files_error_and_names_the_flag(
+    argv: list[str], expected: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([*argv, "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert f"(from {flag})" in err
+
+
+@pytest.mark.parametrize("command", ["cluster", "run"])
+def test_every_flag_is_in_its_table_or_is_no_setting(command: str) -> None:
+    not_settings = {
+        "cluster": {"help", "input", "config", "check_config", "from_embeddings", "labels",
+                    "labels_from_folders", "num_classes"},
+        "run": {"help", "config", "check_config", "exit_when_idle"},
+    }[command]  # fmt: skip
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    dests = {a.dest for a in sub._actions if a.option_strings}
+    table = cli.FLAG_TABLES[command]
+    assert dests == set(table) | not_settings
+    known = {f"{s}.{f.name}" for s in Config.__dataclass_fields__ for f in fields_of(s)}
+    assert set(table.values()) <= known
+
+
+def fields_of(section: str) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(getattr(Config(), section))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from crop_clusterd import defaults
 from crop_clusterd.config import (
+    Check,
     Config,
     ConfigError,
     EmbedConfig,
@@ -21,11 +24,18 @@ from crop_clusterd.config import (
     LinkConfig,
     LogConfig,
     OutputConfig,
+    above,
+    at_least,
     format_config,
+    has_time_directive,
+    is_colour,
     load_config,
+    matches,
+    non_empty,
     parse_colour,
     parse_config,
     parse_dataclass,
+    within,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,7 +392,7 @@ def test_format_config_comments_each_key() -> None:
 class _Extra:
     names: tuple[str, ...] = ("a",)
     ratio: float = field(
-        default=0.5, metadata={"check": lambda v: 0 < v <= 1, "help": "must be in (0, 1]"}
+        default=0.5, metadata={"check": Check(lambda v: 0 < v <= 1, "must be in (0, 1]")}
     )
     label: str | None = None
 
@@ -414,3 +424,86 @@ def test_importing_config_does_not_import_torch() -> None:
     code = "import sys, crop_clusterd.config; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# --- named checks, defaults, the metadata rule ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("check", "good", "bad", "help"),
+    [
+        (at_least(1), [1, 2.5], [0, -1, math.nan], "must be >= 1"),
+        (at_least(0), [0, 0.0, 7], [-0.5], "must be >= 0"),
+        (above(0), [1e-9, 3], [0, -1, math.nan], "must be > 0"),
+        (within(-1.0, 1.0), [-1.0, 0.0, 1.0], [1.01, -2, math.nan], "must be in [-1, 1]"),
+        (non_empty(), ["x"], [""], "must not be empty"),
+        (matches(re.compile(r"a+"), "must be a's"), ["a", "aaa"], ["", "ab"], "must be a's"),
+        (
+            is_colour,
+            ["#808080", "1,2,3"],
+            ["grey", "1,2,300"],
+            "must be a colour as '#rrggbb' or 'r,g,b' with components 0..255",
+        ),
+        (
+            has_time_directive,
+            ["%Y", "x%YYYYx"],
+            ["2024", "%", "a\n%"],
+            "must contain a % time directive such as %Y",
+        ),
+    ],
+)
+def test_named_checks_carry_their_message(
+    check: Check, good: list[Any], bad: list[Any], help: str
+) -> None:
+    assert check.help == help
+    assert all(check(v) for v in good)
+    assert not any(check(v) for v in bad)
+
+
+def test_a_named_check_reports_key_help_and_value() -> None:
+    assert one_error({"embed": {"batch_size": 0}}) == (
+        "embed.batch_size: must be >= 1, got an integer (0)"
+    )
+    assert one_error({"link": {"max_center_dist_px": 0}}) == (
+        "link.max_center_dist_px: must be > 0, got an integer (0)"
+    )
+
+
+def test_schema_defaults_come_from_defaults_module() -> None:
+    link, embed = LinkConfig(), EmbedConfig()
+    assert embed.model == defaults.DEFAULT_EMBEDDER
+    assert link.method == defaults.DEFAULT_METHOD
+    assert (link.max_center_dist_px, link.near_window_s, link.any_window_s) == (
+        defaults.MAX_CENTER_DIST_PX,
+        defaults.NEAR_WINDOW_S,
+        defaults.ANY_WINDOW_S,
+    )
+    assert (link.track_gap_s, link.track_gap_frames, link.track_memory) == (
+        defaults.TRACK_GAP_S,
+        defaults.TRACK_GAP_FRAMES,
+        defaults.TRACK_MEMORY,
+    )
+    assert (link.track_max_move_px, link.track_move_penalty) == (
+        defaults.TRACK_MAX_MOVE_PX,
+        defaults.TRACK_MOVE_PENALTY,
+    )
+    assert (link.hnsw_m, link.hnsw_ef_construction, link.hnsw_ef_search) == (
+        defaults.HNSW_M,
+        defaults.HNSW_EF_CONSTRUCTION,
+        defaults.HNSW_EF_SEARCH,
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({}, False),
+        ({"metadata": {"enabled": True}}, True),
+        ({"input": {"meta_folder": "meta"}}, True),
+        ({"input": {"meta_folder": "meta"}, "metadata": {"enabled": True}}, True),
+        ({"input": {"meta_folder": ""}, "metadata": {"enabled": False}}, False),
+    ],
+)
+def test_one_metadata_rule(data: dict[str, Any], expected: bool) -> None:
+    # The batch command and the daemon both decide with this property.
+    assert parse_config(data).with_metadata is expected

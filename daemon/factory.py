@@ -1,0 +1,167 @@
+"""The one wiring path from a `Config` to the engines.
+
+The batch command, the daemon and the benchmark scripts all build their linker
+with `linker_from_config` and their embedder with `embedder_from_config`, so a
+setting in the config means the same thing everywhere. `state_settings` is
+what a daemon's state folder records and must match on the next start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .config import Config
+from .defaults import default_threshold
+from .link import Gating, HnswParams, Linker, Motion, make_linker
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .embed import Embedder
+
+__all__ = [
+    "LinkerSpec",
+    "embedder_from_config",
+    "linker_from_config",
+    "linker_spec",
+    "state_settings",
+]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkerSpec:
+    """What a linker is built from, every default and ``auto`` resolved.
+
+    ``threshold`` is a cosine similarity in [-1, 1]; ``metadata`` is
+    `Config.with_metadata`; ``gating`` is set only for ``cosine`` with
+    metadata, ``motion`` only for ``track`` with metadata. ``gap_s`` (seconds),
+    ``gap_frames`` and ``memory`` (crops) apply to ``track``, ``hnsw`` to
+    ungated ``cosine``.
+    """
+
+    method: str
+    threshold: float
+    metadata: bool
+    gating: Gating | None
+    motion: Motion | None
+    hnsw: HnswParams
+    gap_s: float
+    gap_frames: int
+    memory: int
+
+
+def linker_spec(config: Config) -> LinkerSpec:
+    """Resolve the linker settings of ``config`` (no engine is built)."""
+    link = config.link
+    threshold = link.threshold
+    if threshold is None:
+        threshold = default_threshold(link.method, config.embed.model)
+    metadata = config.with_metadata
+    gating = None
+    motion = None
+    if metadata and link.method == "cosine":
+        gating = Gating(link.max_center_dist_px, link.near_window_s, link.any_window_s)
+    if metadata and link.method == "track":
+        motion = Motion(link.track_max_move_px, link.track_move_penalty)
+    return LinkerSpec(
+        method=link.method,
+        threshold=threshold,
+        metadata=metadata,
+        gating=gating,
+        motion=motion,
+        hnsw=HnswParams(
+            m=link.hnsw_m,
+            ef_construction=link.hnsw_ef_construction,
+            ef_search=link.hnsw_ef_search,
+        ),
+        gap_s=link.track_gap_s,
+        gap_frames=link.track_gap_frames,
+        memory=link.track_memory,
+    )
+
+
+def linker_from_config(config: Config) -> Linker:
+    """The empty linker ``config`` asks for; logs ``linker_built`` with its settings.
+
+    Raises `ValueError` for an unknown method (the config loader refuses one first).
+    """
+    spec = linker_spec(config)
+    linker = make_linker(
+        spec.method,
+        spec.threshold,
+        spec.gating,
+        gap_s=spec.gap_s,
+        gap_frames=spec.gap_frames,
+        memory=spec.memory,
+        motion=spec.motion,
+        hnsw=spec.hnsw,
+    )
+    log.info(
+        "linker_built",
+        method=spec.method,
+        threshold=spec.threshold,
+        metadata=spec.metadata,
+        gating=None if spec.gating is None else _gating_list(spec.gating),
+        motion=None if spec.motion is None else [spec.motion.max_move_px, spec.motion.penalty],
+        hnsw=[spec.hnsw.m, spec.hnsw.ef_construction, spec.hnsw.ef_search],
+        track=[spec.gap_s, spec.gap_frames, spec.memory],
+    )
+    return linker
+
+
+def state_settings(config: Config) -> dict[str, object]:
+    """The settings a daemon's state folder records and must match on restart.
+
+    Keys are ``section.key`` names; the values are JSON-able. A change here
+    makes every existing state folder refuse to start, so keys and values stay
+    as they are.
+    """
+    spec = linker_spec(config)
+    link = config.link
+    settings: dict[str, object] = {
+        "embed.model": config.embed.model,
+        "embed.from_pretrained": config.embed.from_pretrained,
+        "embed.arch": config.embed.arch,
+        "input.background": config.input.background,
+        "input.time_format": config.input.time_format,
+        "link.method": spec.method,
+        "link.threshold": spec.threshold,
+        "metadata.enabled": spec.metadata,
+    }
+    if spec.gating is not None:
+        settings["link.gating"] = _gating_list(spec.gating)
+    if spec.method == "track":
+        settings["link.track"] = [
+            link.track_gap_s,
+            link.track_gap_frames,
+            link.track_memory,
+            link.track_max_move_px,
+            link.track_move_penalty,
+        ]
+    return settings
+
+
+def embedder_from_config(config: Config) -> Embedder:
+    """The embedder ``config`` names, not loaded yet (``load()`` is lazy).
+
+    Raises `ValueError` for a name the embed registry does not know.
+    """
+    # Imported here: torch takes seconds to import and --from-embeddings needs none of it.
+    from .embed import EmbedderOptions, create_embedder
+
+    return create_embedder(
+        config.embed.model,
+        EmbedderOptions(
+            model=config.embed.from_pretrained,
+            arch=config.embed.arch,
+            device=config.embed.device,
+            allow_download=config.embed.allow_download,
+            background=config.input.background_rgb,
+        ),
+    )
+
+
+def _gating_list(gating: Gating) -> list[float]:
+    return [gating.max_center_dist_px, gating.near_window_s, gating.any_window_s]

@@ -1,0 +1,110 @@
+"""The one wiring path: a config setting reaches the batch command's and the daemon's linker.
+
+Both runs build their linker through `crop_clusterd.factory.linker_from_config`,
+which logs ``linker_built`` with the settings it built from. A path that built
+its linker some other way would log nothing, or other values, and fail here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import ColourEmbedder, write_png
+from structlog.testing import capture_logs
+
+from crop_clusterd.batch import BatchRequest, run_batch
+from crop_clusterd.config import Config, parse_config
+from crop_clusterd.embed import register, unregister
+from crop_clusterd.factory import linker_spec, state_settings
+from crop_clusterd.supervisor import Daemon
+
+
+@pytest.fixture(autouse=True)
+def colour_embedder() -> Iterator[None]:
+    register(ColourEmbedder)
+    yield
+    unregister(ColourEmbedder.name)
+
+
+def changed_config(tmp: Path, watch: Path) -> Config:
+    """Non-default linker settings, metadata on through ``input.meta_folder`` only."""
+    return parse_config(
+        {
+            "input": {"recursive": True, "meta_folder": str(watch)},
+            "embed": {"model": ColourEmbedder.name, "batch_size": 8, "max_wait_ms": 20},
+            "link": {
+                "threshold": 0.97,
+                "near_window_s": 123.0,
+                "track_memory": 5,
+                "hnsw_ef_search": 77,
+            },
+            "watch": {"folder": str(watch), "settle_ms": 100, "rescan_s": 1.0},
+            "metadata": {"wait_s": 0.2},
+            "state": {"folder": str(tmp / "state")},
+            "output": {"folder": str(tmp / "out")},
+            "snapshot": {"interval_s": 0.5},
+        }
+    )
+
+
+def built(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "linker_built"]
+
+
+def test_a_config_setting_reaches_the_batch_and_the_daemon_linker(tmp_path: Path) -> None:
+    watch = tmp_path / "watch"
+    for i, rgb in enumerate([(200, 20, 20), (205, 22, 18), (20, 20, 200)]):
+        write_png(watch / f"f{i}" / f"crop_2024070122000{i}_CROPNUMBER_0_UUID_A.png", rgb)
+    config = changed_config(tmp_path, watch)
+    with capture_logs() as batch_logs:
+        run_batch(BatchRequest(config, inputs=(str(watch),)))
+    with capture_logs() as daemon_logs:
+        Daemon(config, exit_when_idle_s=0.5).run()
+
+    expected = {
+        "method": "cosine",
+        "threshold": 0.97,
+        "metadata": True,  # from input.meta_folder alone: the one rule
+        "gating": [100.0, 123.0, 30.0],
+        "motion": None,
+        "hnsw": [32, 100, 77],
+        "track": [300.0, 150, 5],
+    }
+    for logs in (batch_logs, daemon_logs):
+        events = built(logs)
+        assert len(events) == 1, events
+        assert {k: events[0][k] for k in expected} == expected
+
+
+def test_state_settings_keep_their_keys_and_values() -> None:
+    # Existing state folders compare against exactly these; a change refuses them all.
+    assert state_settings(Config()) == {
+        "embed.model": "efficientnet-lite0",
+        "embed.from_pretrained": None,
+        "embed.arch": None,
+        "input.background": "#808080",
+        "input.time_format": "%Y%m%d%H%M%S",
+        "link.method": "cosine",
+        "link.threshold": 0.9,
+        "metadata.enabled": False,
+    }
+    gated = state_settings(parse_config({"metadata": {"enabled": True}}))
+    assert gated["metadata.enabled"] is True
+    assert gated["link.gating"] == [100.0, 300.0, 30.0]
+    track = state_settings(parse_config({"link": {"method": "track"}}))
+    assert track["link.threshold"] == 0.65
+    assert track["link.track"] == [300.0, 150, 3, 300.0, 0.3]
+    assert "link.gating" not in track
+
+
+def test_spec_resolves_auto_threshold_and_motion() -> None:
+    spec = linker_spec(parse_config({"link": {"method": "track"}, "metadata": {"enabled": True}}))
+    assert spec.threshold == 0.65
+    assert spec.gating is None
+    assert spec.motion is not None and (spec.motion.max_move_px, spec.motion.penalty) == (
+        300.0,
+        0.3,
+    )
