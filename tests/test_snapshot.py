@@ -24,7 +24,15 @@ from crop_clusterd.outputs import (
     load_embeddings_pickle,
     read_clusters_csv,
 )
-from crop_clusterd.records import Assignment, Crop, Embedded, Merge, Skipped
+from crop_clusterd.records import (
+    Assignment,
+    CommittedCrop,
+    Crop,
+    DecodeFailure,
+    Embedded,
+    Merge,
+    Skipped,
+)
 from crop_clusterd.snapshot import (
     MERGES_CSV,
     OutputFiles,
@@ -32,8 +40,6 @@ from crop_clusterd.snapshot import (
     SnapshotWriter,
 )
 from crop_clusterd.store import (
-    CommittedCrop,
-    SkippedFile,
     StateError,
     StateStore,
     current_clusters,
@@ -85,7 +91,7 @@ class Builder:
             )
             self.names.append(name)
             self.vectors.append(vectors[i])
-        skips = [SkippedFile(Skipped(p, "truncated image"), p) for p in skipped]
+        skips = [DecodeFailure(p, "truncated image") for p in skipped]
         self.store.commit_batch(
             self.batch, crops, merges, skips, now=T0 + self.batch if at is None else at
         )
