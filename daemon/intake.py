@@ -112,15 +112,14 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.05,
     ) -> None:
-        # Hints never carry STOP: the intake stops when `stopping` is set.
+        # The inbox holds the watcher's hints, never STOP: the intake stops when
+        # `stopping` is set, and its own failure stops the daemon (`failed` is `stopping`).
         hints: queue.Queue[Path | Stop] = queue.Queue(maxsize=100_000)
         super().__init__("intake", hints, outbox, stopping, until=stopping)
         self.options = options
         self.embedder = embedder
-        self.stopping = stopping
         self.clock = clock
         self.tick_s = tick_s
-        self.hints = hints
         self.settler = Settler(options.root, options.settle_s, clock=clock)
         self.metadata_index = MetadataIndex() if options.metadata else None
         self.tally = ProblemTally()
@@ -142,7 +141,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
     def hint(self, path: Path) -> None:
         """A file or folder may have appeared (the watcher's callback; never blocks)."""
         try:
-            self.hints.put_nowait(path)
+            self.inbox.put_nowait(path)
         except queue.Full:
             # Nothing is lost: the next rescan finds whatever these hints named.
             self._hints_lost.set()
@@ -157,7 +156,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             len(u.crops) for u in self._to_decode
         )
         waiting = sum(len(w.files) for w in self._waiting.values())
-        return len(self._settling) + waiting + decoding + len(self._retries) + self.hints.qsize()
+        return len(self._settling) + waiting + decoding + len(self._retries) + self.inbox.qsize()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -181,7 +180,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         now = self.clock()
         for _ in range(10_000):
             try:
-                hint = self.hints.get_nowait()
+                hint = self.inbox.get_nowait()
             except queue.Empty:
                 break
             if not isinstance(hint, Stop):
@@ -381,5 +380,5 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                         DecodeFailure(result.name, result.reason, crop.size, crop.mtime_ns)
                     )
             unit_out = IntakeUnit(tuple(prepared), tuple(ready_at), tuple(skipped))
-            if (prepared or skipped) and not self.emit(unit_out, give_up=self.stopping):
+            if (prepared or skipped) and not self.emit(unit_out, give_up=self.failed):
                 return  # stopping: whatever was not handed on is found again at restart

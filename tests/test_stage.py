@@ -6,10 +6,17 @@ import io
 import json
 import queue
 import threading
+from pathlib import Path
 
 import pytest
+from fakes import ColourEmbedder
+from PIL import Image
 
+from crop_clusterd.embed import EmbedderOptions
+from crop_clusterd.embed_stage import EmbedStage
 from crop_clusterd.log import configure_logging
+from crop_clusterd.notify import Progress
+from crop_clusterd.records import Crop, IntakeUnit, MicroBatch, Prepared
 from crop_clusterd.stage import STOP, Stage, Stop, drain_until_stop, put_until
 
 
@@ -184,3 +191,74 @@ def test_drain_until_stop_stops_at_the_sentinel() -> None:
     drain_until_stop(q)
     assert drain(q) == [3]
     assert repr(STOP) == "STOP"
+
+
+# -- the embed stage on the base: the micro-batch timer under a fake clock ------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def unit(*reds: int) -> IntakeUnit:
+    embedder = ColourEmbedder(EmbedderOptions())
+    prepared = tuple(
+        Prepared(
+            Crop(Path(f"{r}.png"), f"{r}.png"),
+            embedder.preprocess(Image.new("RGB", (4, 4), (r, 20, 20))),
+        )
+        for r in reds
+    )
+    return IntakeUnit(prepared, tuple(0.0 for _ in reds))
+
+
+def embed_stage(clock: FakeClock) -> tuple[EmbedStage, queue.Queue[MicroBatch | Stop]]:
+    embedder = ColourEmbedder(EmbedderOptions())
+    embedder.load()
+    inbox: queue.Queue[IntakeUnit | Stop] = queue.Queue()
+    outbox: queue.Queue[MicroBatch | Stop] = queue.Queue()
+    stage = EmbedStage(
+        embedder,
+        inbox,
+        outbox,
+        threading.Event(),
+        Progress(60.0, clock=clock),
+        batch_size=3,
+        max_wait_s=0.2,
+        clock=clock,
+    )
+    return stage, outbox
+
+
+def names(batch: MicroBatch | Stop) -> list[str]:
+    assert isinstance(batch, MicroBatch)
+    return [e.crop.name for e in batch.embedded]
+
+
+def test_embed_stage_flushes_full_late_and_last_batches() -> None:
+    clock = FakeClock()
+    stage, outbox = embed_stage(clock)
+    assert stage.timeout() is None  # nothing held: wait for ever
+    stage.handle(unit(1))
+    assert stage.timeout() == pytest.approx(0.2) and outbox.empty()
+    clock.now += 0.15
+    stage.handle(unit(2))
+    assert stage.timeout() == pytest.approx(0.05) and outbox.empty()
+    stage.handle(unit(3, 4))  # full: 4 crops >= 3, units kept whole
+    assert names(outbox.get_nowait()) == ["1.png", "2.png", "3.png", "4.png"]
+    stage.handle(unit(5))
+    clock.now += 0.2  # the first unit waited max_wait_s: the next one flushes both
+    stage.handle(unit(6))
+    assert names(outbox.get_nowait()) == ["5.png", "6.png"]
+    stage.handle(unit(7))
+    stage.idle()  # the timer ran out with nothing new
+    assert names(outbox.get_nowait()) == ["7.png"]
+    stage.idle()  # nothing held: nothing sent
+    stage.handle(unit(8))
+    stage.finish()  # end of stream flushes what is held
+    assert names(outbox.get_nowait()) == ["8.png"]
+    assert outbox.empty()
