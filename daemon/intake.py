@@ -31,7 +31,6 @@ from .flatbug import (
     describe_crop,
     parse_crop_name,
 )
-from .images import DEFAULT_MAX_PIXELS
 from .log import get_logger
 from .records import Crop, DecodeFailure, IntakeUnit, Prepared, Skipped
 from .stage import Stage, Stop
@@ -48,21 +47,24 @@ FRAME_QUIET_S = 0.25
 
 @dataclass(frozen=True)
 class IntakeOptions:
-    """What the intake stage needs from the configuration."""
+    """What the intake stage needs from the configuration (see :func:`.pipeline.intake_options`).
+
+    Times are in seconds. No defaults here: the config schema holds them, once.
+    """
 
     root: Path
-    recursive: bool = True
-    settle_s: float = 0.5
-    rescan_s: float = 60.0
-    decode_retries: int = 3
-    retry_backoff_s: float = 1.0
-    metadata: bool = False
-    metadata_wait_s: float = 10.0
-    time_format: TimeFormat | None = None
-    workers: int = 2
-    batch_size: int = 32
-    background: RGB | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    recursive: bool
+    settle_s: float
+    rescan_s: float
+    decode_retries: int
+    retry_backoff_s: float
+    metadata: bool
+    metadata_wait_s: float
+    time_format: TimeFormat | None
+    workers: int
+    batch_size: int
+    background: RGB | None
+    max_pixels: int
 
 
 @dataclass
