@@ -204,7 +204,7 @@ def _embed_inputs(
     request: BatchRequest, config: Config, tally: ProblemTally, skipped: list[Skipped]
 ) -> _Embeddings:
     # Imported here: torch takes seconds to import and --from-embeddings needs none of it.
-    from .intake import embed_crops
+    from .decode import embed_crops
 
     paths = resolve_inputs(request.inputs, recursive=config.input.recursive)
     names = [str(p) for p in paths]

@@ -1,8 +1,9 @@
-"""Decode and preprocess crops in worker threads while the model embeds on this one.
+"""The daemon's intake stage: file hints in, decoded frames of crops out.
 
-Pillow decoding and resizing release the GIL, so a small thread pool keeps the model
-fed. Only a bounded window of crops is in flight at any time (inputs can be a night's
-million files) and results come back in input order.
+The watcher's hints and a periodic rescan find files; the settler waits until
+each has stopped changing; crops wait for their frame (its metadata JSON, its
+other crops) and are then decoded in a small thread pool (:mod:`.decode`) and
+handed to the embed stage as :class:`~crop_clusterd.records.IntakeUnit`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-
+from .decode import BATCHES_AHEAD, prepare, record_name
 from .embed import RGB, Embedder
 from .flatbug import (
     BOX_MISSING,
@@ -33,162 +31,12 @@ from .flatbug import (
     describe_crop,
     parse_crop_name,
 )
-from .images import DEFAULT_MAX_PIXELS, DecodeError, load_rgb
 from .log import get_logger
-from .queues import STOP, put_until
-from .records import Crop, Embedded, Skipped
-from .store import SkippedFile
+from .records import Crop, DecodeFailure, IntakeUnit, Prepared, Skipped
+from .stage import Stage, Stop
 from .watch import FileSeen, Settler, kind, scan_tree
 
 log = get_logger(__name__)
-
-# Batches' worth of crops decoded ahead of the model; a third batch is being assembled.
-_BATCHES_AHEAD = 2
-
-
-def record_name(path: Path) -> str:
-    """The name a file is known, stored and reported under: its path as text.
-
-    Linux file names are bytes; one that is not valid UTF-8 would decode to lone
-    surrogates, which SQLite, JSON logs and UTF-8 CSV readers all reject. Such
-    bytes are written as ``\\xNN`` escapes instead (``crop_\\xff.png``), so the
-    crop is still clustered and the same file always gets the same name.
-    """
-    text = str(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
-    return text
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A decoded crop, preprocessed into the embedder's input tensor (C x H x W)."""
-
-    crop: Crop
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True)
-class EmbedBatch:
-    """One model batch worth of results: embedded crops and the ones skipped meanwhile."""
-
-    embedded: tuple[Embedded, ...]
-    skipped: tuple[Skipped, ...]
-
-
-def prepare(
-    crop: Crop,
-    embedder: Embedder,
-    *,
-    background: RGB | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Prepared | Skipped:
-    """Decode and preprocess one crop; an undecodable file becomes ``Skipped``.
-
-    ``background`` defaults to the embedder's own, so transparency and letterbox
-    padding share one colour.
-    """
-    colour = embedder.options.background if background is None else background
-    try:
-        image = load_rgb(crop.path, background=colour, max_pixels=max_pixels)
-    except DecodeError as exc:
-        return Skipped(crop.name, exc.reason)
-    return Prepared(crop, embedder.preprocess(image))
-
-
-def embed_crops(
-    crops: Iterable[Crop],
-    embedder: Embedder,
-    *,
-    batch_size: int = 32,
-    workers: int = 2,
-    background: RGB | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Iterator[EmbedBatch]:
-    """Embed ``crops`` in order, decoding in ``workers`` threads, ``batch_size`` at a time.
-
-    A batch is yielded once it has ``batch_size`` prepared crops (or ``batch_size``
-    skipped ones, so a run of bad files cannot pile up), and at the end. Undecodable
-    files come back as ``Skipped``; any other error propagates. At most about three
-    batches of crops are held at once, however long ``crops`` is.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    # Load here so a missing model fails at once, on this thread, not inside a worker.
-    embedder.load()
-    limit = batch_size * _BATCHES_AHEAD
-    source = iter(crops)
-    pending: deque[Future[Prepared | Skipped]] = deque()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crop-decode")
-
-    def top_up() -> None:
-        while len(pending) < limit:
-            crop = next(source, None)
-            if crop is None:
-                return
-            pending.append(
-                pool.submit(prepare, crop, embedder, background=background, max_pixels=max_pixels)
-            )
-
-    prepared: list[Prepared] = []
-    skipped: list[Skipped] = []
-    try:
-        top_up()
-        while pending:
-            result = pending.popleft().result()
-            top_up()
-            if isinstance(result, Skipped):
-                skipped.append(result)
-            else:
-                prepared.append(result)
-            if len(prepared) >= batch_size or len(skipped) >= batch_size:
-                yield _embed_batch(embedder, prepared, skipped)
-                prepared, skipped = [], []
-        if prepared or skipped:
-            yield _embed_batch(embedder, prepared, skipped)
-    finally:
-        # On an error or an abandoned generator, drop queued work instead of finishing it.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _embed_batch(
-    embedder: Embedder, prepared: list[Prepared], skipped: list[Skipped]
-) -> EmbedBatch:
-    if not prepared:
-        return EmbedBatch(embedded=(), skipped=tuple(skipped))
-    vectors = embedder.embed(torch.stack([p.tensor for p in prepared]))
-    if vectors.shape[0] != len(prepared):
-        raise RuntimeError(
-            f"{embedder.name} returned {vectors.shape[0]} vectors for {len(prepared)} crops"
-        )
-    embedded = tuple(
-        Embedded(p.crop, np.array(vectors[i], dtype=np.float32)) for i, p in enumerate(prepared)
-    )
-    return EmbedBatch(embedded=embedded, skipped=tuple(skipped))
-
-
-# --- the daemon's intake stage ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IntakeUnit:
-    """Crops released together by intake: one frame's ready crops, decoded.
-
-    A unit is never split across link batches, so a frame's crops are matched
-    together (what ``track`` needs to equal the batch result). ``ready_at`` is
-    the monotonic time each crop's file was found ready, for latency figures.
-    """
-
-    prepared: tuple[Prepared, ...]
-    ready_at: tuple[float, ...]
-    skipped: tuple[SkippedFile, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.prepared)
 
 
 # flat-bug writes a frame's crops in one burst, so once one of them has settled
@@ -199,21 +47,24 @@ FRAME_QUIET_S = 0.25
 
 @dataclass(frozen=True)
 class IntakeOptions:
-    """What the intake stage needs from the configuration."""
+    """What the intake stage needs from the configuration (see :func:`.pipeline.intake_options`).
+
+    Times are in seconds. No defaults here: the config schema holds them, once.
+    """
 
     root: Path
-    recursive: bool = True
-    settle_s: float = 0.5
-    rescan_s: float = 60.0
-    decode_retries: int = 3
-    retry_backoff_s: float = 1.0
-    metadata: bool = False
-    metadata_wait_s: float = 10.0
-    time_format: TimeFormat | None = None
-    workers: int = 2
-    batch_size: int = 32
-    background: RGB | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    recursive: bool
+    settle_s: float
+    rescan_s: float
+    decode_retries: int
+    retry_backoff_s: float
+    metadata: bool
+    metadata_wait_s: float
+    time_format: TimeFormat | None
+    workers: int
+    batch_size: int
+    background: RGB | None
+    max_pixels: int
 
 
 @dataclass
@@ -236,7 +87,7 @@ class _Decoding:
     futures: list[Future[Prepared | Skipped]] = field(default_factory=list)
 
 
-class IntakeStage(threading.Thread):
+class IntakeStage(Stage[Path, IntakeUnit]):
     """Turns file hints into decoded crops, ready for the model.
 
     Owns the record of which files are known (processed, in flight, or waiting
@@ -247,31 +98,34 @@ class IntakeStage(threading.Thread):
     so a frame's crops reach the linker together. Decode failures are retried
     with doubling backoff, then recorded as skipped; a file that vanished is
     logged, not recorded.
+
+    A source stage: it works until ``stopping`` (the daemon's stop) is set, and
+    a failure sets ``stopping`` too.
     """
 
     def __init__(
         self,
         options: IntakeOptions,
         embedder: Embedder,
-        outbox: queue.Queue[Any],
+        outbox: queue.Queue[IntakeUnit | Stop],
         stopping: threading.Event,
         *,
         known: set[str],
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.05,
     ) -> None:
-        super().__init__(name="intake", daemon=True)
+        # The inbox holds the watcher's hints, never STOP: the intake stops when
+        # `stopping` is set, and its own failure stops the daemon (`failed` is `stopping`).
+        hints: queue.Queue[Path | Stop] = queue.Queue(maxsize=100_000)
+        super().__init__("intake", hints, outbox, stopping, until=stopping)
         self.options = options
         self.embedder = embedder
-        self.outbox = outbox
-        self.stopping = stopping
         self.clock = clock
         self.tick_s = tick_s
-        self.hints: queue.Queue[Path] = queue.Queue(maxsize=100_000)
         self.settler = Settler(options.root, options.settle_s, clock=clock)
         self.metadata_index = MetadataIndex() if options.metadata else None
         self.tally = ProblemTally()
-        self.error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="decode")
         self._known = known
         self._settling: set[str] = set()
         self._waiting: dict[str, _Waiting] = {}
@@ -289,7 +143,7 @@ class IntakeStage(threading.Thread):
     def hint(self, path: Path) -> None:
         """A file or folder may have appeared (the watcher's callback; never blocks)."""
         try:
-            self.hints.put_nowait(path)
+            self.inbox.put_nowait(path)
         except queue.Full:
             # Nothing is lost: the next rescan finds whatever these hints named.
             self._hints_lost.set()
@@ -304,40 +158,35 @@ class IntakeStage(threading.Thread):
             len(u.crops) for u in self._to_decode
         )
         waiting = sum(len(w.files) for w in self._waiting.values())
-        return len(self._settling) + waiting + decoding + len(self._retries) + self.hints.qsize()
+        return len(self._settling) + waiting + decoding + len(self._retries) + self.inbox.qsize()
 
     # -- the loop ----------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Work until ``stopping`` is set; then pass the sentinel on."""
-        pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="decode")
-        try:
-            while not self.stopping.is_set():
-                self._tick(pool)
-                self._wait_for_hint()
-        except BaseException as exc:  # a bug: make the daemon exit loudly
-            self.error = exc
-            log.exception("stage_failed", stage="intake")
-            self.stopping.set()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            # The embed stage drains its inbox until the sentinel, so this returns.
-            self.outbox.put(STOP)
+    def handle(self, item: Path) -> None:
+        """Route one hint (a file or folder that may have appeared)."""
+        self._route(item)
 
-    def _wait_for_hint(self) -> None:
-        try:
-            path = self.hints.get(timeout=self.tick_s)
-        except queue.Empty:
-            return
-        self._route(path)
+    def timeout(self) -> float:
+        """Wait for a hint at most one tick."""
+        return self.tick_s
 
-    def _tick(self, pool: ThreadPoolExecutor) -> None:
+    def poll(self) -> None:
+        """One tick: route queued hints, rescan when due, settle, release, decode, emit."""
+        self._tick()
+
+    def close(self) -> None:
+        """Drop queued decodes; stop the decoder threads."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _tick(self) -> None:
         now = self.clock()
         for _ in range(10_000):
             try:
-                self._route(self.hints.get_nowait())
+                hint = self.inbox.get_nowait()
             except queue.Empty:
                 break
+            if not isinstance(hint, Stop):
+                self._route(hint)
         if now >= self._rescan_due or self._hints_lost.is_set():
             self._hints_lost.clear()
             self._scan(self.options.root)
@@ -345,7 +194,7 @@ class IntakeStage(threading.Thread):
         self._settle(now)
         self._release_frames(now)
         self._release_retries(now)
-        self._submit(pool)
+        self._submit()
         self._emit(now)
 
     def _route(self, path: Path) -> None:
@@ -478,12 +327,12 @@ class IntakeStage(threading.Thread):
     def _in_flight(self) -> int:
         return sum(len(u.futures) for u in self._decoding)
 
-    def _submit(self, pool: ThreadPoolExecutor) -> None:
-        limit = _BATCHES_AHEAD * self.options.batch_size
+    def _submit(self) -> None:
+        limit = BATCHES_AHEAD * self.options.batch_size
         while self._to_decode and self._in_flight() < limit:
             unit = self._to_decode.popleft()
             unit.futures = [
-                pool.submit(
+                self._pool.submit(
                     prepare,
                     crop,
                     self.embedder,
@@ -499,7 +348,7 @@ class IntakeStage(threading.Thread):
             unit = self._decoding.popleft()
             prepared: list[Prepared] = []
             ready_at: list[float] = []
-            skipped: list[SkippedFile] = []
+            skipped: list[DecodeFailure] = []
             for crop, t, attempts, future in zip(
                 unit.crops, unit.ready_at, unit.attempts, unit.futures, strict=True
             ):
@@ -529,7 +378,9 @@ class IntakeStage(threading.Thread):
                         in_s=delay,
                     )
                 else:
-                    skipped.append(SkippedFile(result, crop.name, crop.size, crop.mtime_ns))
+                    skipped.append(
+                        DecodeFailure(result.name, result.reason, crop.size, crop.mtime_ns)
+                    )
             unit_out = IntakeUnit(tuple(prepared), tuple(ready_at), tuple(skipped))
-            if (prepared or skipped) and not put_until(self.outbox, unit_out, self.stopping):
+            if (prepared or skipped) and not self.emit(unit_out, give_up=self.failed):
                 return  # stopping: whatever was not handed on is found again at restart

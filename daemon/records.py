@@ -1,16 +1,29 @@
-"""Frozen records passed between pipeline stages.
+"""Frozen records passed between pipeline stages, all of them, in flow order.
 
 Each stage takes and returns these, never loose dicts, so a field renamed in one
-place is a type error everywhere else.
+place is a type error everywhere else. The daemon's flow:
+
+    Crop -> Prepared (decoded) -> IntakeUnit (intake -> embed)
+         -> Embedded -> MicroBatch (embed -> link)
+         -> CommittedCrop, Merge, DecodeFailure (link -> state store)
+         -> BatchCommitted (link -> supervisor)
+
+The batch command's flow: Crop -> Prepared -> EmbedBatch -> Assignment, and
+Skipped (one row of ``errors.csv``) for both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    # Only for annotations: readers of the records (status, snapshots) must not import torch.
+    import torch
 
 Vector = npt.NDArray[np.float32]
 
@@ -68,3 +81,91 @@ class Skipped:
 
     name: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFailure:
+    """A crop file given up on after its decode retries, as the state store records it.
+
+    ``name`` is the crop's record name, ``reason`` the ``errors.csv`` text;
+    ``size`` (bytes) and ``mtime_ns`` are the file's stat when it was found
+    ready, ``None`` when unknown.
+    """
+
+    name: str
+    reason: str
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded crop, preprocessed into the embedder's input tensor (C x H x W)."""
+
+    crop: Crop
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """The batch command's unit: one model batch of embedded crops and the ones
+    skipped meanwhile (see :func:`crop_clusterd.decode.embed_crops`)."""
+
+    embedded: tuple[Embedded, ...]
+    skipped: tuple[Skipped, ...]
+
+
+@dataclass(frozen=True)
+class IntakeUnit:
+    """Crops released together by intake: one frame's ready crops, decoded.
+
+    A unit is never split across link batches, so a frame's crops are matched
+    together (what ``track`` needs to equal the batch result). ``ready_at`` is
+    the monotonic time (seconds) each crop's file was found ready, for latency
+    figures, one per ``prepared``.
+    """
+
+    prepared: tuple[Prepared, ...]
+    ready_at: tuple[float, ...]
+    skipped: tuple[DecodeFailure, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.prepared)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch after the model (embed -> link): what the link stage
+    assigns and commits. ``ready_at`` is as in :class:`IntakeUnit`, one per
+    ``embedded``."""
+
+    embedded: tuple[Embedded, ...]
+    ready_at: tuple[float, ...]
+    skipped: tuple[DecodeFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedCrop:
+    """One crop as a micro-batch commits it: the embedded crop, its sequence
+    number and its cluster id at that moment."""
+
+    item: Embedded
+    seq: int
+    cluster: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCommitted:
+    """What the link stage reports after each commit (for STATUS and tests).
+
+    ``crops``, ``skipped`` and ``merges`` count this batch; ``total_crops`` is
+    the linker's size after it; ``latency_ms_max`` the longest time from a
+    file found ready to its commit, in milliseconds.
+    """
+
+    batch: int
+    crops: int
+    skipped: int
+    merges: int
+    total_crops: int
+    latency_ms_max: float

@@ -19,7 +19,6 @@ No pickle is ever read from the state folder: embeddings are raw float32 blobs.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .records import Embedded, Merge, Skipped
+from .records import CommittedCrop, DecodeFailure, Merge
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.sqlite3"
@@ -81,25 +80,6 @@ CREATE TABLE IF NOT EXISTS runtime (
 
 class StateError(Exception):
     """The state folder cannot be used (locked, corrupt, or built with other settings)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CommittedCrop:
-    """One crop as a micro-batch commits it: the embedded crop and its cluster then."""
-
-    item: Embedded
-    seq: int
-    cluster: int
-
-
-@dataclass(frozen=True, slots=True)
-class SkippedFile:
-    """A file recorded as not clustered (a row of ``errors.csv``), with its stat."""
-
-    skipped: Skipped
-    path: str
-    size: int | None = None
-    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -289,7 +269,7 @@ class StateStore:
         batch: int,
         crops: Sequence[CommittedCrop],
         merges: Sequence[Merge],
-        skipped: Sequence[SkippedFile],
+        skipped: Sequence[DecodeFailure],
         *,
         now: float | None = None,
     ) -> None:
@@ -330,7 +310,7 @@ class StateStore:
                 "INSERT INTO skipped(path, reason, size, mtime_ns, at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, "
                 "size = excluded.size, mtime_ns = excluded.mtime_ns, at = excluded.at",
-                [(s.path, s.skipped.reason, s.size, s.mtime_ns, at) for s in skipped],
+                [(s.name, s.reason, s.size, s.mtime_ns, at) for s in skipped],
             )
 
     def set_runtime(self, values: Mapping[str, object]) -> None:
@@ -459,12 +439,3 @@ class StateStore:
 def index_path(folder: Path) -> Path:
     """Where the HNSW index is saved inside a state folder."""
     return folder / INDEX_NAME
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file written by a library that does not fsync (hnswlib's save_index)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

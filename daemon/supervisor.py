@@ -29,15 +29,17 @@ import numpy as np
 
 from .config import Config
 from .embed import Embedder
+from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
-from .flatbug import TimeFormat
-from .intake import IntakeOptions, IntakeStage, IntakeUnit
+from .intake import IntakeStage
 from .link import LinkBatch, Linker
+from .link_stage import LinkStage
 from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
-from .pipeline import BatchCommitted, EmbeddedBatch, EmbedStage, LinkStage
-from .queues import Stop
+from .pipeline import EMBED_INBOX_SIZE, LINK_INBOX_SIZE, Pipeline, intake_options
+from .records import BatchCommitted, IntakeUnit, MicroBatch
 from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
+from .stage import Stop
 from .store import StateError, StateStore, current_clusters, index_path
 from .watch import ObserverFactory, Watcher
 
@@ -140,7 +142,6 @@ class Daemon:
         # link stage's writer connection to the state database is opened.
         self._snapshot_files = snapshot_files
         self._state_store = state_store
-        self._link: LinkStage | None = None
         self._commits: deque[tuple[float, int]] = deque()
         self._last_commit_at = -math.inf
         self._total = 0
@@ -175,16 +176,23 @@ class Daemon:
         started = self.clock()
         previous = self._install_signals()
         try:
-            return self._run(started)
+            pipeline = self._start()
+            try:
+                self._supervise(pipeline)
+            finally:
+                skipped = self._shut_down(pipeline)
+            return self._summary(pipeline, skipped, started)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
-    def _run(self, started: float) -> RunSummary:
+    # -- start-up ----------------------------------------------------------------------
+
+    def _start(self) -> Pipeline:
+        """Open the state, restore the linker, load the model, start everything; READY."""
         config = self.config
-        state_folder = config.state.folder
-        store = self._state_store(state_folder)
-        runtime = StateStore(state_folder)
+        store = self._state_store(config.state.folder)
+        runtime = StateStore(config.state.folder)
         linker = linker_from_config(config)
         store.check_settings(state_settings(config))
         runtime.set_runtime(
@@ -204,8 +212,6 @@ class Daemon:
         known = store.processed_paths()
         with self._lock:
             self._total = len(linker)
-        crops_at_start = len(linker)
-
         embedder = self._embedder or embedder_from_config(config)
         self.notifier.status("loading model")
         t0 = time.perf_counter()
@@ -213,28 +219,42 @@ class Daemon:
         log.info(
             "model_loaded", model=embedder.describe(), seconds=round(time.perf_counter() - t0, 2)
         )
+        pipeline = self._build(store, runtime, linker, embedder, next_batch, known)
+        for stage in (pipeline.link, pipeline.embed, pipeline.intake):
+            stage.start()
+        pipeline.watcher.start()
+        pipeline.pinger.start()
+        log.info(
+            "daemon_started",
+            watch=str(config.watch.folder),
+            watch_mode=pipeline.watcher.mode,
+            state=str(config.state.folder),
+            output=str(config.output.folder),
+            crops=pipeline.crops_at_start,
+            method=config.link.method,
+            threshold=pipeline.link.linker.threshold,
+        )
+        self.notifier.ready(self._status_line(pipeline))
+        return pipeline
 
-        embed_inbox: queue.Queue[IntakeUnit | Stop] = queue.Queue(maxsize=4)
-        link_inbox: queue.Queue[EmbeddedBatch | Stop] = queue.Queue(maxsize=2)
+    def _build(
+        self,
+        store: StateStore,
+        runtime: StateStore,
+        linker: Linker,
+        embedder: Embedder,
+        next_batch: int,
+        known: set[str],
+    ) -> Pipeline:
+        """Wire the stages, the snapshot writer, the watcher and the pinger (none started)."""
+        config = self.config
+        embed_inbox: queue.Queue[IntakeUnit | Stop] = queue.Queue(maxsize=EMBED_INBOX_SIZE)
+        link_inbox: queue.Queue[MicroBatch | Stop] = queue.Queue(maxsize=LINK_INBOX_SIZE)
         failed = threading.Event()
         intake = IntakeStage(
-            IntakeOptions(
-                root=config.watch.folder,
-                recursive=config.watch.recursive,
-                settle_s=config.watch.settle_ms / 1000.0,
-                rescan_s=config.watch.rescan_s,
-                decode_retries=config.watch.decode_retries,
-                retry_backoff_s=config.watch.retry_backoff_s,
-                metadata=config.with_metadata,
-                metadata_wait_s=config.metadata.wait_s,
-                time_format=TimeFormat.compile(config.input.time_format),
-                workers=config.input.workers,
-                batch_size=config.embed.batch_size,
-                background=config.input.background_rgb,
-                max_pixels=config.input.max_pixels,
-            ),
+            intake_options(config),
             embedder,
-            embed_inbox,  # type: ignore[arg-type]
+            embed_inbox,
             self.stopping,
             known=known,
             clock=self.clock,
@@ -256,105 +276,129 @@ class Daemon:
             failed,
             self.progress,
             next_batch=next_batch,
-            index_file=index_path(state_folder),
+            index_file=index_path(config.state.folder),
             index_save_s=config.state.index_save_s,
             on_commit=self._on_commit,
             shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,
         )
-        self._link = link
-        snapshots = SnapshotWriter(state_folder, config.output, files=self._snapshot_files)
-        watcher = Watcher(
-            config.watch.folder,
-            intake.hint,
-            recursive=config.watch.recursive,
-            polling=config.watch.polling,
-            poll_interval_s=config.watch.poll_interval_s,
-            observer_factory=self.observer_factory,
-            clock=self.clock,
+        return Pipeline(
+            store=store,
+            runtime=runtime,
+            linker=linker,
+            intake=intake,
+            embed=embed,
+            link=link,
+            embed_inbox=embed_inbox,
+            link_inbox=link_inbox,
+            snapshots=SnapshotWriter(
+                config.state.folder, config.output, files=self._snapshot_files
+            ),
+            watcher=Watcher(
+                config.watch.folder,
+                intake.hint,
+                recursive=config.watch.recursive,
+                polling=config.watch.polling,
+                poll_interval_s=config.watch.poll_interval_s,
+                observer_factory=self.observer_factory,
+                clock=self.clock,
+            ),
+            pinger=WatchdogPinger(
+                self.notifier,
+                lambda: self.progress.healthy() and not failed.is_set(),
+                stalled=self.progress.stalled,
+            ),
+            failed=failed,
+            crops_at_start=len(linker),
         )
-        pinger = WatchdogPinger(
-            self.notifier,
-            lambda: self.progress.healthy() and not failed.is_set(),
-            stalled=self.progress.stalled,
-        )
-        for stage in (link, embed, intake):
-            stage.start()
-        watcher.start()
-        pinger.start()
-        log.info(
-            "daemon_started",
-            watch=str(config.watch.folder),
-            watch_mode=watcher.mode,
-            state=str(state_folder),
-            output=str(config.output.folder),
-            crops=crops_at_start,
-            method=config.link.method,
-            threshold=link.linker.threshold,
-        )
-        self.notifier.ready(self._status_line(intake, embed_inbox, link_inbox))
 
-        next_snapshot = self.clock() + config.snapshot.interval_s
+    # -- running -----------------------------------------------------------------------
+
+    def _supervise(self, p: Pipeline) -> None:
+        """Every second: restart a dead observer, snapshot when due, publish, check idleness.
+
+        Returns when the daemon is stopping or a stage failed.
+        """
+        next_snapshot = self.clock() + self.config.snapshot.interval_s
         idle_since: float | None = None
-        try:
-            while not self.stopping.is_set():
-                if failed.is_set():
-                    break
-                self.stopping.wait(1.0)
-                now = self.clock()
-                if watcher.check():
-                    intake.request_rescan()
-                if now >= next_snapshot:
-                    self._snapshot(snapshots, final=False)
-                    next_snapshot = now + config.snapshot.interval_s
-                line = self._status_line(intake, embed_inbox, link_inbox)
-                self.notifier.status(line)
-                self._publish(runtime, intake, embed_inbox, link_inbox, watcher, link, "running")
-                if self.exit_when_idle_s is not None:
-                    busy = (
-                        intake.backlog()
-                        or embed_inbox.qsize()
-                        or link_inbox.qsize()
-                        or self.progress.busy()
-                        or intake.scans == 0
-                    )
-                    # Work that came and went between two looks counts too.
-                    with self._lock:
-                        last_commit = self._last_commit_at
-                    if busy or (idle_since is not None and last_commit >= idle_since):
-                        idle_since = None
-                    elif idle_since is None:
-                        idle_since = now
-                    elif now - idle_since >= self.exit_when_idle_s:
-                        self.request_stop("idle")
-        finally:
-            self.notifier.stopping()
-            self.stopping.set()
-            self._publish(runtime, intake, embed_inbox, link_inbox, watcher, link, "stopping")
-            watcher.stop()
-            intake.join()
-            embed.join()
-            link.join()
-            pinger.stop()
-            self._snapshot(snapshots, final=True)
-            self._publish(runtime, intake, embed_inbox, link_inbox, watcher, link, "stopped")
-            n_skipped = runtime.counts().skipped
-            store.close()
-            runtime.close()
-        for stage in (intake, embed, link):
+        while not self.stopping.is_set():
+            if p.failed.is_set():
+                break
+            self.stopping.wait(1.0)
+            now = self.clock()
+            if p.watcher.check():
+                p.intake.request_rescan()
+            if now >= next_snapshot:
+                self._snapshot(p.snapshots, final=False)
+                next_snapshot = now + self.config.snapshot.interval_s
+            self.notifier.status(self._status_line(p))
+            self._publish(p, "running")
+            if self.exit_when_idle_s is not None:
+                idle_since = self._check_idle(p, now, idle_since, self.exit_when_idle_s)
+
+    def _check_idle(
+        self, p: Pipeline, now: float, idle_since: float | None, exit_when_idle_s: float
+    ) -> float | None:
+        """Stop once nothing was queued, busy or committed for ``exit_when_idle_s``.
+
+        Returns when the pipeline went idle (``clock`` seconds), ``None`` while busy.
+        """
+        busy = (
+            p.intake.backlog()
+            or p.embed_inbox.qsize()
+            or p.link_inbox.qsize()
+            or self.progress.busy()
+            or p.intake.scans == 0
+        )
+        # Work that came and went between two looks counts too.
+        with self._lock:
+            last_commit = self._last_commit_at
+        if busy or (idle_since is not None and last_commit >= idle_since):
+            return None
+        if idle_since is None:
+            return now
+        if now - idle_since >= exit_when_idle_s:
+            self.request_stop("idle")
+        return idle_since
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def _shut_down(self, p: Pipeline) -> int:
+        """Stop intake, let the stages drain, write the final snapshot, close the state.
+
+        Returns the number of skipped files recorded in the state.
+        """
+        self.notifier.stopping()
+        self.stopping.set()
+        self._publish(p, "stopping")
+        p.watcher.stop()
+        p.intake.join()
+        p.embed.join()
+        p.link.join()
+        p.pinger.stop()
+        self._snapshot(p.snapshots, final=True)
+        self._publish(p, "stopped")
+        skipped = p.runtime.counts().skipped
+        p.store.close()
+        p.runtime.close()
+        return skipped
+
+    def _summary(self, p: Pipeline, skipped: int, started: float) -> RunSummary:
+        """The exit summary; raises ``RuntimeError`` from a failed stage's error."""
+        for stage in (p.intake, p.embed, p.link):
             if stage.error is not None:
                 raise RuntimeError(f"the {stage.name} stage failed: {stage.error}") from stage.error
-        ids = linker.cluster_ids()
+        ids = p.linker.cluster_ids()
         sizes = np.bincount(ids) if len(ids) else np.zeros(0, dtype=np.int64)
-        for line in intake.tally.summary_lines():
+        for line in p.intake.tally.summary_lines():
             log.warning("crop_problems", summary=line)
         return RunSummary(
             crops=len(ids),
             clusters=int(np.count_nonzero(sizes)),
             singletons=int(np.count_nonzero(sizes == 1)),
-            skipped=n_skipped,
-            new_crops=len(ids) - crops_at_start,
+            skipped=skipped,
+            new_crops=len(ids) - p.crops_at_start,
             seconds=self.clock() - started,
         )
 
@@ -389,25 +433,17 @@ class Daemon:
             self._last_snapshot = now
             self._clusters = report.clusters
 
-    def _queue(
-        self, intake: IntakeStage, embed_inbox: queue.Queue[Any], link_inbox: queue.Queue[Any]
-    ) -> int:
-        return intake.backlog() + embed_inbox.qsize() + link_inbox.qsize()
-
-    def _status_line(
-        self, intake: IntakeStage, embed_inbox: queue.Queue[Any], link_inbox: queue.Queue[Any]
-    ) -> str:
+    def _status_line(self, p: Pipeline) -> str:
         with self._lock:
             total = self._total
         last = "never"
         if self._last_snapshot is not None:
             last = time.strftime("%H:%M:%S", time.localtime(self._last_snapshot))
-        depth = self._queue(intake, embed_inbox, link_inbox)
         line = (
-            f"{total} crops, {self._clusters} clusters, queue {depth}, "
+            f"{total} crops, {self._clusters} clusters, queue {p.queue_depth()}, "
             f"{self._rate():.1f} crops/s, last snapshot {last}"
         )
-        state_error = self._link.commit_error if self._link is not None else None
+        state_error = p.link.commit_error
         if state_error:
             line += f"; STATE COMMIT FAILING: {state_error}"
         if self._snapshot_error:
@@ -417,27 +453,18 @@ class Daemon:
             line += "; STALLED: " + ", ".join(f"{stage} {secs:.0f} s" for stage, secs in stalled)
         return line
 
-    def _publish(
-        self,
-        runtime: StateStore,
-        intake: IntakeStage,
-        embed_inbox: queue.Queue[Any],
-        link_inbox: queue.Queue[Any],
-        watcher: Watcher,
-        link: LinkStage,
-        phase: str,
-    ) -> None:
+    def _publish(self, p: Pipeline, phase: str) -> None:
         values: Mapping[str, object] = {
             "pid": os.getpid(),
             "phase": phase,
             "updated_at": self.wall(),
-            "queue": self._queue(intake, embed_inbox, link_inbox),
+            "queue": p.queue_depth(),
             "last_snapshot_at": self._last_snapshot,
             "snapshot_error": self._snapshot_error,
-            "state_error": link.commit_error,
-            "watch_mode": watcher.mode,
+            "state_error": p.link.commit_error,
+            "watch_mode": p.watcher.mode,
         }
         try:
-            runtime.set_runtime(values)
+            p.runtime.set_runtime(values)
         except Exception as exc:  # status figures must never stop the daemon
             log.warning("runtime_publish_failed", reason=str(exc))

@@ -35,10 +35,10 @@ from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.log import configure_logging
-from crop_clusterd.records import Assignment, Merge
+from crop_clusterd.records import Assignment, CommittedCrop, DecodeFailure, Merge
 from crop_clusterd.snapshot import OutputFiles
 from crop_clusterd.status import format_status, read_status
-from crop_clusterd.store import CommittedCrop, SkippedFile, StateStore
+from crop_clusterd.store import StateStore
 from crop_clusterd.supervisor import Daemon, RunSummary
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -254,7 +254,7 @@ class FailingStore(StateStore):
         batch: int,
         crops: Sequence[CommittedCrop],
         merges: Sequence[Merge],
-        skipped: Sequence[SkippedFile],
+        skipped: Sequence[DecodeFailure],
         *,
         now: float | None = None,
     ) -> None:

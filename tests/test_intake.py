@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from crop_clusterd.decode import embed_crops, prepare
 from crop_clusterd.embed import Embedder, EmbedderOptions, create_embedder
 from crop_clusterd.images import load_rgb
-from crop_clusterd.intake import EmbedBatch, Prepared, embed_crops, prepare
-from crop_clusterd.records import Crop, Skipped
+from crop_clusterd.records import Crop, EmbedBatch, Prepared, Skipped
 
 
 class FakeEmbedder(Embedder):

@@ -22,11 +22,17 @@ from crop_clusterd.clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, NOT_CLUSTERED
 from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import CLUSTERS_CSV, ERRORS_CSV, MERGES_CSV, read_clusters_csv
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
-from crop_clusterd.records import Assignment, Crop, Embedded, Merge, Skipped
+from crop_clusterd.records import (
+    Assignment,
+    CommittedCrop,
+    Crop,
+    DecodeFailure,
+    Embedded,
+    Merge,
+    Skipped,
+)
 from crop_clusterd.snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from crop_clusterd.store import (
-    CommittedCrop,
-    SkippedFile,
     StateError,
     StateStore,
     current_clusters,
@@ -78,7 +84,7 @@ class Builder:
             )
             self.names.append(name)
             self.vectors.append(vectors[i])
-        skips = [SkippedFile(Skipped(p, "truncated image"), p) for p in skipped]
+        skips = [DecodeFailure(p, "truncated image") for p in skipped]
         self.store.commit_batch(
             self.batch, crops, merges, skips, now=T0 + self.batch if at is None else at
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crop_clusterd.records import Crop, Embedded, Merge, Skipped
+from crop_clusterd.records import CommittedCrop, Crop, DecodeFailure, Embedded, Merge
 from crop_clusterd.status import (
     ALIVE_WITHIN_S,
     format_status,
@@ -21,7 +21,7 @@ from crop_clusterd.status import (
     read_status,
     status_json,
 )
-from crop_clusterd.store import CommittedCrop, SkippedFile, StateError, StateStore
+from crop_clusterd.store import StateError, StateStore
 
 NOW = 1_700_000_000.0
 
@@ -44,7 +44,7 @@ def live(tmp_path: Path) -> Iterator[StateStore]:
     # Committed 90 s ago: outside the rate window.
     store.commit_batch(0, crops(0, [0, 0, 2, 3, 4]), [], [], now=NOW - 90)
     # Committed 30 s ago: 4 crops; seq 6 joins 3 and 4 (4 into 3).
-    skip = SkippedFile(Skipped("f/crops/bad.png", "truncated"), "f/crops/bad.png")
+    skip = DecodeFailure("f/crops/bad.png", "truncated")
     store.commit_batch(1, crops(5, [2, 3, 7, 8]), [Merge(4, 3)], [skip], now=NOW - 30)
     yield store
     store.close()
