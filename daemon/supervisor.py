@@ -149,6 +149,9 @@ class Daemon:
         self._snapshot_error: str | None = None
         self._last_snapshot: float | None = None
         self._clusters = 0
+        # The running pipeline, for readers on other threads (tests wait on its
+        # stages); set once everything has started, never replaced.
+        self.pipeline: Pipeline | None = None
 
     # -- signals -----------------------------------------------------------------------
 
@@ -177,6 +180,7 @@ class Daemon:
         previous = self._install_signals()
         try:
             pipeline = self._start()
+            self.pipeline = pipeline
             try:
                 self._supervise(pipeline)
             finally:
