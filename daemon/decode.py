@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,7 +70,7 @@ def embed_crops(
     workers: int = 2,
     background: RGB | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Iterator[EmbedBatch]:
+) -> Generator[EmbedBatch, None, None]:
     """Embed ``crops`` in order, decoding in ``workers`` threads, ``batch_size`` at a time.
 
     A batch is yielded once it has ``batch_size`` prepared crops (or ``batch_size``

@@ -169,7 +169,7 @@ def install_child_hooks(spec: ChildSpec, embedder: Any) -> None:
         finally:
             self._db = db
 
-    StateStore.commit_batch = slow_commit_batch
+    StateStore.commit_batch = slow_commit_batch  # type: ignore[method-assign]
 
     atomic_write = atomic.atomic_write
 

@@ -422,8 +422,10 @@ def test_simulated_session_cosine_and_track(
     root, summary = sim
     crops = sorted(str(p) for p in root.glob("*/crops/*.png"))
     assert len(crops) == summary.crops > 0
-    common = ["-i", root, "--recursive", "-mf", root, "--time_format", TIME_FORMAT,
-              "--labels", summary.labels_path, "-e", fake, "-th", "0.9"]  # fmt: skip
+    common: list[str | Path] = [
+        "-i", root, "--recursive", "-mf", root, "--time_format", TIME_FORMAT,
+        "--labels", summary.labels_path, "-e", fake, "-th", "0.9",
+    ]  # fmt: skip
 
     cos, track = tmp_path / "cosine", tmp_path / "track"
     assert cluster(*common, "-o", cos) == 0
@@ -691,7 +693,7 @@ def test_every_flag_is_in_its_table_or_is_no_setting(command: str) -> None:
                     "labels_from_folders", "num_classes"},
         "run": {"help", "config", "check_config", "exit_when_idle"},
     }[command]  # fmt: skip
-    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr,index]
     dests = {a.dest for a in sub._actions if a.option_strings}
     table = cli.FLAG_TABLES[command]
     assert dests == set(table) | not_settings

@@ -217,7 +217,8 @@ class _TinyClassifier(torch.nn.Module):
         return torch.relu(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+        out: torch.Tensor = self.fc(self.forward_features(x).mean(dim=(2, 3)))
+        return out
 
 
 class _TinyBackbone(torch.nn.Module):
@@ -226,7 +227,8 @@ class _TinyBackbone(torch.nn.Module):
         self.linear = torch.nn.Linear(3, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.mean(dim=(2, 3)))
+        out: torch.Tensor = self.linear(x.mean(dim=(2, 3)))
+        return out
 
 
 def test_torchscript_uses_forward_features(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ its linker some other way would log nothing, or other values, and fail here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def changed_config(tmp: Path, watch: Path) -> Config:
     )
 
 
-def built(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def built(logs: Sequence[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "linker_built"]
 
 

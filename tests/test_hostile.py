@@ -288,8 +288,13 @@ def data(name: str, payload: Callable[[], bytes]) -> Callable[[Path], Path]:
     return lambda folder: write(folder / name, payload())
 
 
-PNG = lambda: png_bytes(halves(GREEN, BLUE))  # noqa: E731
-JPEG = lambda: jpeg_bytes(halves(BLUE, YELLOW))  # noqa: E731
+def PNG() -> bytes:
+    return png_bytes(halves(GREEN, BLUE))
+
+
+def JPEG() -> bytes:
+    return jpeg_bytes(halves(BLUE, YELLOW))
+
 
 CASES: tuple[Case, ...] = (
     Case("zero-byte file", data("empty.png", lambda: b""), Recorded(r"^empty file$")),

@@ -57,10 +57,14 @@ def _leftovers(folder: Path) -> list[str]:
 # --------------------------------------------------------------------------- atomic_write
 
 
+def write_bytes(handle: BinaryIO, payload: bytes) -> None:
+    handle.write(payload)
+
+
 def test_atomic_write_replaces_content(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    atomic_write(target, lambda f: f.write(b"new") and None)
+    atomic_write(target, lambda f: write_bytes(f, b"new"))
     assert target.read_bytes() == b"new"
     assert _leftovers(tmp_path) == []
 
@@ -111,7 +115,7 @@ def test_atomic_write_cleans_up_when_replace_fails(
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError) as info:
-        atomic_write(target, lambda f: f.write(b"new") and None)
+        atomic_write(target, lambda f: write_bytes(f, b"new"))
     monkeypatch.undo()
     assert info.value.errno == errno.EROFS
     assert target.read_bytes() == b"intact"
@@ -120,7 +124,7 @@ def test_atomic_write_cleans_up_when_replace_fails(
 
 def test_atomic_write_new_file_gets_umask_mode(tmp_path: Path) -> None:
     target = tmp_path / "new.csv"
-    atomic_write(target, lambda f: f.write(b"x") and None)
+    atomic_write(target, lambda f: write_bytes(f, b"x"))
     # mkstemp makes 0600 files; readers of the output folder need the usual mode.
     assert target.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
 
@@ -129,7 +133,7 @@ def test_atomic_write_keeps_existing_mode(tmp_path: Path) -> None:
     target = tmp_path / "kept.csv"
     target.write_bytes(b"old")
     target.chmod(0o640)
-    atomic_write(target, lambda f: f.write(b"new") and None)
+    atomic_write(target, lambda f: write_bytes(f, b"new"))
     assert target.stat().st_mode & 0o777 == 0o640
 
 

@@ -44,7 +44,8 @@ T0 = 1_700_000_000.0
 
 def unit_vectors(rng: np.random.Generator, n: int) -> npt.NDArray[np.float32]:
     v = rng.normal(size=(n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+    unit: npt.NDArray[np.float32] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return unit
 
 
 class Builder:

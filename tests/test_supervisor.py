@@ -138,13 +138,18 @@ def test_frames_landing_live_equal_the_batch_result(tmp_path: Path, method: str)
                 shutil.copy(meta, dest / meta.name)
             # The next frame lands once this one is assigned (frames in time order).
             expected = len(crops_in(watch))
-            wait_for(lambda n=expected: committed(config) >= n)
+            wait_for(committed_at_least(config, expected))
     finally:
         daemon.request_stop()
         runner.join(60)
     rows = read_clusters_csv(config.output.folder / "clusters.csv")
     assert sorted(n for n, _ in rows) == sorted(crops_in(watch))
     assert partition(rows) == batch_partition(config, watch, tmp_path)
+
+
+def committed_at_least(config: Config, n: int) -> Callable[[], bool]:
+    """A condition for `wait_for`: at least ``n`` crops are committed."""
+    return lambda: committed(config) >= n
 
 
 def committed(config: Config) -> int:
@@ -275,13 +280,13 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path, method:
             expected = len(crops_in(watch))
             if i in (6, 14):
                 # Kill once some of what has landed is committed, mid-stream.
-                wait_for(lambda n=expected: committed(config) >= n // 2, 60)
+                wait_for(committed_at_least(config, expected // 2), 60)
                 child.send_signal(signal.SIGKILL)
                 child.wait(30)
                 kills += 1
                 child = start_child(tmp_path, watch, method, None)
             else:
-                wait_for(lambda n=expected: committed(config) >= n, 60)
+                wait_for(committed_at_least(config, expected), 60)
         child.send_signal(signal.SIGTERM)
         out, _ = child.communicate(timeout=60)
     finally:
