@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import Config
+from .defaults import default_threshold
 from .evaluate import (
     Evaluation,
     evaluate,
@@ -27,14 +28,7 @@ from .evaluate import (
 )
 from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop
 from .inputs import resolve_inputs
-from .link import (
-    Gating,
-    HnswParams,
-    LinkBatch,
-    Motion,
-    default_threshold,
-    make_linker,
-)
+from .linking import Gating, HnswParams, LinkBatch, Motion, make_linker
 from .log import get_logger
 from .outputs import (
     atomic_write,

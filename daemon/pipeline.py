@@ -26,7 +26,7 @@ import torch
 
 from .embed import Embedder
 from .intake import IntakeUnit
-from .link import LinkBatch, Linker
+from .linking import LinkBatch, Linker
 from .log import get_logger
 from .notify import Progress
 from .queues import STOP, Stop, drain_until_stop, put_until
@@ -217,12 +217,9 @@ class LinkStage(threading.Thread):
         self._index_saved_at = self.clock()
         if self.index_file is None or len(self.linker) == self._index_saved_n:
             return
-        save = getattr(self.linker, "save_index", None)
-        if save is None:
-            return
         t0 = time.perf_counter()
         try:
-            covers = int(save(self.index_file))
+            covers = self.linker.save(self.index_file)
         except OSError as exc:
             log.warning("index_save_failed", file=str(self.index_file), reason=str(exc))
             return

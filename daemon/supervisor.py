@@ -29,10 +29,11 @@ import numpy as np
 
 from .batch import make_embedder
 from .config import Config
+from .defaults import default_threshold
 from .embed import Embedder
 from .flatbug import TimeFormat
 from .intake import IntakeOptions, IntakeStage, IntakeUnit
-from .link import Gating, HnswParams, LinkBatch, Linker, Motion, default_threshold, make_linker
+from .linking import Gating, HnswParams, LinkBatch, Linker, Motion, StoredLinks, make_linker
 from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import BatchCommitted, EmbeddedBatch, EmbedStage, LinkStage
@@ -129,27 +130,15 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
     t0 = time.perf_counter()
     merges = [m.merge for m in store.load_merges()]
     ids = current_clusters(stored.clusters, merges)
-    batch = LinkBatch(stored.vectors, stored.times, stored.centers, stored.frames)
-    restore = getattr(linker, "restore", None)
-    used_index = False
-    if restore is not None:
-        covers = int(store.get_meta("index_covers") or 0)
-        used_index = bool(restore(batch, ids, index_path(store.folder), covers))
-    else:
-        bounds = np.flatnonzero(np.diff(stored.batches)) + 1
-        for part in np.split(np.arange(n), bounds):
-            linker.add(
-                LinkBatch(
-                    stored.vectors[part],
-                    stored.times[part],
-                    stored.centers[part],
-                    tuple(stored.frames[i] for i in part),
-                )
-            )
-        replayed = linker.cluster_ids()
-        if not np.array_equal(replayed, ids):
-            differ = int(np.count_nonzero(replayed != ids))
-            log.warning("replay_differs", crops=differ, hint="stored ids are kept in the CSV")
+    used_index = linker.restore(
+        StoredLinks(
+            batch=LinkBatch(stored.vectors, stored.times, stored.centers, stored.frames),
+            cluster_ids=ids,
+            batch_numbers=stored.batches,
+            index_file=index_path(store.folder),
+            index_covers=int(store.get_meta("index_covers") or 0),
+        )
+    )
     log.info(
         "state_restored",
         crops=n,

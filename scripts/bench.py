@@ -48,7 +48,7 @@ from crop_clusterd.config import Config
 from crop_clusterd.embed import Embedder, EmbedderOptions, create_embedder
 from crop_clusterd.images import load_rgb
 from crop_clusterd.intake import FRAME_QUIET_S
-from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch
+from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
 from crop_clusterd.store import DB_NAME

@@ -26,7 +26,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from synth import clustered_embeddings
 
-from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch, pair_cosine
+from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch, pair_cosine
 
 
 def oracle(emb: npt.NDArray[np.float32], threshold: float, block: int = 2048) -> np.ndarray:

@@ -26,9 +26,9 @@ from PIL import Image
 
 from crop_clusterd import cli, embed
 from crop_clusterd.config import EmbedConfig, InputConfig, OutputConfig
+from crop_clusterd.defaults import COSINE_THRESHOLD
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
-from crop_clusterd.link import COSINE_DEFAULT_THRESHOLD
 from crop_clusterd.outputs import NOT_CLUSTERED, TREE_MARKER, read_clusters_csv
 from crop_clusterd.simulate import TIME_FORMAT, SimConfig, SimSummary, simulate
 
@@ -530,7 +530,7 @@ def test_cluster_help_is_accurate(
     assert f"default {defaults[0].workers})" in text
     assert f"default {defaults[0].background})" in text
     assert f"'{defaults[2].folder}'" in text
-    assert f"{COSINE_DEFAULT_THRESHOLD:g} for cosine" in text
+    assert f"{COSINE_THRESHOLD:g} for cosine" in text
     assert "singletons in dedup/not-clustered/" in text
     assert "singletons in clusters/not-clustered/" in text
     assert "embeddings.pkl (not when re-clustering --from-embeddings)" in text
