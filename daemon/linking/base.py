@@ -96,7 +96,7 @@ class HnswParams:
     chunk: int = 20_000
     seed: int = 100
     # From this many lost queries in one batch on, they are settled through a
-    # side index (see NeighbourSearch.settle_lost) instead of retries and exact
+    # side index (see crop_clusterd.linking.neighbours) instead of retries and exact
     # search; below it, retrying is cheaper.
     side_index_from: int = 1024
     side_ef: int = 32

@@ -88,12 +88,12 @@ def pairs_above(
     """
     if len(rows) == 0:
         return
-    if isinstance(cols, int):
-        right = embeddings[:cols]
-        col_ids = np.arange(cols, dtype=np.int64)
-    else:
+    if isinstance(cols, np.ndarray):
         right = embeddings[cols]
         col_ids = cols
+    else:
+        right = embeddings[: int(cols)]
+        col_ids = np.arange(int(cols), dtype=np.int64)
     step = max(1, block)
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
