@@ -32,7 +32,7 @@ from .evaluate import (
 from .factory import embedder_from_config, linker_from_config, linker_spec
 from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop
 from .inputs import resolve_inputs
-from .link import LinkBatch
+from .linking import LinkBatch
 from .linktree import sync_link_tree
 from .log import get_logger
 from .records import Assignment, Crop, Skipped

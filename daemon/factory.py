@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .defaults import default_threshold
-from .link import Gating, HnswParams, Linker, Motion, make_linker
+from .linking import Gating, HnswParams, Linker, Motion, make_linker
 from .log import get_logger
 
 if TYPE_CHECKING:

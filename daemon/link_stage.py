@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .link import LinkBatch, Linker
+from .linking import LinkBatch, Linker
 from .log import get_logger
 from .notify import Progress
 from .records import BatchCommitted, CommittedCrop, DecodeFailure, Merge, MicroBatch
@@ -88,12 +88,9 @@ class LinkStage(Stage[MicroBatch, None]):
         self._index_saved_at = self.clock()
         if self.index_file is None or len(self.linker) == self._index_saved_n:
             return
-        save = getattr(self.linker, "save_index", None)
-        if save is None:
-            return
         t0 = time.perf_counter()
         try:
-            covers = int(save(self.index_file))
+            covers = self.linker.save(self.index_file)
         except OSError as exc:
             log.warning("index_save_failed", file=str(self.index_file), reason=str(exc))
             return
@@ -106,7 +103,8 @@ class LinkStage(Stage[MicroBatch, None]):
                 log.warning("index_save_failed", file=str(self.index_file), reason=str(exc))
                 return
         self._index_saved_n = len(self.linker)
-        log.info("index_saved", crops=covers, seconds=round(time.perf_counter() - t0, 2))
+        if covers:  # track, and cosine below the index size, keep no file
+            log.info("index_saved", crops=covers, seconds=round(time.perf_counter() - t0, 2))
 
     def _handle(self, item: MicroBatch) -> None:
         self.progress.begin("link")

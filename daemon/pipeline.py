@@ -19,8 +19,8 @@ from .config import Config
 from .embed_stage import EmbedStage
 from .flatbug import TimeFormat
 from .intake import IntakeOptions, IntakeStage
-from .link import Linker
 from .link_stage import LinkStage
+from .linking import Linker
 from .notify import WatchdogPinger
 from .records import IntakeUnit, MicroBatch
 from .snapshot import SnapshotWriter

@@ -32,8 +32,8 @@ from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
 from .intake import IntakeStage
-from .link import LinkBatch, Linker
 from .link_stage import LinkStage
+from .linking import LinkBatch, Linker, StoredLinks
 from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import EMBED_INBOX_SIZE, LINK_INBOX_SIZE, Pipeline, intake_options
@@ -76,27 +76,15 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
     t0 = time.perf_counter()
     merges = [m.merge for m in store.load_merges()]
     ids = current_clusters(stored.clusters, merges)
-    batch = LinkBatch(stored.vectors, stored.times, stored.centers, stored.frames)
-    restore = getattr(linker, "restore", None)
-    used_index = False
-    if restore is not None:
-        covers = int(store.get_meta("index_covers") or 0)
-        used_index = bool(restore(batch, ids, index_path(store.folder), covers))
-    else:
-        bounds = np.flatnonzero(np.diff(stored.batches)) + 1
-        for part in np.split(np.arange(n), bounds):
-            linker.add(
-                LinkBatch(
-                    stored.vectors[part],
-                    stored.times[part],
-                    stored.centers[part],
-                    tuple(stored.frames[i] for i in part),
-                )
-            )
-        replayed = linker.cluster_ids()
-        if not np.array_equal(replayed, ids):
-            differ = int(np.count_nonzero(replayed != ids))
-            log.warning("replay_differs", crops=differ, hint="stored ids are kept in the CSV")
+    used_index = linker.restore(
+        StoredLinks(
+            batch=LinkBatch(stored.vectors, stored.times, stored.centers, stored.frames),
+            cluster_ids=ids,
+            batch_numbers=stored.batches,
+            index_file=index_path(store.folder),
+            index_covers=int(store.get_meta("index_covers") or 0),
+        )
+    )
     log.info(
         "state_restored",
         crops=n,

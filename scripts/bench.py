@@ -50,7 +50,7 @@ from crop_clusterd.embed import Embedder
 from crop_clusterd.factory import embedder_from_config, linker_from_config
 from crop_clusterd.images import load_rgb
 from crop_clusterd.intake import FRAME_QUIET_S
-from crop_clusterd.link import LinkBatch, Linker
+from crop_clusterd.linking import LinkBatch, Linker
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
 from crop_clusterd.store import DB_NAME

@@ -27,7 +27,7 @@ from scipy.sparse.csgraph import connected_components
 from synth import clustered_embeddings
 
 from crop_clusterd.defaults import COSINE_THRESHOLD
-from crop_clusterd.link import CosineLinker, HnswParams, LinkBatch, pair_cosine
+from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch, pair_cosine
 
 
 def oracle(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from crop_clusterd.link import Gating
+from crop_clusterd.linking import Gating
 
 
 def cosine_oracle(

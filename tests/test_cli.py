@@ -31,9 +31,9 @@ from crop_clusterd import defaults as engine_defaults
 from crop_clusterd.clusterdirs import NOT_CLUSTERED
 from crop_clusterd.config import Config, EmbedConfig, InputConfig, OutputConfig
 from crop_clusterd.csvfiles import read_clusters_csv
+from crop_clusterd.defaults import COSINE_THRESHOLD
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.flatbug import parse_crop_name
-from crop_clusterd.link import COSINE_DEFAULT_THRESHOLD
 from crop_clusterd.linktree import TREE_MARKER
 from crop_clusterd.simulate import TIME_FORMAT, SimConfig, SimSummary, simulate
 
@@ -537,7 +537,7 @@ def test_cluster_help_is_accurate(
     assert f"default {defaults[0].workers})" in text
     assert f"default {defaults[0].background})" in text
     assert f"'{defaults[2].folder}'" in text
-    assert f"{COSINE_DEFAULT_THRESHOLD:g} for cosine" in text
+    assert f"{COSINE_THRESHOLD:g} for cosine" in text
     assert "singletons in dedup/not-clustered/" in text
     assert "singletons in clusters/not-clustered/" in text
     assert "embeddings.pkl (not when re-clustering --from-embeddings)" in text

@@ -11,17 +11,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracles import cosine_oracle, partition
+from structlog.testing import capture_logs
 
-from crop_clusterd.link import (
+from crop_clusterd.linking import (
     CosineLinker,
     Gating,
     HnswParams,
     LinkBatch,
     Motion,
+    StoredLinks,
     TrackLinker,
     make_linker,
     pair_cosine,
+    pairs_above,
 )
+from crop_clusterd.records import Merge
 
 FORCE_INDEX = HnswParams(brute_force_below=0, k_start=2, chunk=7)
 
@@ -49,6 +53,18 @@ def batch_of(
         np.full((n, 2), np.nan) if centers is None else centers,
         tuple(frames) if frames is not None else (None,) * n,
     )
+
+
+def stored(
+    batch: LinkBatch,
+    ids: npt.NDArray[np.int64],
+    index_file: Path | None = None,
+    covers: int = 0,
+    batch_numbers: npt.NDArray[np.int64] | None = None,
+) -> StoredLinks:
+    """The state-folder record of ``batch`` (one micro-batch unless told)."""
+    numbers = np.zeros(len(batch), dtype=np.int64) if batch_numbers is None else batch_numbers
+    return StoredLinks(batch, ids, numbers, index_file, covers)
 
 
 def feed(linker: CosineLinker | TrackLinker, batch: LinkBatch, cuts: list[int]) -> None:
@@ -365,16 +381,16 @@ def test_restored_linker_goes_on_exactly_like_one_that_never_stopped(
     whole = batch_of(emb, times, centers)
     params = HnswParams(brute_force_below=0, k_start=4)
     before = CosineLinker(0.95, gating, params)
-    merges = []
+    merges: list[Merge] = []
     for lo in range(0, 400, 50):
         merges.extend(before.add(sub(whole, lo, lo + 50)).merges)
     index_file = tmp_path / "index.hnsw"
-    covers = before.save_index(index_file)
+    covers = before.save(index_file)
     assert covers == (0 if gating is not None else 400)
     # The daemon stores each crop's id at commit plus the merges; restore from
     # the current ids, as store.current_clusters computes them.
     restored = CosineLinker(0.95, gating, params)
-    used = restored.restore(sub(whole, 0, 400), before.cluster_ids(), index_file, covers)
+    used = restored.restore(stored(sub(whole, 0, 400), before.cluster_ids(), index_file, covers))
     assert used == (gating is None)
     for lo in range(400, 600, 50):
         restored.add(sub(whole, lo, lo + 50))
@@ -394,13 +410,98 @@ def test_a_saved_index_that_does_not_match_the_state_is_rebuilt(tmp_path: Path) 
     first = CosineLinker(0.95, None, params)
     first.add(sub(whole, 0, 200))
     index_file = tmp_path / "index.hnsw"
-    first.save_index(index_file)
+    first.save(index_file)
     restored = CosineLinker(0.95, None, params)
     # The state says 250 crops were covered: the file (200) is not used.
-    assert not restored.restore(sub(whole, 0, 250), np.arange(250), index_file, 250)
+    assert not restored.restore(stored(sub(whole, 0, 250), np.arange(250), index_file, 250))
     index_file.write_bytes(b"garbage")
     again = CosineLinker(0.95, None, params)
-    assert not again.restore(sub(whole, 0, 200), first.cluster_ids(), index_file, 200)
+    assert not again.restore(stored(sub(whole, 0, 200), first.cluster_ids(), index_file, 200))
     again.add(sub(whole, 200, 300))
     first.add(sub(whole, 200, 300))
     assert partition(again.cluster_ids()) == partition(first.cluster_ids())
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 50, 1000])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_blocked_product_gives_the_pairs_of_a_brute_force_product(block: int, prefix: bool) -> None:
+    rng = np.random.default_rng(11)
+    emb = clustered(rng, 60, 8, 5, 0.2)
+    rows = rng.permutation(60)[:37].astype(np.int64)
+    col_ids = np.arange(45, dtype=np.int64) if prefix else rng.permutation(60)[:29]
+    cols: npt.NDArray[np.int64] | int = 45 if prefix else col_ids
+    floor = 0.7
+    found = [
+        (int(a), int(b), float(s))
+        for pairs in pairs_above(emb, rows, cols, floor, block=block)
+        for a, b, s in zip(pairs.a, pairs.b, pairs.approx, strict=True)
+    ]
+    a_all, b_all = np.repeat(rows, len(col_ids)), np.tile(col_ids, len(rows))
+    exact = pair_cosine(emb, a_all, b_all)
+    # float32 products may differ from the float64 definition by < 1e-5 only.
+    sure = {
+        (int(a), int(b)) for a, b, s in zip(a_all, b_all, exact, strict=True) if s >= floor + 1e-5
+    }
+    maybe = {
+        (int(a), int(b)) for a, b, s in zip(a_all, b_all, exact, strict=True) if s >= floor - 1e-5
+    }
+    pairs_found = [(a, b) for a, b, _ in found]
+    assert len(pairs_found) == len(set(pairs_found))
+    assert sure <= set(pairs_found) <= maybe
+    assert len(sure) > 20
+    # Row-major order whatever the block size: rows in the order given.
+    position = {int(r): i for i, r in enumerate(rows)}
+    assert [position[a] for a, _, _ in found] == sorted(position[a] for a, _, _ in found)
+    for a, b, s in found:
+        assert abs(s - float(pair_cosine(emb, np.array([a]), np.array([b]))[0])) < 1e-5
+
+
+def test_track_restore_replays_the_micro_batches_and_equals_a_linker_that_never_stopped() -> None:
+    rng = np.random.default_rng(12)
+    n = 120
+    emb = clustered(rng, n, 8, 6, 0.1)
+    times = np.repeat(np.arange(n // 4, dtype=np.float64) * 10.0, 4)
+    frames: list[str | None] = [f"f{i // 4}" for i in range(n)]
+    whole = batch_of(emb, times, rng.uniform(0, 200, (n, 2)), frames)
+    before = TrackLinker(0.8)
+    numbers = np.repeat(np.arange(6), 20).astype(np.int64)
+    for b in range(6):
+        before.add(sub(whole, 20 * b, 20 * b + 20))
+    restored = TrackLinker(0.8)
+    with capture_logs() as logs:
+        used = restored.restore(stored(whole, before.cluster_ids(), None, 0, numbers))
+    assert not used
+    assert not [e for e in logs if e["event"] == "replay_differs"]
+    assert np.array_equal(restored.cluster_ids(), before.cluster_ids())
+    assert before.save(Path("/nonexistent/never-written")) == 0
+
+
+def test_track_restore_warns_when_the_replay_differs_from_the_stored_ids() -> None:
+    rng = np.random.default_rng(13)
+    emb = clustered(rng, 40, 8, 4, 0.1)
+    whole = batch_of(emb, np.arange(40, dtype=np.float64), None, [f"f{i}" for i in range(40)])
+    reference = TrackLinker(0.8)
+    reference.add(whole)
+    wrong = np.zeros(40, dtype=np.int64)  # as if everything were one cluster
+    differ = int(np.count_nonzero(reference.cluster_ids() != wrong))
+    assert differ > 0
+    restored = TrackLinker(0.8)
+    with capture_logs() as logs:
+        restored.restore(stored(whole, wrong))
+    warnings = [e for e in logs if e["event"] == "replay_differs"]
+    assert len(warnings) == 1 and warnings[0]["crops"] == differ
+    # The replay is kept: it is what the linker goes on from.
+    assert np.array_equal(restored.cluster_ids(), reference.cluster_ids())
+
+
+def test_restore_needs_a_fresh_linker_and_consistent_state() -> None:
+    emb = clustered(np.random.default_rng(14), 10, 4, 2, 0.1)
+    whole = batch_of(emb)
+    for linker in (CosineLinker(0.9), TrackLinker(0.9)):
+        linker.add(whole)
+        with pytest.raises(RuntimeError):
+            linker.restore(stored(whole, np.arange(10)))
+    with pytest.raises(ValueError):
+        stored(whole, np.arange(9))
+    with pytest.raises(ValueError):
+        CosineLinker(0.9).restore(stored(whole, np.arange(10) + 1))

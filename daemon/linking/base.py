@@ -1,0 +1,317 @@
+"""The records and the interface every linking method shares.
+
+:class:`Linker` is the interface: crops arrive one micro-batch at a time as a
+:class:`LinkBatch`, each :meth:`Linker.add` returns an :class:`AddResult`, and
+:meth:`Linker.save` / :meth:`Linker.restore` carry a linker across a restart
+through a :class:`StoredLinks` record. The parameter records (:class:`Gating`,
+:class:`Motion`, :class:`HnswParams`) take their defaults from
+:mod:`crop_clusterd.defaults`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import defaults
+from ..records import Embedded, Merge
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Gating:
+    """Spatio-temporal support a link needs (the old tool's rule and defaults).
+
+    Distances in pixels, windows in seconds.
+    """
+
+    max_center_dist_px: float = defaults.MAX_CENTER_DIST_PX
+    near_window_s: float = defaults.NEAR_WINDOW_S
+    any_window_s: float = defaults.ANY_WINDOW_S
+
+    @property
+    def window_s(self) -> float:
+        """No link is possible between crops further apart in time than this."""
+        return max(self.near_window_s, self.any_window_s)
+
+    def supports(
+        self,
+        dt: FloatArray,
+        dist: FloatArray,
+    ) -> npt.NDArray[np.bool_]:
+        """Whether pairs with time gaps ``dt`` and centre distances ``dist`` may link.
+
+        ``dt`` and ``dist`` have one entry per pair; the result too. NaN
+        (unknown) compares false: a crop without a time never links, one
+        without a box links on time alone.
+        """
+        dt = np.abs(dt)
+        with np.errstate(invalid="ignore"):
+            near = (dt < self.near_window_s) & (dist < self.max_center_dist_px)
+            return np.asarray((dt < self.any_window_s) | near)
+
+
+@dataclass(frozen=True, slots=True)
+class Motion:
+    """How far an individual moves between its crops, for ``track``.
+
+    A crop may continue a cluster only within ``max_move_px`` of the cluster's
+    last box centre, and the assignment prefers near clusters: a match scores
+    its similarity minus ``penalty * min(distance / max_move_px, 1)``. A crop
+    or cluster without a known position may match at the full penalty.
+    """
+
+    max_move_px: float = defaults.TRACK_MAX_MOVE_PX
+    penalty: float = defaults.TRACK_MOVE_PENALTY
+
+
+@dataclass(frozen=True, slots=True)
+class HnswParams:
+    """Index and query settings for the ungated cosine search.
+
+    ``m``, ``ef_construction`` and ``ef_search``: see
+    :mod:`crop_clusterd.defaults` for the measurements behind them.
+    """
+
+    m: int = defaults.HNSW_M
+    ef_construction: int = defaults.HNSW_EF_CONSTRUCTION
+    # Query candidate list size. A large batch is indexed whole before any of it
+    # is queried, so a pair inside it is searched from both ends, and pairs that
+    # share one of their three nearest anchors are linked exactly beforehand.
+    # With both, ef=64 and ef=128 matched the all-pairs oracle exactly at 200,000
+    # crops (without the anchor pairs they lost a few dozen links there); 128
+    # keeps a margin for a million (scripts/check_oracle.py).
+    ef_search: int = defaults.HNSW_EF_SEARCH
+    k_start: int = 16
+    # Below this many crops an exact search is faster than keeping an index.
+    brute_force_below: int = 4096
+    threads: int = 0  # 0 = all cores
+    chunk: int = 20_000
+    seed: int = 100
+    # From this many lost queries in one batch on, they are settled through a
+    # side index (see crop_clusterd.linking.neighbours) instead of retries and exact
+    # search; below it, retrying is cheaper.
+    side_index_from: int = 1024
+    side_ef: int = 32
+
+
+@dataclass(frozen=True)
+class LinkBatch:
+    """Columns of one micro-batch as the engine needs them.
+
+    ``embeddings`` float32 n x d, L2-normalised; ``times`` seconds (NaN unknown);
+    ``centers`` n x 2 pixels (NaN unknown); ``frames`` the flat-bug frame of
+    each crop (None when the name is not a flat-bug name). Raises
+    :class:`ValueError` when the shapes disagree.
+    """
+
+    embeddings: npt.NDArray[np.float32]
+    times: FloatArray
+    centers: FloatArray
+    frames: tuple[str | None, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.embeddings)
+        if self.embeddings.ndim != 2 or self.embeddings.dtype != np.float32:
+            raise ValueError("embeddings must be a float32 n x d array")
+        if self.times.shape != (n,) or self.centers.shape != (n, 2) or len(self.frames) != n:
+            raise ValueError("times, centers and frames must have one entry per embedding")
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def rows(self, rows: IntArray) -> LinkBatch:
+        """The batch of the given rows, in that order."""
+        return LinkBatch(
+            self.embeddings[rows],
+            self.times[rows],
+            self.centers[rows],
+            tuple(self.frames[i] for i in rows),
+        )
+
+    @classmethod
+    def from_embeddings(cls, embeddings: npt.NDArray[np.float32]) -> LinkBatch:
+        """A batch with no time, position or frame (e.g. from an embeddings pickle)."""
+        n = len(embeddings)
+        return cls(
+            embeddings=embeddings,
+            times=np.full(n, np.nan),
+            centers=np.full((n, 2), np.nan),
+            frames=(None,) * n,
+        )
+
+    @classmethod
+    def from_embedded(cls, items: Sequence[Embedded]) -> LinkBatch:
+        """Build the columns from embedded crops; raises ValueError when empty."""
+        n = len(items)
+        if n == 0:
+            raise ValueError("empty batch")
+        embeddings = np.stack([item.vector for item in items]).astype(np.float32, copy=False)
+        times = np.array(
+            [np.nan if item.crop.time is None else item.crop.time for item in items],
+            dtype=np.float64,
+        )
+        centers = np.array(
+            [
+                item.crop.center if item.crop.center is not None else (np.nan, np.nan)
+                for item in items
+            ],
+            dtype=np.float64,
+        ).reshape(n, 2)
+        return cls(embeddings, times, centers, tuple(item.crop.frame for item in items))
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """What one :meth:`Linker.add` did: the new crops' sequence numbers and merges."""
+
+    seqs: range
+    merges: tuple[Merge, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredLinks:
+    """A linker's state as the daemon's state folder holds it.
+
+    ``batch`` every stored crop in sequence order (n crops); ``cluster_ids``
+    their current cluster ids (n, the smallest member's sequence number);
+    ``batch_numbers`` the micro-batch each crop was committed in (n,
+    non-decreasing); ``index_file`` the saved HNSW index, if any, and
+    ``index_covers`` how many of the first crops it holds (0: none). Raises
+    :class:`ValueError` when the columns disagree in length.
+    """
+
+    batch: LinkBatch
+    cluster_ids: IntArray
+    batch_numbers: IntArray
+    index_file: Path | None = None
+    index_covers: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.cluster_ids) != len(self.batch):
+            raise ValueError("one cluster id per stored crop is needed")
+        if len(self.batch_numbers) != len(self.batch):
+            raise ValueError("one batch number per stored crop is needed")
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def micro_batches(self) -> list[LinkBatch]:
+        """The stored crops split into their micro-batches, in commit order."""
+        bounds = np.flatnonzero(np.diff(self.batch_numbers)) + 1
+        return [self.batch.rows(part) for part in np.split(np.arange(len(self)), bounds)]
+
+
+class CropColumns:
+    """Growable per-crop columns; the first large batch is adopted without a copy.
+
+    Adopting matters for the batch path: one million 384-d embeddings are 1.5 GB
+    and the memory budget is three times that, index included.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.dim = 0
+        self.embeddings: npt.NDArray[np.float32] = np.empty((0, 0), dtype=np.float32)
+        self.times: FloatArray = np.empty(0)
+        self.centers: FloatArray = np.empty((0, 2))
+        self.frames: list[str | None] = []
+
+    def append(self, batch: LinkBatch) -> range:
+        """Store a batch; return its sequence numbers. ValueError on a new dimension."""
+        n_new = len(batch)
+        start = self.n
+        if self.n == 0 and batch.embeddings.flags.c_contiguous:
+            self.dim = batch.embeddings.shape[1]
+            self.embeddings = batch.embeddings
+            self.times = batch.times.copy()
+            self.centers = batch.centers.copy()
+        else:
+            if batch.embeddings.shape[1] != self.dim:
+                raise ValueError(
+                    f"embedding dimension {batch.embeddings.shape[1]} does not match "
+                    f"the {self.dim} of the crops already clustered"
+                )
+            self._reserve(self.n + n_new)
+            self.embeddings[start : start + n_new] = batch.embeddings
+            self.times[start : start + n_new] = batch.times
+            self.centers[start : start + n_new] = batch.centers
+        self.frames.extend(batch.frames)
+        self.n += n_new
+        return range(start, self.n)
+
+    def _reserve(self, needed: int) -> None:
+        capacity = len(self.embeddings)
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, 1024)
+        for name in ("embeddings", "times", "centers"):
+            old = getattr(self, name)
+            grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
+            grown[: self.n] = old[: self.n]
+            setattr(self, name, grown)
+
+    @property
+    def live_embeddings(self) -> npt.NDArray[np.float32]:
+        """The first ``n`` rows (n x d float32), a view."""
+        return self.embeddings[: self.n]
+
+
+class Linker(ABC):
+    """Incremental clustering: feed batches with :meth:`add`, read :meth:`cluster_ids`.
+
+    ``threshold`` is a cosine similarity in [-1, 1] (ValueError otherwise).
+    """
+
+    def __init__(self, threshold: float, gating: Gating | None = None) -> None:
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be within [-1, 1], got {threshold}")
+        self.threshold = threshold
+        self.gating = gating
+        self._cols = CropColumns()
+
+    def __len__(self) -> int:
+        return self._cols.n
+
+    @abstractmethod
+    def add(self, batch: LinkBatch) -> AddResult:
+        """Assign a batch; its crops get the next sequence numbers in order."""
+
+    @abstractmethod
+    def cluster_ids(self) -> IntArray:
+        """Cluster id of every crop so far, indexed by sequence number."""
+
+    @abstractmethod
+    def cluster_of(self, seqs: IntArray) -> IntArray:
+        """Current cluster id of the given crops (cheap for a micro-batch)."""
+
+    @abstractmethod
+    def save(self, path: Path) -> int:
+        """Persist what a restart cannot cheaply rebuild to ``path`` (atomically).
+
+        Returns how many crops (the first ones by sequence number) the saved
+        file covers; 0 when nothing was written. Raises :class:`OSError` when
+        writing fails.
+        """
+
+    @abstractmethod
+    def restore(self, stored: StoredLinks) -> bool:
+        """Bring a fresh linker to the stored state; return whether a saved file was used.
+
+        Raises :class:`RuntimeError` when the linker already holds crops and
+        :class:`ValueError` when the stored state is inconsistent.
+        """
+
+    @property
+    def embeddings(self) -> npt.NDArray[np.float32]:
+        """The stored embeddings, indexed by sequence number (read-only view)."""
+        view = self._cols.live_embeddings.view()
+        view.flags.writeable = False
+        return view

@@ -1,0 +1,362 @@
+"""Candidate pairs from an hnswlib inner-product index (the ungated cosine search).
+
+:class:`NeighbourSearch` only PROPOSES pairs: every pair whose approximate
+similarity may reach the threshold goes to a ``confirm`` sink as
+:class:`~crop_clusterd.linking.exact.Pairs`, and the linker decides. It knows
+nothing of clusters.
+
+How a batch is searched (all of it exists to lose no pair above the threshold):
+
+* Below ``brute_force_below`` crops there is no index: exact blocked products.
+* A large batch is put in a locality order (sorted by nearest sampled anchor),
+  and pairs that share one of their three nearest anchors are proposed from
+  exact products first.
+* The whole batch is indexed before any of it is queried, so a pair inside it
+  is searched from both ends.
+* Each query widens k until the k-th neighbour falls below the threshold.
+* A query that finds neither its own crop nor its most similar anchor-group
+  member got lost; lost queries are retried at a larger ef and then settled
+  exactly, or, when there are many, through a side index of them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from ..log import get_logger
+from .base import CropColumns, HnswParams, IntArray
+from .exact import Pairs, candidate_floor, hits, pairs_above
+
+log = get_logger(__name__)
+
+Confirm = Callable[[Pairs], None]
+
+# A query that cannot find its own crop even at this ef is settled exactly.
+_MAX_EF = 4096
+
+
+class NeighbourSearch:
+    """Proposes every pair of a new batch (with itself and with all earlier crops)
+    whose similarity may reach ``threshold``.
+
+    ``cols`` is the linker's own column store (read, never written here); each
+    candidate batch goes to ``confirm`` as soon as it is found, in a fixed order.
+    """
+
+    def __init__(
+        self, cols: CropColumns, threshold: float, params: HnswParams, confirm: Confirm
+    ) -> None:
+        self.cols = cols
+        self.params = params
+        self.floor = candidate_floor(threshold)
+        self.confirm = confirm
+        self.index: hnswlib.Index | None = None
+        # For the batch being linked: each crop's most similar crop of its own
+        # group (-1 = unknown), a second landmark for telling a lost search.
+        self._nearest_known: IntArray = np.empty(0, dtype=np.int64)
+
+    def propose(self, seqs: range) -> None:
+        """Propose the pairs of the crops ``seqs`` (already in ``cols``)."""
+        params = self.params
+        if self.index is None and self.cols.n < params.brute_force_below:
+            self.exact(np.arange(seqs.start, seqs.stop), self.cols.n)
+            return
+        if self.index is None:
+            # Crossing the brute-force limit: index what came before, then go on.
+            # Room for this batch plus some growth; later growth doubles.
+            self.index = self._new_index(self._capacity())
+            if seqs.start > 0:
+                self._index_add(np.arange(0, seqs.start))
+        t0 = time.perf_counter()
+        self._nearest_known = np.full(self.cols.n, -1, dtype=np.int64)
+        order = self._locality_order(seqs)
+        # Index the whole batch before querying any of it: a pair inside the batch
+        # is then searched from both ends, and HNSW must miss it twice to lose it.
+        t1 = time.perf_counter()
+        for start in range(0, len(order), params.chunk):
+            self._index_add(order[start : start + params.chunk])
+        t2 = time.perf_counter()
+        lost = [
+            self._knn(self.index, order[start : start + params.chunk], params.ef_search)
+            for start in range(0, len(order), params.chunk)
+        ]
+        t3 = time.perf_counter()
+        n_lost = self._settle_lost(np.concatenate(lost))
+        self._nearest_known = np.empty(0, dtype=np.int64)
+        log.debug(
+            "hnsw_linked",
+            crops=len(order),
+            lost=n_lost,
+            order_s=round(t1 - t0, 2),
+            index_s=round(t2 - t1, 2),
+            query_s=round(t3 - t2, 2),
+            lost_s=round(time.perf_counter() - t3, 2),
+        )
+
+    def exact(self, rows: IntArray, upto: int) -> None:
+        """Exact search of ``rows`` against crops ``[0, upto)`` in bounded blocks."""
+        block = max(1, 2**24 // max(upto, 1))
+        for pairs in pairs_above(self.cols.embeddings, rows, upto, self.floor, block=block):
+            self.confirm(pairs)
+
+    # -- persistence --------------------------------------------------------------
+
+    def resume(self, index_file: Path | None, index_covers: int) -> bool:
+        """Index the crops already in ``cols`` after a restart, proposing nothing.
+
+        The index is loaded from ``index_file`` when it covers exactly the first
+        ``index_covers`` crops, and the rest are added to it; without a usable
+        file it is rebuilt. Below ``brute_force_below`` crops no index is kept.
+        Returns whether the saved index was used.
+        """
+        if self.cols.n < self.params.brute_force_below:
+            return False
+        used = False
+        if index_file is not None and index_covers > 0 and index_file.exists():
+            used = self._load(index_file, index_covers)
+        if not used:
+            self.index = self._new_index(self._capacity())
+            index_covers = 0
+        rest = np.arange(index_covers, self.cols.n, dtype=np.int64)
+        for start in range(0, len(rest), self.params.chunk):
+            self._index_add(rest[start : start + self.params.chunk])
+        return used
+
+    def save(self, path: Path) -> int:
+        """Save the index atomically (fsync, rename, fsync the folder); return
+        how many crops it covers (0: no index, nothing written). OSError on failure.
+
+        Building with several threads is not deterministic, so the daemon keeps
+        the index it built rather than rebuilding a different one at each start.
+        """
+        if self.index is None:
+            return 0
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.index.save_index(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return int(self.index.get_current_count())
+
+    def _load(self, path: Path, covers: int) -> bool:
+        index = hnswlib.Index(space="ip", dim=self.cols.dim)
+        try:
+            index.load_index(str(path), max_elements=self._capacity())
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.warning("index_unusable", file=str(path), reason=str(exc))
+            return False
+        if index.get_current_count() != covers or index.dim != self.cols.dim:
+            log.warning(
+                "index_unusable",
+                file=str(path),
+                reason=f"holds {index.get_current_count()} crops, state says {covers}",
+            )
+            return False
+        # ef and the thread count are not saved with the index.
+        index.set_ef(self.params.ef_search)
+        index.set_num_threads(self.params.threads or _cpu_count())
+        self.index = index
+        return True
+
+    # -- the index ------------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        return max(self.cols.n + self.cols.n // 8, 10_000)
+
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="ip", dim=self.cols.dim)
+        index.init_index(
+            max_elements=capacity,
+            M=self.params.m,
+            ef_construction=self.params.ef_construction,
+            random_seed=self.params.seed,
+        )
+        index.set_num_threads(self.params.threads or _cpu_count())
+        return index
+
+    def _index_add(self, ids: IntArray) -> None:
+        assert self.index is not None
+        needed = self.index.get_current_count() + len(ids)
+        if needed > self.index.get_max_elements():
+            # Grow ahead of need: hnswlib raises once max_elements is reached.
+            self.index.resize_index(max(needed, 2 * self.index.get_max_elements()))
+        self.index.add_items(self.cols.embeddings[ids], ids)
+
+    # -- anchors: locality order and exact in-group pairs -----------------------------
+
+    def _locality_order(self, seqs: range) -> IntArray:
+        """The order to index and query a batch in.
+
+        HNSW on a large index is bound by memory latency, so neighbouring crops
+        are handled one after another: sorted by their nearest of 1,024 sampled
+        crops. A random 5% goes first, so the graph gets its long-range links
+        from an unordered skeleton (sorted insertion alone loses recall).
+        Measured at 200,000 crops: build 1.6x and queries 2.3x faster, recall
+        unchanged.
+        """
+        ids = np.arange(seqs.start, seqs.stop, dtype=np.int64)
+        n = len(ids)
+        if n < 4 * self.params.chunk:
+            return ids
+        rng = np.random.default_rng(self.params.seed)
+        emb = self.cols.embeddings
+        anchors = emb[ids[rng.choice(n, size=min(1024, n), replace=False)]]
+        # Each crop's three nearest anchors, nearest first.
+        top = np.empty((n, 3), dtype=np.int64)
+        for start in range(0, n, 16_384):
+            block = emb[ids[start : start + 16_384]] @ anchors.T
+            best = np.argpartition(block, -3, axis=1)[:, -3:]
+            rank = np.argsort(-np.take_along_axis(block, best, axis=1), axis=1)
+            top[start : start + len(block)] = np.take_along_axis(best, rank, axis=1)
+        nearest = top[:, 0]
+        self._pairs_within_groups(ids, nearest, top[:, 1:])
+        first = rng.choice(n, size=n // 20, replace=False)
+        rest = np.ones(n, dtype=bool)
+        rest[first] = False
+        later = np.nonzero(rest)[0]
+        later = later[np.argsort(nearest[later], kind="stable")]
+        order: IntArray = ids[np.concatenate([first, later])]
+        return order
+
+    def _pairs_within_groups(self, ids: IntArray, group: IntArray, runners_up: IntArray) -> None:
+        """Exact pairs among crops that share their nearest anchor, and between
+        crops whose nearest anchor is the other's second or third nearest
+        (``runners_up``, one row per crop).
+
+        Most pairs above the threshold are of those kinds, and matrix products
+        find them exactly and cheaply, so HNSW only has to supply the rest (at a
+        million crops its misses are pairs that straddle two groups). Groups
+        too large for a cheap product are left to HNSW alone. Each crop's most
+        similar group member is kept for :meth:`_knn`.
+        """
+        emb = self.cols.embeddings
+        by_group = np.argsort(group, kind="stable")
+        bounds = np.flatnonzero(np.diff(group[by_group])) + 1
+        guest_of = runners_up.T.ravel()  # column-major: every crop's 2nd, then every 3rd
+        guest_ids = np.tile(ids, runners_up.shape[1])
+        by_guest = np.argsort(guest_of, kind="stable")
+        guest_starts = np.searchsorted(guest_of[by_guest], np.arange(group.max() + 2))
+        for members in np.split(ids[by_group], bounds):
+            if len(members) < 2 or len(members) > 16_384:
+                continue
+            sims = emb[members] @ emb[members].T
+            self.confirm(hits(sims, members, members, self.floor, upper=True))
+            np.fill_diagonal(sims, -np.inf)
+            self._nearest_known[members] = members[np.argmax(sims, axis=1)]
+            g = int(group[members[0] - ids[0]])
+            guests = guest_ids[by_guest[guest_starts[g] : guest_starts[g + 1]]]
+            if 0 < len(guests) <= 16_384:
+                for pairs in pairs_above(emb, guests, members, self.floor, block=len(guests)):
+                    self.confirm(pairs)
+
+    # -- queries --------------------------------------------------------------------
+
+    def _knn(self, index: hnswlib.Index, rows: IntArray, ef: int, members: bool = True) -> IntArray:
+        """Query ``index`` for each row, widening k until every neighbour above
+        the threshold is inside the returned set; return the rows that got lost.
+
+        With ``members`` every queried crop is itself in the index, so a search
+        that returns neither the crop itself nor its most similar crop known
+        from the exact in-group pass got lost on the way (or the crop has no
+        incoming links, which is common at a million crops and is why the
+        second landmark exists): such rows are returned unproposed.
+        """
+        count = index.get_current_count()
+        k = min(self.params.k_start, count)
+        pending = rows
+        lost_rows: list[IntArray] = []
+        while len(pending):
+            index.set_ef(max(ef, k))
+            try:
+                labels, distances = index.knn_query(self.cols.embeddings[pending], k=k)
+            except RuntimeError:
+                # hnswlib could not gather k results (a sparse graph region):
+                # settle these rows exactly rather than risk a missed link.
+                lost_rows.append(pending)
+                break
+            labels = labels.astype(np.int64)
+            sims = 1.0 - distances
+            full = (sims[:, -1] >= self.floor) & (k < count)
+            if members:
+                landmarks = np.full(len(pending), -1, dtype=np.int64)
+                if len(self._nearest_known):
+                    landmarks = self._nearest_known[pending]
+                reached = (labels == pending[:, None]) | (labels == landmarks[:, None])
+                lost = ~full & ~reached.any(axis=1)
+            else:
+                lost = np.zeros_like(full)
+            done = ~full & ~lost
+            hit_rows, hit_cols = np.nonzero((sims >= self.floor) & done[:, None])
+            self.confirm(
+                Pairs(pending[hit_rows], labels[hit_rows, hit_cols], sims[hit_rows, hit_cols])
+            )
+            lost_rows.append(pending[lost])
+            pending = pending[full]
+            k = min(4 * k, count)
+        return np.concatenate(lost_rows) if lost_rows else np.empty(0, dtype=np.int64)
+
+    def _settle_lost(self, lost: IntArray) -> int:
+        """Propose the pairs of the crops whose own search got lost; return how
+        many there were.
+
+        A few are asked again with a larger ef and then settled exactly. Many
+        (thousands at a million crops, mostly nodes HNSW left without incoming
+        links, which no ef finds) get an index of their own that every other
+        crop queries, plus an exact search among themselves: each of their
+        pairs is again searched from both ends, for a fraction of the cost of
+        an exact search against everything.
+        """
+        assert self.index is not None
+        count = self.index.get_current_count()
+        n_lost = len(lost)
+        if n_lost >= self.params.side_index_from:
+            self._via_side_index(np.unique(lost), count)
+            return n_lost
+        ef = self.params.ef_search
+        while len(lost) and ef < _MAX_EF:
+            ef = min(4 * ef, _MAX_EF)
+            lost = self._knn(self.index, lost, ef)
+        if len(lost):
+            self.exact(lost, count)
+        return n_lost
+
+    def _via_side_index(self, lost: IntArray, count: int) -> None:
+        """Exact pairs among ``lost``; every other indexed crop queries an index of them."""
+        emb = self.cols.embeddings
+        for pairs in pairs_above(emb, lost, lost, self.floor, block=1024):
+            self.confirm(pairs)
+        side = hnswlib.Index(space="ip", dim=self.cols.dim)
+        side.init_index(
+            max_elements=len(lost),
+            M=self.params.m,
+            ef_construction=self.params.ef_construction,
+            random_seed=self.params.seed,
+        )
+        side.set_num_threads(self.params.threads or _cpu_count())
+        side.add_items(emb[lost], lost)
+        others = np.ones(count, dtype=bool)
+        others[lost] = False
+        rows = np.nonzero(others)[0].astype(np.int64)
+        for start in range(0, len(rows), self.params.chunk):
+            part = rows[start : start + self.params.chunk]
+            failed = self._knn(side, part, self.params.side_ef, members=False)
+            for pairs in pairs_above(emb, failed, lost, self.floor, block=len(failed)):
+                self.confirm(pairs)
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
