@@ -31,9 +31,11 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
+from . import defaults
+
 RGB = tuple[int, int, int]
 
-DEFAULT_EMBEDDER = "efficientnet-lite0"
+DEFAULT_EMBEDDER = defaults.DEFAULT_EMBEDDER
 DEFAULT_DINO_MODEL = "facebook/dinov2-base"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

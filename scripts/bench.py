@@ -45,7 +45,7 @@ import torch
 from synth import clustered_embeddings
 
 from crop_clusterd.config import Config
-from crop_clusterd.defaults import COSINE_THRESHOLD
+from crop_clusterd.defaults import COSINE_THRESHOLD, DEFAULT_EMBEDDER
 from crop_clusterd.embed import Embedder
 from crop_clusterd.factory import embedder_from_config, linker_from_config
 from crop_clusterd.images import load_rgb
@@ -56,7 +56,7 @@ from crop_clusterd.simulate import SimConfig, simulate
 from crop_clusterd.store import DB_NAME
 from crop_clusterd.supervisor import Daemon, RunSummary
 
-MODEL = "efficientnet-lite0"
+MODEL = DEFAULT_EMBEDDER
 MICRO_BATCH = 32  # crops per incremental add: the daemon's default embed.batch_size
 
 

@@ -35,12 +35,12 @@ from pathlib import Path
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.cli import build_parser, config_from_args
 from crop_clusterd.csvfiles import CLUSTERS_CSV
+from crop_clusterd.defaults import DEFAULT_EMBEDDER, METHODS
 from crop_clusterd.embfile import EMBEDDINGS_PKL
 from crop_clusterd.evaluate import Evaluation, load_labels_csv, match_labels
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
 
-METHODS = ("cosine", "track")
 # Wide enough to see both sides of the optimum for the bundled model; the
 # refinement pass then looks at 0.01 steps around each best value.
 DEFAULT_COSINE_GRID = (0.70, 0.75, 0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
@@ -117,7 +117,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--species", action="store_true",
                    help="also measure cross-species / look-alike mixing per run")  # fmt: skip
     emb = p.add_argument_group("embedder (passed to crop-clusterd cluster)")
-    emb.add_argument("-e", "--embed", default="efficientnet-lite0")
+    emb.add_argument("-e", "--embed", default=DEFAULT_EMBEDDER)
     emb.add_argument("-fp", "--from_pretrained")
     emb.add_argument("--arch")
     emb.add_argument("-d", "--device")

@@ -144,13 +144,16 @@ def main() -> int:
         print(json.dumps(sampled, indent=2))
         return 0 if missed == 0 else 1
     t0 = time.perf_counter()
-    cache = args.cache / f"oracle-{args.n}-{args.dim}-{args.seed}-{args.threshold}.npz"
-    if args.cache and cache.exists():
+    cache = None
+    if args.cache is not None:
+        cache = args.cache / f"oracle-{args.n}-{args.dim}-{args.seed}-{args.threshold}.npz"
+    if cache is not None and cache.exists():
         saved = np.load(cache)
         expected, n_links = saved["ids"], int(saved["links"])
     else:
         expected, n_links = oracle(emb, args.threshold)
-        if args.cache:
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(cache, ids=expected, links=n_links)
     t_oracle = time.perf_counter() - t0
     result = {

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crop_clusterd.defaults import DEFAULT_METHOD, METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 
@@ -712,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=90.0, help="how long feeding takes")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--method", choices=("cosine", "track"), default="cosine")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     parser.add_argument("--model", default="colour-test", help="colour-test or efficientnet-lite0")
     parser.add_argument("--work", type=Path, default=Path("/tmp/crop-clusterd-soak"))
     parser.add_argument("--json", type=Path, help="also write the figures here")

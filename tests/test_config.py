@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from crop_clusterd.config import (
     EmbedConfig,
     InputConfig,
     LinkConfig,
+    LinkMethod,
     LogConfig,
     OutputConfig,
     above,
@@ -492,6 +494,12 @@ def test_schema_defaults_come_from_defaults_module() -> None:
         defaults.HNSW_EF_CONSTRUCTION,
         defaults.HNSW_EF_SEARCH,
     )
+
+
+def test_method_choices_are_the_engines_methods() -> None:
+    # A Literal type cannot be built from a tuple, so the schema spells the
+    # methods again; this keeps the two the same.
+    assert typing.get_args(LinkMethod) == defaults.METHODS
 
 
 @pytest.mark.parametrize(
