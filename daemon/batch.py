@@ -33,7 +33,7 @@ from .factory import embedder_from_config, linker_from_config, linker_spec
 from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop
 from .inputs import resolve_inputs
 from .linking import LinkBatch
-from .linktree import sync_link_tree
+from .linktree import SyncStats, sync_link_tree
 from .log import get_logger
 from .records import Assignment, Crop, Skipped
 
@@ -335,9 +335,5 @@ def _write_folders(
         log.info("dedup_written", folder=str(out / DEDUP_DIRS), **_stats(stats))
 
 
-def _stats(stats: object) -> dict[str, int]:
-    return {
-        k: v
-        for k in ("linked", "copied", "removed")
-        if isinstance(v := getattr(stats, k, None), int)
-    }
+def _stats(stats: SyncStats) -> dict[str, int]:
+    return {"linked": stats.linked, "copied": stats.copied, "removed": stats.removed}
