@@ -28,6 +28,9 @@ from crop_clusterd.linking import (
 from crop_clusterd.records import Merge
 
 FORCE_INDEX = HnswParams(brute_force_below=0, k_start=2, chunk=7)
+# Every query still full after its first k goes to the dense-group cover.
+FORCE_DENSE = HnswParams(brute_force_below=0, k_start=2, chunk=7, dense_k=2)
+SEARCHES = {"exact": None, "index": FORCE_INDEX, "dense": FORCE_DENSE}
 
 
 def clustered(
@@ -98,17 +101,17 @@ def scenes(draw: st.DrawFn) -> tuple[LinkBatch, float, list[int]]:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scene=scenes(), gated=st.booleans(), force_index=st.booleans())
+@given(scene=scenes(), gated=st.booleans(), search=st.sampled_from(sorted(SEARCHES)))
 def test_cosine_equals_bruteforce_oracle(
-    scene: tuple[LinkBatch, float, list[int]], gated: bool, force_index: bool
+    scene: tuple[LinkBatch, float, list[int]], gated: bool, search: str
 ) -> None:
     batch, threshold, cuts = scene
     gating = Gating() if gated else None
     expected = cosine_oracle(batch.embeddings, threshold, batch.times, batch.centers, gating)
 
-    whole = CosineLinker(threshold, gating, FORCE_INDEX if force_index else None)
+    whole = CosineLinker(threshold, gating, SEARCHES[search])
     whole.add(batch)
-    pieces = CosineLinker(threshold, gating, FORCE_INDEX if force_index else None)
+    pieces = CosineLinker(threshold, gating, SEARCHES[search])
     feed(pieces, batch, cuts)
 
     # Same partition and the same ids (smallest member), fed whole or in pieces.
@@ -140,6 +143,112 @@ def test_widening_finds_neighbours_beyond_the_first_k() -> None:
     linker = CosineLinker(0.95, None, HnswParams(brute_force_below=0, k_start=2))
     linker.add(batch_of(emb))
     assert linker.cluster_ids().tolist() == cosine_oracle(emb, 0.95)
+
+
+def near_duplicates(
+    rng: np.random.Generator, centre: npt.NDArray[np.float32], n: int, cosine: float
+) -> npt.NDArray[np.float32]:
+    """``n`` unit vectors around ``centre`` with pairwise cosine about ``cosine``."""
+    dim = len(centre)
+    spread = np.sqrt(1.0 / cosine - 1.0) / np.sqrt(dim)
+    x = centre.astype(np.float64) + spread * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out: npt.NDArray[np.float32] = x.astype(np.float32)
+    return out
+
+
+def link_logged(
+    emb: npt.NDArray[np.float32], threshold: float, params: HnswParams, cuts: list[int]
+) -> tuple[list[int], int]:
+    """Cluster ids from feeding ``emb`` in pieces, and how many crops went to the dense cover."""
+    linker = CosineLinker(threshold, None, params)
+    with capture_logs() as logs:
+        feed(linker, batch_of(emb), cuts)
+    dense = sum(int(e["dense"]) for e in logs if e["event"] == "hnsw_linked")
+    return linker.cluster_ids().tolist(), dense
+
+
+DENSE_PARAMS = HnswParams(brute_force_below=0, chunk=500)
+
+
+@pytest.mark.parametrize("cuts", [[], [700, 1100]])
+def test_a_stuck_insect_is_one_cluster_equal_to_the_oracle(cuts: list[int]) -> None:
+    """Case 5: hundreds of near-duplicates (pairwise ~0.99) among ordinary crops,
+    fed whole and in micro-batches: the dense cover runs, and the partition is
+    the all-pairs oracle's, the stuck group one cluster."""
+    rng = np.random.default_rng(11)
+    ordinary = clustered(rng, 900, 32, 120, 0.3)
+    stuck = near_duplicates(rng, ordinary[0], 600, 0.99)
+    order = rng.permutation(1500)
+    emb = np.ascontiguousarray(np.vstack([ordinary, stuck])[order])
+    ids, dense = link_logged(emb, 0.9, DENSE_PARAMS, cuts)
+    assert dense >= 500, "the stuck crops must take the dense path"
+    assert ids == cosine_oracle(emb, 0.9)
+    assert len({ids[i] for i in np.flatnonzero(order >= 900)}) == 1
+
+
+def test_two_dense_groups_joined_by_one_pair_are_one_cluster() -> None:
+    """Each end of the bridge has only its own group among its first k
+    neighbours, so a search that stops when its results share a cluster would
+    lose the one pair that joins the groups."""
+    rng = np.random.default_rng(5)
+    dim = 24
+    a_centre = np.zeros(dim, dtype=np.float32)
+    a_centre[0] = 1.0
+    b_centre = np.zeros(dim, dtype=np.float32)
+    b_centre[0], b_centre[1] = 0.6, 0.8  # cosine 0.6 between the groups
+    a = near_duplicates(rng, a_centre, 300, 0.995)
+    b = near_duplicates(rng, b_centre, 300, 0.995)
+    # The bridge: one crop of each group moved towards the other, cosine 0.93.
+    mid = (a_centre + b_centre) / np.linalg.norm(a_centre + b_centre)
+    side = (a_centre - b_centre) / np.linalg.norm(a_centre - b_centre)
+    half = np.arccos(0.93) / 2
+    a[0] = np.cos(half) * mid + np.sin(half) * side
+    b[0] = np.cos(half) * mid - np.sin(half) * side
+    emb = np.ascontiguousarray(np.vstack([a, b]))
+    assert 0.92 < float(emb[0] @ emb[300]) < 0.94
+    ids, dense = link_logged(emb, 0.92, DENSE_PARAMS, [])
+    assert dense > 0
+    assert ids == cosine_oracle(emb, 0.92) == [0] * 600
+
+
+def test_a_link_from_the_edge_of_one_dense_group_to_the_edge_of_another_is_found() -> None:
+    """r is a member of leader p's group (10 degrees from p), s of leader q's
+    (10 degrees from q), and r-s is the only link between the groups (22
+    degrees), 32 degrees from either leader: beyond the threshold angle of
+    both leaders, so only a reach of threshold angle plus cover radius finds it."""
+    rng = np.random.default_rng(9)
+    dim = 16
+
+    def at(degrees: float) -> npt.NDArray[np.float32]:
+        v = np.zeros(dim, dtype=np.float32)
+        v[0], v[1] = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+        return v
+
+    p, r, s, q = at(0), at(10), at(32), at(42)
+    group_a = np.vstack([p, near_duplicates(rng, p, 200, 0.995), r])
+    group_b = np.vstack([q, near_duplicates(rng, q, 200, 0.995), s])
+    # Leaders are the first dense crops by sequence number: p, then q.
+    emb = np.ascontiguousarray(np.vstack([group_a, group_b]))
+    ids, dense = link_logged(emb, 0.92, DENSE_PARAMS, [])
+    assert dense == len(emb)
+    assert ids == cosine_oracle(emb, 0.92) == [0] * len(emb)
+
+
+@pytest.mark.parametrize(("cosine", "threshold"), [(0.93, 0.9), (0.97, 0.96), (0.9995, 0.999)])
+def test_a_dense_group_straddling_the_threshold_equals_the_oracle(
+    cosine: float, threshold: float
+) -> None:
+    """Groups whose pairs scatter around the threshold: not every member is
+    within the cover radius of a leader, and the partition is still exact."""
+    rng = np.random.default_rng(int(cosine * 1e4))
+    dim = 16
+    centres = clustered(rng, 4, dim, 4, 1.0)
+    emb = np.vstack([near_duplicates(rng, c, 250, cosine) for c in centres])
+    emb = np.ascontiguousarray(emb[rng.permutation(len(emb))])
+    ids, dense = link_logged(emb, threshold, DENSE_PARAMS, [400])
+    assert dense > 0
+    assert ids == cosine_oracle(emb, threshold)
 
 
 def test_gated_link_found_when_global_neighbours_are_all_out_of_window() -> None:

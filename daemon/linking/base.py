@@ -90,6 +90,10 @@ class HnswParams:
     # keeps a margin for a million (scripts/check_oracle.py).
     ef_search: int = defaults.HNSW_EF_SEARCH
     k_start: int = 16
+    # A query whose k-th neighbour is still above the threshold at this k stops
+    # widening: its crop sits in a dense group (a stuck insect), which is settled
+    # by exact products around a few leaders instead (crop_clusterd.linking.neighbours).
+    dense_k: int = 64
     # Below this many crops an exact search is faster than keeping an index.
     brute_force_below: int = 4096
     threads: int = 0  # 0 = all cores

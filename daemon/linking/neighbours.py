@@ -13,7 +13,15 @@ How a batch is searched (all of it exists to lose no pair above the threshold):
   exact products first.
 * The whole batch is indexed before any of it is queried, so a pair inside it
   is searched from both ends.
-* Each query widens k until the k-th neighbour falls below the threshold.
+* Each query widens k until the k-th neighbour falls below the threshold, up
+  to ``dense_k``. A crop still full at ``dense_k`` sits in a dense group (a
+  stuck insect: thousands of near-duplicates), where widening would make every
+  member ask for all of them. Such crops are settled instead by a cover: a few
+  leaders, each with the dense crops within half the threshold angle of it,
+  linked to its leader, and everything a member can reach (by the triangle
+  inequality, within the threshold angle plus that radius of the leader) is
+  compared exactly with the members. Connected components need enough pairs,
+  not every pair: a dense group costs about its size, not its size squared.
 * A query that finds neither its own crop nor its most similar anchor-group
   member got lost; lost queries are retried at a larger ef and then settled
   exactly, or, when there are many, through a side index of them.
@@ -21,6 +29,7 @@ How a batch is searched (all of it exists to lose no pair above the threshold):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +40,7 @@ import numpy as np
 
 from ..log import get_logger
 from .base import CropColumns, HnswParams, IntArray
-from .exact import Pairs, candidate_floor, hits, pairs_above
+from .exact import FLOAT32_MARGIN, Pairs, candidate_floor, hits, pairs_above
 
 log = get_logger(__name__)
 
@@ -54,12 +63,15 @@ class NeighbourSearch:
     ) -> None:
         self.cols = cols
         self.params = params
+        self.threshold = threshold
         self.floor = candidate_floor(threshold)
         self.confirm = confirm
         self.index: hnswlib.Index | None = None
         # For the batch being linked: each crop's most similar crop of its own
         # group (-1 = unknown), a second landmark for telling a lost search.
         self._nearest_known: IntArray = np.empty(0, dtype=np.int64)
+        # Crops whose query stopped widening at dense_k, for _settle_dense.
+        self._dense: list[IntArray] = []
 
     def propose(self, seqs: range) -> None:
         """Propose the pairs of the crops ``seqs`` (already in ``cols``)."""
@@ -88,15 +100,19 @@ class NeighbourSearch:
         ]
         t3 = time.perf_counter()
         n_lost = self._settle_lost(np.concatenate(lost))
+        t4 = time.perf_counter()
+        n_dense = self._settle_dense()
         self._nearest_known = np.empty(0, dtype=np.int64)
         log.debug(
             "hnsw_linked",
             crops=len(order),
             lost=n_lost,
+            dense=n_dense,
             order_s=round(t1 - t0, 2),
             index_s=round(t2 - t1, 2),
             query_s=round(t3 - t2, 2),
-            lost_s=round(time.perf_counter() - t3, 2),
+            lost_s=round(t4 - t3, 2),
+            dense_s=round(time.perf_counter() - t4, 2),
         )
 
     def exact(self, rows: IntArray, upto: int) -> None:
@@ -269,6 +285,10 @@ class NeighbourSearch:
         """Query ``index`` for each row, widening k until every neighbour above
         the threshold is inside the returned set; return the rows that got lost.
 
+        With ``members``, a row still full at ``dense_k`` stops widening: its
+        hits so far are proposed and the row goes to ``_dense`` for
+        :meth:`_settle_dense`.
+
         With ``members`` every queried crop is itself in the index, so a search
         that returns neither the crop itself nor its most similar crop known
         from the exact in-group pass got lost on the way (or the crop has no
@@ -299,13 +319,15 @@ class NeighbourSearch:
                 lost = ~full & ~reached.any(axis=1)
             else:
                 lost = np.zeros_like(full)
-            done = ~full & ~lost
+            dense = full & (k >= self.params.dense_k) if members else np.zeros_like(full)
+            done = (~full & ~lost) | dense
             hit_rows, hit_cols = np.nonzero((sims >= self.floor) & done[:, None])
             self.confirm(
                 Pairs(pending[hit_rows], labels[hit_rows, hit_cols], sims[hit_rows, hit_cols])
             )
             lost_rows.append(pending[lost])
-            pending = pending[full]
+            self._dense.append(pending[dense])
+            pending = pending[full & ~dense]
             k = min(4 * k, count)
         return np.concatenate(lost_rows) if lost_rows else np.empty(0, dtype=np.int64)
 
@@ -333,6 +355,87 @@ class NeighbourSearch:
         if len(lost):
             self.exact(lost, count)
         return n_lost
+
+    # -- dense groups ---------------------------------------------------------------
+
+    def _settle_dense(self) -> int:
+        """Propose every pair of the crops in ``_dense`` that a full search would;
+        return how many crops there were.
+
+        A greedy cover splits them into leaders with members (see
+        :meth:`_cover`); each member is proposed with its leader, so a
+        leader's members end up in one cluster. Whatever a member links to is
+        within ``reach`` of the leader (angles add up), so every crop there
+        that is not a member is compared exactly with all members.
+        """
+        if not self._dense:
+            return 0
+        dense = np.unique(np.concatenate(self._dense))
+        self._dense = []
+        if len(dense) == 0:
+            return 0
+        member_cos, reach_cos = self._cover_radii()
+        emb = self.cols.embeddings
+        count = self.cols.n
+        cover = self._cover(dense, member_cos)
+        step = max(1, 2**24 // count)
+        for start in range(0, len(cover), step):
+            part = cover[start : start + step]
+            leaders = np.array([leader for leader, _ in part], dtype=np.int64)
+            sims = emb[leaders] @ emb[:count].T
+            for row, (leader, members) in enumerate(part):
+                self.confirm(Pairs(members, np.full(len(members), leader), sims[row, members]))
+                near = np.flatnonzero(sims[row] >= reach_cos).astype(np.int64)
+                self._link_to_members(np.setdiff1d(near, members), members)
+        return len(dense)
+
+    def _cover_radii(self) -> tuple[float, float]:
+        """(member_cos, reach_cos): a member's least similarity to its leader,
+        and the least similarity to the leader of anything a member can link to.
+
+        Members lie within half the threshold angle, and at least
+        ``FLOAT32_MARGIN`` above the threshold, so their pair with the leader is
+        accepted without a float64 check. Both bounds allow for float32 error.
+        """
+        link_angle = math.acos(max(-1.0, min(1.0, self.floor)))
+        member_cos = max(math.cos(link_angle / 2), self.threshold + FLOAT32_MARGIN)
+        member_angle = math.acos(max(-1.0, min(1.0, member_cos - FLOAT32_MARGIN)))
+        reach_cos = math.cos(min(math.pi, link_angle + member_angle)) - FLOAT32_MARGIN
+        return member_cos, reach_cos
+
+    def _cover(self, rows: IntArray, member_cos: float) -> list[tuple[int, IntArray]]:
+        """Greedy cover of ``rows``: the first uncovered row leads every uncovered
+        row at least ``member_cos`` similar to it. Returns (leader, members) pairs;
+        each leader is among its members, each row in exactly one."""
+        emb = self.cols.embeddings
+        left = rows
+        cover: list[tuple[int, IntArray]] = []
+        while len(left):
+            leader = int(left[0])
+            close = emb[left] @ emb[leader] >= member_cos
+            close[0] = True  # float32 may put a crop a hair below itself
+            cover.append((leader, left[close]))
+            left = left[~close]
+        return cover
+
+    def _link_to_members(self, outsiders: IntArray, members: IntArray) -> None:
+        """Propose the pairs of ``outsiders`` with ``members`` (one cluster already)
+        that can link: one sure pair per outsider is enough, and where none is
+        sure, every pair within the float32 margin goes to the exact check."""
+        if len(outsiders) == 0:
+            return
+        emb = self.cols.embeddings
+        sure_from = self.threshold + FLOAT32_MARGIN
+        step = max(1, 2**24 // len(members))
+        for start in range(0, len(outsiders), step):
+            part = outsiders[start : start + step]
+            sims = emb[part] @ emb[members].T
+            best = np.argmax(sims, axis=1)
+            best_sim = sims[np.arange(len(part)), best]
+            sure = best_sim >= sure_from
+            self.confirm(Pairs(part[sure], members[best[sure]], best_sim[sure]))
+            unsure = ~sure
+            self.confirm(hits(sims[unsure], part[unsure], members, self.floor))
 
     def _via_side_index(self, lost: IntArray, count: int) -> None:
         """Exact pairs among ``lost``; every other indexed crop queries an index of them."""
