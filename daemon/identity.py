@@ -53,13 +53,12 @@ class Fingerprint:
         """The fingerprint of a stat result."""
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
-    def same_file(self, other: Fingerprint) -> bool:
-        """Whether ``other`` is this very file, unchanged, possibly under another name.
-
-        Needs a known inode: a rename keeps inode, size and mtime, a rewrite
-        changes at least one of them (``rsync`` renames a new inode over).
-        """
-        return self.inode != 0 and self == other
+    def matches(self, other: Fingerprint) -> bool:
+        """Whether ``other`` may be the same file unchanged: size and mtime equal, and
+        the inodes too where both are known (rows of a schema 1 state have none)."""
+        if (self.size, self.mtime_ns) != (other.size, other.mtime_ns):
+            return False
+        return self.inode == 0 or other.inode == 0 or self.inode == other.inode
 
 
 def content_hash(path: str | os.PathLike[str]) -> str:
@@ -92,6 +91,8 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._by_content: dict[str, set[str]] = {}
         self._by_fingerprint: dict[Fingerprint, set[str]] = {}
+        # Rows of a schema 1 state: no inode, no hash; size and mtime in ns must do.
+        self._by_stat: dict[tuple[int, int], set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -125,18 +126,22 @@ class Registry:
             return
         _unindex(self._by_content, entry.content, path)
         _unindex(self._by_fingerprint, entry.fingerprint, path)
+        if entry.fingerprint is not None:
+            _unindex(self._by_stat, (entry.fingerprint.size, entry.fingerprint.mtime_ns), path)
 
     def moved_from(self, fingerprint: Fingerprint, content: str | None) -> str | None:
         """The known path whose file now lives elsewhere with this identity, or None.
 
         A candidate matches by inode+size+mtime (a rename) or by content (a
-        copy-and-delete, another file system); it counts only if nothing exists
+        copy-and-delete, another file system), or, for a row without inode and
+        hash (schema 1), by size and mtime; it counts only if nothing exists
         at its path any more, so a copy beside the original is a new crop.
         Of several candidates the first in path order is taken.
         """
         candidates = set(self._by_fingerprint.get(fingerprint, ())) if fingerprint.inode else set()
         if content is not None:
             candidates.update(self._by_content.get(content, ()))
+        candidates.update(self._by_stat.get((fingerprint.size, fingerprint.mtime_ns), ()))
         for path in sorted(candidates):
             entry = self._entries[path]
             if entry.fingerprint is not None and entry.fingerprint.size != fingerprint.size:
@@ -150,6 +155,8 @@ class Registry:
             self._by_content.setdefault(content, set()).add(path)
         if fingerprint is not None and fingerprint.inode:
             self._by_fingerprint.setdefault(fingerprint, set()).add(path)
+        elif fingerprint is not None and content is None:
+            self._by_stat.setdefault((fingerprint.size, fingerprint.mtime_ns), set()).add(path)
 
 
 def _unindex(index: dict[K, set[str]], key: K | None, path: str) -> None:

@@ -277,10 +277,10 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             return False
         if seen is None:
             try:
-                return Fingerprint.of(os.lstat(path)) != entry.fingerprint
+                return not entry.fingerprint.matches(Fingerprint.of(os.lstat(path)))
             except OSError:
                 return False  # gone or unreadable: nothing to do (deletions are never acted on)
-        return Fingerprint(seen.size, seen.mtime_ns, seen.inode) != entry.fingerprint
+        return not entry.fingerprint.matches(Fingerprint(seen.size, seen.mtime_ns, seen.inode))
 
     def _identify(self, name: str, seen: FileSeen) -> str | None:
         """Hash a settled crop and decide what it is; its hash when it is to be embedded.
