@@ -93,6 +93,7 @@ class Registry:
         self._by_fingerprint: dict[Fingerprint, set[str]] = {}
         # Rows of a schema 1 state: no inode, no hash; size and mtime in ns must do.
         self._by_stat: dict[tuple[int, int], set[str]] = {}
+        self._by_inode: dict[int, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -127,6 +128,7 @@ class Registry:
         _unindex(self._by_content, entry.content, path)
         _unindex(self._by_fingerprint, entry.fingerprint, path)
         if entry.fingerprint is not None:
+            _unindex(self._by_inode, entry.fingerprint.inode, path)
             _unindex(self._by_stat, (entry.fingerprint.size, entry.fingerprint.mtime_ns), path)
 
     def moved_from(self, fingerprint: Fingerprint, content: str | None) -> str | None:
@@ -150,11 +152,24 @@ class Registry:
                 return path
         return None
 
+    def replaced(self, inode: int) -> str | None:
+        """The known path whose file was moved to ``inode``'s new path and rewritten, or None.
+
+        The same inode under a new path, with another size or mtime, and nothing
+        left at the old path: the old row names a file that is gone either way
+        (moved and changed, or deleted and its inode reused), so it is retired.
+        """
+        for path in sorted(self._by_inode.get(inode, ())) if inode else ():
+            if not os.path.lexists(path):
+                return path
+        return None
+
     def _index(self, path: str, fingerprint: Fingerprint | None, content: str | None) -> None:
         if content is not None:
             self._by_content.setdefault(content, set()).add(path)
         if fingerprint is not None and fingerprint.inode:
             self._by_fingerprint.setdefault(fingerprint, set()).add(path)
+            self._by_inode.setdefault(fingerprint.inode, set()).add(path)
         elif fingerprint is not None and content is None:
             self._by_stat.setdefault((fingerprint.size, fingerprint.mtime_ns), set()).add(path)
 

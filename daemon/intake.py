@@ -31,7 +31,7 @@ from .flatbug import (
     describe_crop,
     parse_crop_name,
 )
-from .identity import Fingerprint, Registry, content_hash
+from .identity import Entry, Fingerprint, Registry, content_hash
 from .log import get_logger
 from .records import Crop, DecodeFailure, IntakeUnit, Moved, Prepared, Skipped
 from .stage import Stage, Stop
@@ -273,8 +273,10 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         entry = self._known.get(name)
         if entry is None:
             return True
-        if entry.kind == "pending" or entry.fingerprint is None:
+        if entry.kind == "pending":
             return False
+        if entry.fingerprint is None:
+            return True  # a row whose stat is unknown: look at the file again
         if seen is None:
             try:
                 return not entry.fingerprint.matches(Fingerprint.of(os.lstat(path)))
@@ -300,6 +302,8 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         else:
             old = self._known.moved_from(fingerprint, content)
         if old is None:
+            if entry is None:
+                entry = self._moved_and_rewritten(name, seen)
             if entry is not None and entry.kind == "crop":
                 log.info("crop_rewritten", file=name, note="embedded again; the old one retired")
             elif entry is not None:
@@ -312,6 +316,19 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._known.set(name, kind_, fingerprint, content)
         self._moved.append(Moved(old, name, kind_, seen.size, seen.mtime_ns, seen.inode, content))
         return None
+
+    def _moved_and_rewritten(self, name: str, seen: FileSeen) -> Entry | None:
+        """A known file moved here and changed (its inode, old path gone): its row
+        follows it here, to be retired when the new content is committed."""
+        old = self._known.replaced(seen.inode)
+        entry = self._known.get(old) if old is not None else None
+        if old is None or entry is None or entry.kind == "pending":
+            return None
+        self._known.forget(old)
+        # No stat: should the daemon stop before the new content is committed,
+        # the next start finds this row changed and embeds the file again.
+        self._moved.append(Moved(old, name, entry.kind, None, None, None, None))
+        return entry
 
     def _metadata_ready(self, seen: FileSeen) -> None:
         if self.metadata_index is None:
@@ -422,6 +439,12 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             self._decoding.append(unit)
 
     def _emit(self, now: float) -> None:
+        if self._moved:
+            # Moves need no model: they pass the embed stage as they are, ahead of
+            # any crop found after them (a moved-and-rewritten row must move first).
+            moved, self._moved = tuple(self._moved), []
+            if not self.emit(IntakeUnit((), (), (), moved), give_up=self.failed):
+                return
         while self._decoding and all(f.done() for f in self._decoding[0].futures):
             unit = self._decoding.popleft()
             prepared: list[Prepared] = []
@@ -471,7 +494,3 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             unit_out = IntakeUnit(tuple(prepared), tuple(ready_at), tuple(skipped))
             if (prepared or skipped) and not self.emit(unit_out, give_up=self.failed):
                 return  # stopping: whatever was not handed on is found again at restart
-        if self._moved:
-            # Moves need no model: they pass the embed stage as they are.
-            moved, self._moved = tuple(self._moved), []
-            self.emit(IntakeUnit((), (), (), moved), give_up=self.failed)

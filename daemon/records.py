@@ -109,15 +109,17 @@ class Moved:
     embedded again) or with a new stat but the same bytes (``old == new``).
 
     ``kind`` says which table holds it (``"crop"`` or ``"skip"``); ``size``
-    (bytes), ``mtime_ns``, ``inode`` and ``content`` are its identity now.
+    (bytes), ``mtime_ns``, ``inode`` and ``content`` are its identity now;
+    ``None`` stat fields mark a row whose new content is still to be committed
+    (moved and rewritten), which the next start looks at again.
     """
 
     old: str
     new: str
     kind: str
-    size: int
-    mtime_ns: int
-    inode: int
+    size: int | None
+    mtime_ns: int | None
+    inode: int | None
     content: str | None
 
 

@@ -346,9 +346,17 @@ class StateStore:
         at = time.time() if now is None else now
         rows = [_crop_row(c, batch, at) for c in crops]
         targets = [c.item.crop.name for c in crops] + [s.name for s in skipped]
-        targets += [m.new for m in moved if m.new != m.old]
         with self._db:
-            retired = self._vacate(targets)
+            # Moves first: a moved-and-rewritten row moves, then its new content retires it.
+            retired = self._vacate([m.new for m in moved if m.new != m.old])
+            for m in moved:
+                table, live = ("crops", " AND retired = 0") if m.kind == "crop" else ("skipped", "")
+                self._db.execute(
+                    f"UPDATE {table} SET path = ?, size = ?, mtime_ns = ?, inode = ?, "
+                    f"content = coalesce(?, content) WHERE path = ?{live}",
+                    (m.new, m.size, m.mtime_ns, m.inode, m.content, m.old),
+                )
+            retired += self._vacate(targets)
             self._db.executemany(
                 "INSERT INTO crops(seq, path, size, mtime_ns, inode, content, frame, crop_index, "
                 "time, cx, cy, batch, cluster, added, vector) "
@@ -364,13 +372,6 @@ class StateStore:
                 "VALUES (?,?,?,?,?,?,?)",
                 [(s.name, s.reason, s.size, s.mtime_ns, at, s.inode, s.content) for s in skipped],
             )
-            for m in moved:
-                table, live = ("crops", " AND retired = 0") if m.kind == "crop" else ("skipped", "")
-                self._db.execute(
-                    f"UPDATE {table} SET path = ?, size = ?, mtime_ns = ?, inode = ?, "
-                    f"content = coalesce(?, content) WHERE path = ?{live}",
-                    (m.new, m.size, m.mtime_ns, m.inode, m.content, m.old),
-                )
             if retired or any(m.old != m.new for m in moved):
                 self._db.execute(
                     "INSERT INTO meta(key, value) VALUES ('paths', '1') ON CONFLICT(key) "

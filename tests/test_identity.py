@@ -402,3 +402,41 @@ def test_a_crop_rewritten_while_stopped_is_embedded_again_at_start(
     run_until_idle(config)
     assert counting.embedded == 0
     assert len(rows(config)) == 2
+
+
+def test_track_moves_and_rewrites_across_restarts(
+    tmp_path: Path, seed_crops: list[Path], counting: type[CountingEmbedder]
+) -> None:
+    """``track`` (frame by frame; restores by replaying the stored batches): a moved
+    frame keeps its tracks, rewritten crops are embedded again, and the replay
+    over retired rows still reproduces the stored ids at the next start."""
+    watch = tmp_path / "W"
+    names = seed_frames(seed_crops, watch)
+    config = dataclasses.replace(
+        config_for(tmp_path, watch),
+        link=dataclasses.replace(make_config(tmp_path, watch, "track").link),
+    )
+    run_until_idle(config)
+    before = partition(rows(config))
+    assert len(rows(config)) == 17
+    os.rename(watch / FRAMES[0], watch / "moved")
+    moved = {n.replace(f"/W/{FRAMES[0]}/", "/W/moved/") for n in names}
+    rewritten = sorted(p for p in (watch / "moved" / "crops").iterdir())[:3]
+    for p in rewritten:
+        png(p, BLUE[0], (30, 30))
+    counting.embedded = 0
+    run_until_idle(config)
+    assert counting.embedded == 3
+    listed = rows(config)
+    assert sorted(n for n, _ in listed) == sorted(moved)
+    # The crops neither moved-and-rewritten keep their tracks.
+    kept = {frozenset(n.replace(f"/W/{FRAMES[0]}/", "/W/moved/") for n in g) for g in before}
+    untouched = {str(p) for p in rewritten}
+    now = partition(listed)
+    assert {g - untouched for g in now if g - untouched} == {
+        g - untouched for g in kept if g - untouched
+    }
+    counting.embedded = 0
+    run_until_idle(config)  # the replay of the stored batches must still match
+    assert counting.embedded == 0
+    assert partition(rows(config)) == now
