@@ -26,6 +26,14 @@ from .store import StateStore
 log = get_logger(__name__)
 
 
+def _vacated(item: MicroBatch) -> list[str]:
+    """The paths where this batch's commit retires live crops (see ``commit_batch``):
+    its crops' and skips' paths, and the old paths of rows moved onto them."""
+    targets = [e.crop.name for e in item.embedded] + [s.name for s in item.skipped]
+    onto = set(targets)
+    return targets + [m.old for m in item.moved if m.new in onto and m.kind == "crop"]
+
+
 class LinkStage(Stage[MicroBatch, None]):
     """Assigns each micro-batch to clusters and commits it to the state store.
 
@@ -111,6 +119,9 @@ class LinkStage(Stage[MicroBatch, None]):
         try:
             result_seqs: range = range(0)
             merges: tuple[Merge, ...] = ()
+            # Crops whose files were rewritten stop linking before their new content
+            # is added (it must not link to its own old embedding); the commit retires them.
+            self.linker.retire(np.array(self.store.live_seqs(_vacated(item)), dtype=np.int64))
             if item.embedded:
                 result = self.linker.add(LinkBatch.from_embedded(item.embedded))
                 result_seqs, merges = result.seqs, result.merges

@@ -440,6 +440,20 @@ class StateStore:
         """Paths that are done: clustered (live) or recorded as skipped."""
         return {row[0] for row in self.registry_rows()}
 
+    def live_seqs(self, paths: Sequence[str]) -> list[int]:
+        """Sequence numbers of the live crops at ``paths`` (the rows a commit would retire)."""
+        seqs: list[int] = []
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            seqs.extend(
+                int(r[0])
+                for r in self._db.execute(
+                    f"SELECT seq FROM crops WHERE retired = 0 AND path IN ({marks})", chunk
+                )
+            )
+        return seqs
+
     def retired_seqs(self) -> frozenset[int]:
         """Sequence numbers of retired crops (rewritten since; not in the outputs)."""
         rows = self._db.execute("SELECT seq FROM crops WHERE retired = 1").fetchall()

@@ -86,6 +86,8 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
             index_covers=int(store.get_meta("index_covers") or 0),
         )
     )
+    # After the restore: track's replay must see the embeddings its stored ids came from.
+    linker.retire(np.array(sorted(store.retired_seqs()), dtype=np.int64))
     log.info(
         "state_restored",
         crops=n,

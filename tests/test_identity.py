@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fakes import BLUE, GREEN, RED, ColourEmbedder
 from PIL import Image
@@ -440,3 +441,56 @@ def test_track_moves_and_rewrites_across_restarts(
     run_until_idle(config)  # the replay of the stored batches must still match
     assert counting.embedded == 0
     assert partition(rows(config)) == now
+
+
+def cluster_of(config: Config, path: Path) -> int:
+    return dict(rows(config))[str(path)]
+
+
+def test_a_rewritten_crops_old_embedding_stops_linking_live_and_after_restart(
+    tmp_path: Path,
+) -> None:
+    """Cluster ids are the smallest member's seq: a new red crop joining seq 0's
+    cluster would show that the retired red embedding of ``a`` still links."""
+    watch = tmp_path / "W"
+    a = png(watch / "f" / "a.png", RED[0])
+    config = config_for(tmp_path, watch)
+    run = Running(config)
+    try:
+        wait_for(lambda: len(rows(config)) == 1)
+        assert cluster_of(config, a) == 0
+        png(a, BLUE[0])
+        wait_for(lambda: cluster_of(config, a) == 1)  # seq 1: its new row
+        b = png(watch / "f" / "b.png", RED[1])
+        wait_for(lambda: len(rows(config)) == 2)
+        assert cluster_of(config, b) == 2  # not 0: the old red `a` is retired
+    finally:
+        run.stop()
+    c = png(watch / "f" / "c.png", RED[2])
+    run_until_idle(config)
+    assert partition(rows(config)) == {frozenset({str(a)}), frozenset({str(b), str(c)})}
+    assert cluster_of(config, c) == 2
+
+
+@pytest.mark.parametrize("brute_force_below", [4096, 1])
+def test_linker_retire_refuses_pairs_also_where_an_index_holds_the_old_vector(
+    brute_force_below: int,
+) -> None:
+    """With ``brute_force_below=1`` the HNSW index (its own copy of the vectors)
+    proposes the pair; the retired crop must still not link."""
+    from crop_clusterd.linking import LinkBatch
+    from crop_clusterd.linking.base import HnswParams
+    from crop_clusterd.linking.cosine import CosineLinker
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    linker = CosineLinker(0.9, hnsw=HnswParams(brute_force_below=brute_force_below, threads=1))
+    linker.add(LinkBatch.from_embeddings(base))
+    linker.retire(np.array([3]))
+    again = linker.add(LinkBatch.from_embeddings(base[3:4].copy()))  # the old crop's twin
+    assert linker.cluster_of(np.array(again.seqs))[0] == again.seqs.start
+    twin = linker.add(LinkBatch.from_embeddings(base[5:6].copy()))  # others still link
+    assert linker.cluster_of(np.array(twin.seqs))[0] == linker.cluster_of(np.array([5]))[0]
+    with pytest.raises(IndexError):
+        linker.retire(np.array([10_000]))
