@@ -486,7 +486,7 @@ def test_linker_retire_refuses_pairs_also_where_an_index_holds_the_old_vector(
     base = rng.normal(size=(40, 16)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     linker = CosineLinker(0.9, hnsw=HnswParams(brute_force_below=brute_force_below, threads=1))
-    linker.add(LinkBatch.from_embeddings(base))
+    linker.add(LinkBatch.from_embeddings(base.copy()))  # adopted: retire() zeroes its rows
     linker.retire(np.array([3]))
     again = linker.add(LinkBatch.from_embeddings(base[3:4].copy()))  # the old crop's twin
     assert linker.cluster_of(np.array(again.seqs))[0] == again.seqs.start
