@@ -494,3 +494,35 @@ def test_linker_retire_refuses_pairs_also_where_an_index_holds_the_old_vector(
     assert linker.cluster_of(np.array(twin.seqs))[0] == linker.cluster_of(np.array([5]))[0]
     with pytest.raises(IndexError):
         linker.retire(np.array([10_000]))
+
+
+def test_store_moves_retires_and_vacates_in_one_commit(tmp_path: Path) -> None:
+    """The state database's side: a skip row goes when its path gets a crop, a
+    move keeps the seq, a rewrite retires the live row, and a row moved without a
+    stat (moved and rewritten, new content not yet committed) is looked at again."""
+    from crop_clusterd.records import CommittedCrop, Crop, DecodeFailure, Embedded, Moved
+
+    def crop(name: str, seq: int, content: str) -> CommittedCrop:
+        c = Crop(Path(name), name, size=10, mtime_ns=5, inode=seq + 100, content=content)
+        return CommittedCrop(Embedded(c, np.full(4, 0.5, dtype=np.float32)), seq, seq)
+
+    with StateStore(tmp_path) as store:
+        store.commit_batch(0, [crop("/w/a.png", 0, "h0")], [], [DecodeFailure("/w/b.png", "bad")])
+        store.commit_batch(1, [crop("/w/b.png", 1, "h1")], [], [])
+        assert [s.path for s in store.load_skipped()] == []
+        store.commit_batch(
+            2, [], [], [], moved=[Moved("/w/a.png", "/w/x/a.png", "crop", 10, 6, 100, "h0")]
+        )
+        store.commit_batch(3, [crop("/w/b.png", 2, "h2")], [], [])
+        assert store.retired_seqs() == frozenset({1})
+        assert store.paths_version() == 2
+        store.commit_batch(
+            4, [], [], [], moved=[Moved("/w/x/a.png", "/w/y.png", "crop", None, None, None, None)]
+        )
+        got = {path: (kind, fp, content) for path, kind, fp, content in store.registry_rows()}
+        assert got == {
+            "/w/y.png": ("crop", None, "h0"),
+            "/w/b.png": ("crop", Fingerprint(10, 5, 102), "h2"),
+        }
+        assert store.load_crops().paths == ("/w/y.png", "/w/b.png", "/w/b.png")
+        assert store.counts().crops == 2
