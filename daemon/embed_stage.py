@@ -82,6 +82,7 @@ class EmbedStage(Stage[IntakeUnit, MicroBatch]):
         prepared = [p for u in units for p in u.prepared]
         ready_at = tuple(t for u in units for t in u.ready_at)
         skipped = tuple(s for u in units for s in u.skipped)
+        moved = tuple(m for u in units for m in u.moved)
         embedded: list[Embedded] = []
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start : start + self.batch_size]
@@ -94,4 +95,4 @@ class EmbedStage(Stage[IntakeUnit, MicroBatch]):
                 Embedded(p.crop, np.array(vectors[i], dtype=np.float32))
                 for i, p in enumerate(chunk)
             )
-        self.emit(MicroBatch(tuple(embedded), ready_at, skipped), give_up=self.failed)
+        self.emit(MicroBatch(tuple(embedded), ready_at, skipped, moved), give_up=self.failed)

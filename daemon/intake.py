@@ -31,8 +31,9 @@ from .flatbug import (
     describe_crop,
     parse_crop_name,
 )
+from .identity import Entry, Fingerprint, Registry, content_hash
 from .log import get_logger
-from .records import Crop, DecodeFailure, IntakeUnit, Prepared, Skipped
+from .records import Crop, DecodeFailure, IntakeUnit, Moved, Prepared, Skipped
 from .stage import Stage, Stop
 from .watch import FileSeen, Settler, kind, scan_tree
 
@@ -90,8 +91,12 @@ class _Decoding:
 class IntakeStage(Stage[Path, IntakeUnit]):
     """Turns file hints into decoded crops, ready for the model.
 
-    Owns the record of which files are known (processed, in flight, or waiting
-    for a retry), the settler and the metadata index. Every ``rescan_s`` (and
+    Owns the registry of known files (processed, in flight, or waiting for a
+    retry; :mod:`.identity`), the settler and the metadata index. A known path
+    whose stat changed is looked at again: the same bytes only refresh its
+    stat, other bytes make it a new crop (a skipped file is tried again, a
+    clustered one is retired and embedded again). A new path holding a known
+    file whose old path is gone is a move: the stored row follows it. Every ``rescan_s`` (and
     at start, and after lost hints) it walks the tree, because observers drop
     events. A ready crop waits for its frame's metadata JSON (with metadata on)
     up to ``metadata_wait_s``, and for the frame to go quiet for ``settle_s``,
@@ -110,7 +115,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         outbox: queue.Queue[IntakeUnit | Stop],
         stopping: threading.Event,
         *,
-        known: set[str],
+        known: Registry,
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.05,
     ) -> None:
@@ -129,6 +134,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._known = known
         self._settling: set[str] = set()
         self._waiting: dict[str, _Waiting] = {}
+        self._moved: list[Moved] = []
         self._to_decode: deque[_Decoding] = deque()
         self._decoding: deque[_Decoding] = deque()
         self._retries: list[tuple[float, int, Crop, float, int]] = []  # heap
@@ -205,7 +211,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         if kind(path) is None:
             return
         name = record_name(path)
-        if name in self._known or name in self._settling:
+        if name in self._settling or not self._changed(name, None, path):
             return
         self._settling.add(name)
         self.settler.offer(Path(path))
@@ -215,7 +221,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         try:
             for seen in scan_tree(folder, recursive=self.options.recursive):
                 name = record_name(seen.path)
-                if name in self._known or name in self._settling:
+                if name in self._settling or not self._changed(name, seen, seen.path):
                     continue
                 self._settling.add(name)
                 self.settler.offer(seen.path, seen)
@@ -237,7 +243,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             log.info("file_vanished", file=record_name(path))
         for path in result.not_regular:
             self._settling.discard(record_name(path))
-            self._known.add(record_name(path))
+            self._known.set(record_name(path), "pending", None, None)
             log.info("not_a_regular_file", file=record_name(path))
         for path, reason in result.failed:
             self._settling.discard(record_name(path))
@@ -248,13 +254,81 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             if kind(seen.path) == "metadata":
                 self._metadata_ready(seen)
                 continue
+            content = self._identify(name, seen)
+            if content is None:
+                continue
             parsed = parse_crop_name(seen.path.name)
             frame = parsed.frame if parsed is not None else f"\0{name}"
             waiting = self._waiting.setdefault(frame, _Waiting())
             waiting.files.append(seen)
             waiting.ready_at.append(now)
             waiting.last_ready = now
-            self._known.add(name)
+
+    def _changed(self, name: str, seen: FileSeen | None, path: Path) -> bool:
+        """Whether a hinted or scanned file is new or changed since it was last dealt with.
+
+        Files on their way (``pending``) are left alone: their retry reads
+        the new bytes. A known file is stat'ed when the hint came without one.
+        """
+        entry = self._known.get(name)
+        if entry is None:
+            return True
+        if entry.kind == "pending":
+            return False
+        if entry.fingerprint is None:
+            return True  # a row whose stat is unknown: look at the file again
+        if seen is None:
+            try:
+                return not entry.fingerprint.matches(Fingerprint.of(os.lstat(path)))
+            except OSError:
+                return False  # gone or unreadable: nothing to do (deletions are never acted on)
+        return not entry.fingerprint.matches(Fingerprint(seen.size, seen.mtime_ns, seen.inode))
+
+    def _identify(self, name: str, seen: FileSeen) -> str | None:
+        """Hash a settled crop and decide what it is; its hash when it is to be embedded.
+
+        None when it needs no embedding: a move or a stat-only change (queued
+        as :class:`Moved` for the link stage to commit) or a file that vanished.
+        """
+        fingerprint = Fingerprint(seen.size, seen.mtime_ns, seen.inode)
+        try:
+            content = content_hash(seen.path)
+        except OSError as exc:
+            log.info("file_vanished", file=name, reason=str(exc))
+            return None
+        entry = self._known.get(name)
+        if entry is not None and entry.kind != "pending" and entry.content == content:
+            old: str | None = name  # the same bytes with a new stat (touched, copied over)
+        else:
+            old = self._known.moved_from(fingerprint, content)
+        if old is None:
+            if entry is None:
+                entry = self._moved_and_rewritten(name, seen)
+            if entry is not None and entry.kind == "crop":
+                log.info("crop_rewritten", file=name, note="embedded again; the old one retired")
+            elif entry is not None:
+                log.info("file_changed", file=name, was=entry.kind, note="tried again")
+            self._known.set(name, "pending", fingerprint, content)
+            return content
+        moved = self._known.get(old)
+        kind_ = moved.kind if moved is not None and moved.kind != "pending" else "crop"
+        self._known.forget(old)
+        self._known.set(name, kind_, fingerprint, content)
+        self._moved.append(Moved(old, name, kind_, seen.size, seen.mtime_ns, seen.inode, content))
+        return None
+
+    def _moved_and_rewritten(self, name: str, seen: FileSeen) -> Entry | None:
+        """A known file moved here and changed (its inode, old path gone): its row
+        follows it here, to be retired when the new content is committed."""
+        old = self._known.replaced(seen.inode)
+        entry = self._known.get(old) if old is not None else None
+        if old is None or entry is None or entry.kind == "pending":
+            return None
+        self._known.forget(old)
+        # No stat: should the daemon stop before the new content is committed,
+        # the next start finds this row changed and embeds the file again.
+        self._moved.append(Moved(old, name, entry.kind, None, None, None, None))
+        return entry
 
     def _metadata_ready(self, seen: FileSeen) -> None:
         if self.metadata_index is None:
@@ -317,12 +391,33 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         )
         if problems:
             self.tally.add(crop.name, problems)
-        return dataclasses.replace(crop, size=seen.size, mtime_ns=seen.mtime_ns)
+        entry = self._known.get(crop.name)
+        return dataclasses.replace(
+            crop,
+            size=seen.size,
+            mtime_ns=seen.mtime_ns,
+            inode=seen.inode,
+            content=entry.content if entry is not None else None,
+        )
 
     def _release_retries(self, now: float) -> None:
         while self._retries and self._retries[0][0] <= now:
             _, _, crop, ready_at, attempts = heapq.heappop(self._retries)
+            crop = self._restat(crop)
             self._to_decode.append(_Decoding([crop], [ready_at], [attempts]))
+
+    def _restat(self, crop: Crop) -> Crop:
+        """A retried crop with its identity now: the retry reads what is there now
+        (a truncated file may have been completed or replaced meanwhile)."""
+        try:
+            st = os.lstat(crop.path)
+            content = content_hash(crop.path)
+        except OSError:
+            return crop  # the decode reports what happened
+        self._known.set(crop.name, "pending", Fingerprint.of(st), content)
+        return dataclasses.replace(
+            crop, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, content=content
+        )
 
     def _in_flight(self) -> int:
         return sum(len(u.futures) for u in self._decoding)
@@ -344,6 +439,12 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             self._decoding.append(unit)
 
     def _emit(self, now: float) -> None:
+        if self._moved:
+            # Moves need no model: they pass the embed stage as they are, ahead of
+            # any crop found after them (a moved-and-rewritten row must move first).
+            moved, self._moved = tuple(self._moved), []
+            if not self.emit(IntakeUnit((), (), (), moved), give_up=self.failed):
+                return
         while self._decoding and all(f.done() for f in self._decoding[0].futures):
             unit = self._decoding.popleft()
             prepared: list[Prepared] = []
@@ -358,11 +459,12 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                     log.exception("decode_crashed", file=crop.name)
                     result = Skipped(crop.name, f"decoder error: {type(exc).__name__}: {exc}")
                 if isinstance(result, Prepared):
+                    self._known.mark(crop.name, "crop")
                     prepared.append(result)
                     ready_at.append(t)
                 elif not crop.path.exists() and not crop.path.is_symlink():
                     # Deleted or renamed between event and decode: not an error.
-                    self._known.discard(crop.name)
+                    self._known.forget(crop.name)
                     log.info("file_vanished", file=crop.name)
                 elif attempts < self.options.decode_retries:
                     delay = self.options.retry_backoff_s * 2**attempts
@@ -378,8 +480,16 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                         in_s=delay,
                     )
                 else:
+                    self._known.mark(crop.name, "skip")
                     skipped.append(
-                        DecodeFailure(result.name, result.reason, crop.size, crop.mtime_ns)
+                        DecodeFailure(
+                            result.name,
+                            result.reason,
+                            crop.size,
+                            crop.mtime_ns,
+                            crop.inode,
+                            crop.content,
+                        )
                     )
             unit_out = IntakeUnit(tuple(prepared), tuple(ready_at), tuple(skipped))
             if (prepared or skipped) and not self.emit(unit_out, give_up=self.failed):

@@ -19,11 +19,19 @@ import numpy as np
 from .linking import LinkBatch, Linker
 from .log import get_logger
 from .notify import Progress
-from .records import BatchCommitted, CommittedCrop, DecodeFailure, Merge, MicroBatch
+from .records import BatchCommitted, CommittedCrop, DecodeFailure, Merge, MicroBatch, Moved
 from .stage import Stage, Stop
 from .store import StateStore
 
 log = get_logger(__name__)
+
+
+def _vacated(item: MicroBatch) -> list[str]:
+    """The paths where this batch's commit retires live crops (see ``commit_batch``):
+    its crops' and skips' paths, and the old paths of rows moved onto them."""
+    targets = [e.crop.name for e in item.embedded] + [s.name for s in item.skipped]
+    onto = set(targets)
+    return targets + [m.old for m in item.moved if m.new in onto and m.kind == "crop"]
 
 
 class LinkStage(Stage[MicroBatch, None]):
@@ -111,6 +119,9 @@ class LinkStage(Stage[MicroBatch, None]):
         try:
             result_seqs: range = range(0)
             merges: tuple[Merge, ...] = ()
+            # Crops whose files were rewritten stop linking before their new content
+            # is added (it must not link to its own old embedding); the commit retires them.
+            self.linker.retire(np.array(self.store.live_seqs(_vacated(item)), dtype=np.int64))
             if item.embedded:
                 result = self.linker.add(LinkBatch.from_embedded(item.embedded))
                 result_seqs, merges = result.seqs, result.merges
@@ -122,7 +133,7 @@ class LinkStage(Stage[MicroBatch, None]):
             CommittedCrop(e, int(s), int(c))
             for e, s, c in zip(item.embedded, seqs.tolist(), clusters.tolist(), strict=True)
         ]
-        self._commit(committed, merges, item.skipped)
+        self._commit(committed, merges, item.skipped, item.moved)
         now = self.clock()
         latencies = [1000.0 * (now - t) for t in item.ready_at]
         for c, latency in zip(committed, latencies, strict=True):
@@ -135,6 +146,9 @@ class LinkStage(Stage[MicroBatch, None]):
             )
         for s in item.skipped:
             log.warning("file_skipped", file=s.name, reason=s.reason)
+        for moved in item.moved:
+            if moved.old != moved.new:
+                log.info("crop_moved", file=moved.new, was=moved.old, kind=moved.kind)
         for m in merges:
             log.info("clusters_merged", from_cluster=m.from_cluster, into_cluster=m.into_cluster)
         report = BatchCommitted(
@@ -162,13 +176,16 @@ class LinkStage(Stage[MicroBatch, None]):
         committed: list[CommittedCrop],
         merges: tuple[Merge, ...],
         skipped: tuple[DecodeFailure, ...],
+        moved: tuple[Moved, ...],
     ) -> None:
         backoff = 1.0
         give_up_at: float | None = None
         while True:
             self.progress.begin("commit")
             try:
-                self.store.commit_batch(self.batch_no, committed, merges, skipped, now=self.wall())
+                self.store.commit_batch(
+                    self.batch_no, committed, merges, skipped, moved=moved, now=self.wall()
+                )
             except sqlite3.IntegrityError:
                 raise  # a bug (a crop committed twice), not a full disk: retrying cannot help
             except sqlite3.Error as exc:

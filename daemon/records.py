@@ -35,9 +35,10 @@ class Crop:
     ``name`` is the string written to ``clusters.csv``; ``time`` is the frame's
     capture time in seconds (naive local time read from the file name, only ever
     compared with other crops' times), ``center`` the centre of the crop's box in
-    frame pixels. Either is ``None`` when unknown. ``size`` and ``mtime_ns`` are
-    the file's stat when the daemon found it ready (the registry of processed
-    files keeps them); the batch command leaves them ``None``.
+    frame pixels. Either is ``None`` when unknown. ``size``, ``mtime_ns`` and
+    ``inode`` are the file's stat when the daemon found it ready and ``content``
+    its hash (:func:`crop_clusterd.identity.content_hash`): its identity, which
+    the registry of processed files keeps; the batch command leaves them ``None``.
     """
 
     path: Path
@@ -48,6 +49,8 @@ class Crop:
     center: tuple[float, float] | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    inode: int | None = None
+    content: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +91,36 @@ class DecodeFailure:
     """A crop file given up on after its decode retries, as the state store records it.
 
     ``name`` is the crop's record name, ``reason`` the ``errors.csv`` text;
-    ``size`` (bytes) and ``mtime_ns`` are the file's stat when it was found
-    ready, ``None`` when unknown.
+    ``size`` (bytes), ``mtime_ns`` and ``inode`` are the file's stat when it
+    was found ready and ``content`` its hash, ``None`` when unknown.
     """
 
     name: str
     reason: str
     size: int | None = None
     mtime_ns: int | None = None
+    inode: int | None = None
+    content: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A known file found under a new path (``old != new``: a move, nothing is
+    embedded again) or with a new stat but the same bytes (``old == new``).
+
+    ``kind`` says which table holds it (``"crop"`` or ``"skip"``); ``size``
+    (bytes), ``mtime_ns``, ``inode`` and ``content`` are its identity now;
+    ``None`` stat fields mark a row whose new content is still to be committed
+    (moved and rewritten), which the next start looks at again.
+    """
+
+    old: str
+    new: str
+    kind: str
+    size: int | None
+    mtime_ns: int | None
+    inode: int | None
+    content: str | None
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,7 @@ class IntakeUnit:
     prepared: tuple[Prepared, ...]
     ready_at: tuple[float, ...]
     skipped: tuple[DecodeFailure, ...] = ()
+    moved: tuple[Moved, ...] = ()
 
     def __len__(self) -> int:
         return len(self.prepared)
@@ -142,6 +168,7 @@ class MicroBatch:
     embedded: tuple[Embedded, ...]
     ready_at: tuple[float, ...]
     skipped: tuple[DecodeFailure, ...]
+    moved: tuple[Moved, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,6 +194,7 @@ class _View:
     vectors: npt.NDArray[np.float32]
     merges: Sequence[StoredMerge]
     skipped: Sequence[StoredSkip]
+    live: npt.NDArray[np.int64]
 
 
 class SnapshotWriter:
@@ -226,7 +227,9 @@ class SnapshotWriter:
         self._cols = _SnapshotColumns(keep_vectors=self.save_embeddings or self.dedup)
         self._merges: list[StoredMerge] = []
         self._skipped: list[StoredSkip] = []
-        self._written: tuple[int, int, tuple[StoredSkip, ...]] | None = None
+        self._written: tuple[int, int, tuple[StoredSkip, ...], int] | None = None
+        self._retired: frozenset[int] = frozenset()
+        self._paths_version = 0
         self._failures = 0
         self._failed_since: float | None = None
         self._last_error: str | None = None
@@ -311,6 +314,7 @@ class SnapshotWriter:
         self._cols = _SnapshotColumns(keep_vectors=self._cols.keep_vectors)
         self._merges = []
         self._skipped = []
+        self._retired = frozenset()
         self._written = None
 
     def _read(self, store: StateStore) -> None:
@@ -318,6 +322,12 @@ class SnapshotWriter:
         try:
             with store.read_transaction():
                 n = len(self._cols)
+                paths_version = store.paths_version()
+                if paths_version != self._paths_version:
+                    # Crops moved or were retired: cached paths are stale, read afresh.
+                    self._reset_cache()
+                    self._paths_version = paths_version
+                    n = 0
                 # Re-read the last cached row too: if it is gone or different the
                 # database is not the one cached (it was rebuilt), so start over.
                 since = n - 1 if n else 0
@@ -338,6 +348,7 @@ class SnapshotWriter:
                 last_id = self._merges[-1].id if self._merges else 0
                 new_merges = store.load_merges(last_id)
                 skipped = store.load_skipped()
+                self._retired = store.retired_seqs()
         except sqlite3.Error as exc:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
         self._cols.append(
@@ -356,7 +367,12 @@ class SnapshotWriter:
         started = self._clock()
         at = time.time() if now is None else now
         self._read(store)
-        key = (len(self._cols), self._merges[-1].id if self._merges else 0, tuple(self._skipped))
+        key = (
+            len(self._cols),
+            self._merges[-1].id if self._merges else 0,
+            tuple(self._skipped),
+            self._paths_version,
+        )
         if not force and self._failures == 0 and key == self._written:
             return None
         try:
@@ -372,6 +388,12 @@ class SnapshotWriter:
             vectors=self._cols.vectors,
             merges=self._merges,
             skipped=self._skipped,
+            # Retired crops (rewritten since) keep their seq but leave the outputs.
+            live=np.array(
+                [i for i in range(len(self._cols)) if i not in self._retired], dtype=np.int64
+            )
+            if self._retired
+            else np.arange(len(self._cols), dtype=np.int64),
         )
         try:
             clusters = self._write_files(view)
@@ -380,7 +402,7 @@ class SnapshotWriter:
             raise
         seconds = self._clock() - started
         report = SnapshotReport(
-            crops=len(view.names),
+            crops=len(view.live),
             clusters=clusters,
             merges=len(view.merges),
             skipped=len(view.skipped),
@@ -432,14 +454,17 @@ class SnapshotWriter:
         """Write every output; returns the number of clusters."""
         out = self.out
         self._step(out, lambda: out.mkdir(parents=True, exist_ok=True))
-        n = len(view.names)
+        live = view.live.tolist()
+        names = [view.names[i] for i in live]
+        vectors = view.vectors[view.live] if len(live) != len(view.names) else view.vectors
+        current = view.current[view.live].tolist()
         files = self._files
         # clusters.csv goes last among the files: a reader that sees it change
         # finds the other files already at least as new.
         if self.save_embeddings:
             self._step(
                 out / EMBEDDINGS_PKL,
-                lambda: files.embeddings(out / EMBEDDINGS_PKL, view.names, view.vectors),
+                lambda: files.embeddings(out / EMBEDDINGS_PKL, names, vectors),
             )
         self._step(
             out / MERGES_CSV,
@@ -451,25 +476,18 @@ class SnapshotWriter:
                 out / ERRORS_CSV, (Skipped(s.path, s.reason) for s in view.skipped)
             ),
         )
-        current = view.current.tolist()
-        self._step(
-            out / CLUSTERS_CSV,
-            lambda: files.clusters(
-                out / CLUSTERS_CSV,
-                (Assignment(i, view.names[i], current[i]) for i in range(n)),
-            ),
-        )
+        assignments = [Assignment(i, names[k], current[k]) for k, i in enumerate(live)]
+        self._step(out / CLUSTERS_CSV, lambda: files.clusters(out / CLUSTERS_CSV, assignments))
         if self.gen_cluster_dirs or self.dedup:
-            assignments = [Assignment(i, view.names[i], current[i]) for i in range(n)]
-            sources = {name: Path(name) for name in view.names}
+            sources = {name: Path(name) for name in names}
             if self.gen_cluster_dirs:
                 plan = cluster_folder_plan(assignments, sources)
                 self._tree(out / CLUSTER_DIRS, plan)
             if self.dedup:
-                reps = pick_representatives(assignments, view.vectors)
+                reps = pick_representatives(assignments, vectors)
                 plan = cluster_folder_plan(assignments, sources, representatives=reps)
                 self._tree(out / DEDUP_DIRS, plan)
-        return len(np.unique(view.current))
+        return len(set(current))
 
     def _tree(self, root: Path, plan: Mapping[PurePosixPath, Path]) -> None:
         stats: SyncStats | None = None

@@ -1,7 +1,8 @@
 """Durable state of the daemon: one SQLite database (WAL) in the state folder.
 
 Everything needed to resume lives here: the registry of processed files (path,
-size, mtime), each crop's embedding, time, box and cluster at the moment it was
+size, mtime, inode and content hash: a file's identity, see :mod:`.identity`),
+each crop's embedding, time, box and cluster at the moment it was
 committed, the merges that happened since, and the files that were skipped. The
 link stage commits once per micro-batch, in one transaction, so after a crash at
 any moment the database holds whole batches only: the batch in flight is simply
@@ -12,6 +13,12 @@ cluster id when its batch was committed; later merges are appended to
 ``merges``. Replaying the merges in order over the stored ids gives every crop's
 current id (:func:`current_clusters`), which is also how the snapshot writer and
 ``crop-clusterd status`` read them while the daemon runs.
+
+A crop whose file was later rewritten with other pixels is *retired*: its row
+stays (sequence numbers stay contiguous, and the ids and merges it took part in
+stay valid) but it leaves the outputs, and the new content gets a new row. A
+moved crop keeps its row; only the path changes. Either bumps the ``paths``
+counter in ``meta`` so that readers caching paths read them afresh.
 
 No pickle is ever read from the state folder: embeddings are raw float32 blobs.
 """
@@ -30,9 +37,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .records import CommittedCrop, DecodeFailure, Merge
+from .identity import EntryKind, Fingerprint
+from .log import get_logger
+from .records import CommittedCrop, DecodeFailure, Merge, Moved
 
-SCHEMA_VERSION = 1
+log = get_logger(__name__)
+
+SCHEMA_VERSION = 2
 DB_NAME = "state.sqlite3"
 INDEX_NAME = "index.hnsw"
 
@@ -43,9 +54,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS crops (
     seq      INTEGER PRIMARY KEY,
-    path     TEXT NOT NULL UNIQUE,
+    path     TEXT NOT NULL,
     size     INTEGER,
     mtime_ns INTEGER,
+    inode    INTEGER,
+    content  TEXT,
+    retired  INTEGER NOT NULL DEFAULT 0,
     frame    TEXT,
     crop_index INTEGER,
     time     REAL,
@@ -56,7 +70,6 @@ CREATE TABLE IF NOT EXISTS crops (
     added    REAL NOT NULL,
     vector   BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
 CREATE TABLE IF NOT EXISTS merges (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     at           REAL NOT NULL,
@@ -69,12 +82,55 @@ CREATE TABLE IF NOT EXISTS skipped (
     reason   TEXT NOT NULL,
     size     INTEGER,
     mtime_ns INTEGER,
-    at       REAL NOT NULL
+    at       REAL NOT NULL,
+    inode    INTEGER,
+    content  TEXT
 );
 CREATE TABLE IF NOT EXISTS runtime (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+"""
+
+# Created after the migration: on a version 1 database these columns do not exist yet.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
+CREATE UNIQUE INDEX IF NOT EXISTS crops_live_path ON crops(path) WHERE retired = 0;
+"""
+
+# Version 1 -> 2: crops gain inode, content and retired, and a path is unique only
+# among live rows, which needs the table rebuilt (SQLite cannot drop a UNIQUE);
+# skipped gains inode and content. Old rows get NULL hashes: a moved old crop is
+# then recognised by inode, size and mtime only.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE crops RENAME TO crops_v1;
+CREATE TABLE crops (
+    seq      INTEGER PRIMARY KEY,
+    path     TEXT NOT NULL,
+    size     INTEGER,
+    mtime_ns INTEGER,
+    inode    INTEGER,
+    content  TEXT,
+    retired  INTEGER NOT NULL DEFAULT 0,
+    frame    TEXT,
+    crop_index INTEGER,
+    time     REAL,
+    cx       REAL,
+    cy       REAL,
+    batch    INTEGER NOT NULL,
+    cluster  INTEGER NOT NULL,
+    added    REAL NOT NULL,
+    vector   BLOB NOT NULL
+);
+INSERT INTO crops(seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, batch, cluster,
+                  added, vector)
+    SELECT seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, batch, cluster,
+           added, vector FROM crops_v1;
+DROP TABLE crops_v1;
+DROP INDEX IF EXISTS crops_added;
+ALTER TABLE skipped ADD COLUMN inode INTEGER;
+ALTER TABLE skipped ADD COLUMN content TEXT;
+UPDATE meta SET value = '2' WHERE key = 'schema';
 """
 
 
@@ -183,6 +239,7 @@ class StateStore:
                 self._db.execute("PRAGMA synchronous = FULL")
                 self._db.executescript(_SCHEMA)
                 self._check_schema()
+                self._db.executescript(_INDEXES)
             self._db.execute("SELECT count(*) FROM crops").fetchone()
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -205,6 +262,11 @@ class StateStore:
                 self._db.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
                 )
+        elif row[0] == "1":
+            # executescript commits first and runs the script in one transaction of
+            # its own, so a crash mid-migration leaves the version 1 database intact.
+            self._db.executescript(f"BEGIN;{_MIGRATE_1_TO_2}COMMIT;")
+            log.info("state_migrated", path=str(self.path), schema=SCHEMA_VERSION)
         elif row[0] != str(SCHEMA_VERSION):
             raise StateError(
                 f"state database {self.path} has schema version {row[0]}, "
@@ -271,35 +333,34 @@ class StateStore:
         merges: Sequence[Merge],
         skipped: Sequence[DecodeFailure],
         *,
+        moved: Sequence[Moved] = (),
         now: float | None = None,
     ) -> None:
-        """Commit one micro-batch atomically: its crops, its merges, its skips."""
+        """Commit one micro-batch atomically: its crops, its merges, its skips, its moves.
+
+        A path that gets a new crop, a skip or a moved file is vacated first: a
+        live crop row there is retired (its file was rewritten) and a skip row
+        dropped (a file once bad is now good, or bad again with a new reason).
+        A move with ``old == new`` only refreshes the stat of unchanged bytes.
+        """
         at = time.time() if now is None else now
-        rows = []
-        for c in crops:
-            crop = c.item.crop
-            center = crop.center if crop.center is not None else (None, None)
-            rows.append(
-                (
-                    c.seq,
-                    crop.name,
-                    crop.size,
-                    crop.mtime_ns,
-                    crop.frame,
-                    crop.crop_index,
-                    crop.time,
-                    center[0],
-                    center[1],
-                    batch,
-                    c.cluster,
-                    at,
-                    np.ascontiguousarray(c.item.vector, dtype=np.float32).tobytes(),
-                )
-            )
+        rows = [_crop_row(c, batch, at) for c in crops]
+        targets = [c.item.crop.name for c in crops] + [s.name for s in skipped]
         with self._db:
+            # Moves first: a moved-and-rewritten row moves, then its new content retires it.
+            retired = self._vacate([m.new for m in moved if m.new != m.old])
+            for m in moved:
+                table, live = ("crops", " AND retired = 0") if m.kind == "crop" else ("skipped", "")
+                self._db.execute(
+                    f"UPDATE {table} SET path = ?, size = ?, mtime_ns = ?, inode = ?, "
+                    f"content = coalesce(?, content) WHERE path = ?{live}",
+                    (m.new, m.size, m.mtime_ns, m.inode, m.content, m.old),
+                )
+            retired += self._vacate(targets)
             self._db.executemany(
-                "INSERT INTO crops(seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, "
-                "batch, cluster, added, vector) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO crops(seq, path, size, mtime_ns, inode, content, frame, crop_index, "
+                "time, cx, cy, batch, cluster, added, vector) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             self._db.executemany(
@@ -307,11 +368,25 @@ class StateStore:
                 [(at, batch, m.from_cluster, m.into_cluster) for m in merges],
             )
             self._db.executemany(
-                "INSERT INTO skipped(path, reason, size, mtime_ns, at) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, at = excluded.at",
-                [(s.name, s.reason, s.size, s.mtime_ns, at) for s in skipped],
+                "INSERT INTO skipped(path, reason, size, mtime_ns, at, inode, content) "
+                "VALUES (?,?,?,?,?,?,?)",
+                [(s.name, s.reason, s.size, s.mtime_ns, at, s.inode, s.content) for s in skipped],
             )
+            if retired or any(m.old != m.new for m in moved):
+                self._db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('paths', '1') ON CONFLICT(key) "
+                    "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+                )
+
+    def _vacate(self, paths: Sequence[str]) -> int:
+        """Retire live crop rows and drop skip rows at ``paths``; returns rows retired."""
+        retired = 0
+        for path in paths:
+            retired += self._db.execute(
+                "UPDATE crops SET retired = 1 WHERE path = ? AND retired = 0", (path,)
+            ).rowcount
+            self._db.execute("DELETE FROM skipped WHERE path = ?", (path,))
+        return retired
 
     def set_runtime(self, values: Mapping[str, object]) -> None:
         """Publish the running daemon's figures for ``crop-clusterd status``."""
@@ -339,18 +414,61 @@ class StateStore:
         rows = self._db.execute("SELECT key, value FROM runtime").fetchall()
         return {str(k): json.loads(v) for k, v in rows}
 
-    def processed_paths(self) -> set[str]:
-        """Paths that are done: clustered or recorded as skipped."""
+    def registry_rows(self) -> list[tuple[str, EntryKind, Fingerprint | None, str | None]]:
+        """Every file dealt with: (path, ``"crop"`` or ``"skip"``, fingerprint, content hash).
+
+        Live crops and skips only (retired rows name content that is gone). A
+        fingerprint is None when the row has no size or mtime; inode 0 when unknown.
+        """
+        rows: list[tuple[str, EntryKind, Fingerprint | None, str | None]] = []
         with self._read() as db:
-            done = {row[0] for row in db.execute("SELECT path FROM crops")}
-            done.update(row[0] for row in db.execute("SELECT path FROM skipped"))
-        return done
+            for kind_, table, where in (
+                ("crop", "crops", "WHERE retired = 0"),
+                ("skip", "skipped", ""),
+            ):
+                query = f"SELECT path, size, mtime_ns, inode, content FROM {table} {where}"
+                for path, size, mtime_ns, inode, content in db.execute(query):
+                    fp = (
+                        None
+                        if size is None or mtime_ns is None
+                        else Fingerprint(int(size), int(mtime_ns), int(inode or 0))
+                    )
+                    rows.append((str(path), kind_, fp, content))  # type: ignore[arg-type]
+        return rows
+
+    def processed_paths(self) -> set[str]:
+        """Paths that are done: clustered (live) or recorded as skipped."""
+        return {row[0] for row in self.registry_rows()}
+
+    def live_seqs(self, paths: Sequence[str]) -> list[int]:
+        """Sequence numbers of the live crops at ``paths`` (the rows a commit would retire)."""
+        seqs: list[int] = []
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            seqs.extend(
+                int(r[0])
+                for r in self._db.execute(
+                    f"SELECT seq FROM crops WHERE retired = 0 AND path IN ({marks})", chunk
+                )
+            )
+        return seqs
+
+    def retired_seqs(self) -> frozenset[int]:
+        """Sequence numbers of retired crops (rewritten since; not in the outputs)."""
+        rows = self._db.execute("SELECT seq FROM crops WHERE retired = 1").fetchall()
+        return frozenset(int(r[0]) for r in rows)
+
+    def paths_version(self) -> int:
+        """How many commits moved or retired crops so far (readers caching paths re-read)."""
+        return int(self.get_meta("paths") or 0)
 
     def counts(self) -> Counts:
-        """Totals of crops, skipped files, merges and committed batches."""
+        """Totals of live crops, skipped files, merges and committed batches."""
         with self._read() as db:
             crops, batches = db.execute(
-                "SELECT count(*), coalesce(max(batch) + 1, 0) FROM crops"
+                "SELECT count(*) - coalesce(sum(retired), 0), coalesce(max(batch) + 1, 0) "
+                "FROM crops"
             ).fetchone()
             (skipped,) = db.execute("SELECT count(*) FROM skipped").fetchone()
             (merges,) = db.execute("SELECT count(*) FROM merges").fetchone()
@@ -439,3 +557,26 @@ class StateStore:
 def index_path(folder: Path) -> Path:
     """Where the HNSW index is saved inside a state folder."""
     return folder / INDEX_NAME
+
+
+def _crop_row(c: CommittedCrop, batch: int, at: float) -> tuple[object, ...]:
+    """One crops-table row of a committed crop (see the INSERT in ``commit_batch``)."""
+    crop = c.item.crop
+    center = crop.center if crop.center is not None else (None, None)
+    return (
+        c.seq,
+        crop.name,
+        crop.size,
+        crop.mtime_ns,
+        crop.inode,
+        crop.content,
+        crop.frame,
+        crop.crop_index,
+        crop.time,
+        center[0],
+        center[1],
+        batch,
+        c.cluster,
+        at,
+        np.ascontiguousarray(c.item.vector, dtype=np.float32).tobytes(),
+    )

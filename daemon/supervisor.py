@@ -31,6 +31,7 @@ from .config import Config
 from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
+from .identity import Registry, registry_from
 from .intake import IntakeStage
 from .link_stage import LinkStage
 from .linking import LinkBatch, Linker, StoredLinks
@@ -85,6 +86,8 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
             index_covers=int(store.get_meta("index_covers") or 0),
         )
     )
+    # After the restore: track's replay must see the embeddings its stored ids came from.
+    linker.retire(np.array(sorted(store.retired_seqs()), dtype=np.int64))
     log.info(
         "state_restored",
         crops=n,
@@ -201,7 +204,7 @@ class Daemon:
             }
         )
         next_batch = restore_linker(linker, store)
-        known = store.processed_paths()
+        known = registry_from(store.registry_rows())
         with self._lock:
             self._total = len(linker)
         embedder = self._embedder or embedder_from_config(config)
@@ -236,7 +239,7 @@ class Daemon:
         linker: Linker,
         embedder: Embedder,
         next_batch: int,
-        known: set[str],
+        known: Registry,
     ) -> Pipeline:
         """Wire the stages, the snapshot writer, the watcher and the pinger (none started)."""
         config = self.config

@@ -98,11 +98,13 @@ _INOTIFY_EXHAUSTED = {
 
 @dataclass(frozen=True)
 class FileSeen:
-    """A regular file as last stat'ed: its path, size in bytes and mtime in ns."""
+    """A regular file as last stat'ed: its path, size in bytes, mtime in ns and
+    inode number (0 when unknown); see :mod:`.identity` for how they identify it."""
 
     path: Path
     size: int
     mtime_ns: int
+    inode: int = 0
 
 
 def kind(path: Path | str) -> FileKind | None:
@@ -182,7 +184,7 @@ def _scan_entry(entry: os.DirEntry[str], recursive: bool, subdirs: list[Path]) -
         return None
     if not stat.S_ISREG(st.st_mode):
         return None  # fifo, socket, device: never read
-    return FileSeen(Path(entry.path), st.st_size, st.st_mtime_ns)
+    return FileSeen(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _reason(exc: BaseException) -> str:
@@ -480,6 +482,7 @@ class _Candidate:
     stable_since: float
     size: int | None = None
     mtime_ns: int | None = None
+    inode: int | None = None
 
 
 class Settler:
@@ -534,6 +537,7 @@ class Settler:
                 candidate = self._candidates[path] = _Candidate(stable_since=now)
                 if seen is not None:
                     candidate.size, candidate.mtime_ns = seen.size, seen.mtime_ns
+                    candidate.inode = seen.inode or None
             else:
                 candidate.stable_since = now
 
@@ -577,7 +581,7 @@ class Settler:
                     not_regular.append(path)
                 else:
                     if self._settled(candidate, st, now):
-                        ready.append(FileSeen(path, st.st_size, st.st_mtime_ns))
+                        ready.append(FileSeen(path, st.st_size, st.st_mtime_ns, st.st_ino))
                     else:
                         continue
                 del self._candidates[path]
@@ -591,7 +595,10 @@ class Settler:
 
     def _settled(self, candidate: _Candidate, st: os.stat_result, now: float) -> bool:
         """Update a candidate with a fresh stat; return whether it is ready."""
-        if (candidate.size, candidate.mtime_ns) != (st.st_size, st.st_mtime_ns):
+        # A file renamed over another one (rsync) may keep size and mtime: the inode tells.
+        replaced = candidate.inode is not None and candidate.inode != st.st_ino
+        candidate.inode = st.st_ino
+        if replaced or (candidate.size, candidate.mtime_ns) != (st.st_size, st.st_mtime_ns):
             candidate.size, candidate.mtime_ns = st.st_size, st.st_mtime_ns
             candidate.stable_since = now
             return False
@@ -623,7 +630,7 @@ class Settler:
                 # Writers may have gone on while we could not look: settle afresh.
                 for candidate in self._candidates.values():
                     candidate.stable_since = now
-                    candidate.size = candidate.mtime_ns = None
+                    candidate.size = candidate.mtime_ns = candidate.inode = None
                 pending = len(self._candidates)
             log.info("watch_root_available", root=str(self.root), pending=pending)
         return True

@@ -35,7 +35,7 @@ from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.log import configure_logging
-from crop_clusterd.records import Assignment, CommittedCrop, DecodeFailure, Merge
+from crop_clusterd.records import Assignment, CommittedCrop, DecodeFailure, Merge, Moved
 from crop_clusterd.snapshot import OutputFiles
 from crop_clusterd.status import format_status, read_status
 from crop_clusterd.store import StateStore
@@ -256,12 +256,13 @@ class FailingStore(StateStore):
         merges: Sequence[Merge],
         skipped: Sequence[DecodeFailure],
         *,
+        moved: Sequence[Moved] = (),
         now: float | None = None,
     ) -> None:
         if self.failing.is_set():
             self.attempts += 1
             raise sqlite3.OperationalError("database or disk is full")
-        super().commit_batch(batch, crops, merges, skipped, now=now)
+        super().commit_batch(batch, crops, merges, skipped, moved=moved, now=now)
 
 
 class StoreSeam:

@@ -280,9 +280,33 @@ class Linker(ABC):
         self.threshold = threshold
         self.gating = gating
         self._cols = CropColumns()
+        self._retired: IntArray = np.empty(0, dtype=np.int64)  # sorted
 
     def __len__(self) -> int:
         return self._cols.n
+
+    def retire(self, seqs: IntArray) -> None:
+        """Stop the crops ``seqs`` (sequence numbers) from linking anything again.
+
+        For a crop whose file was rewritten: its embedding row becomes zeros
+        (cosine 0 to everything, so no rule accepts it) and pairs that touch it
+        are refused even where an index still holds the old vector. Links made
+        before stay (no linker can take a union back); ids never change.
+        Raises `IndexError` for a sequence number not yet added.
+        """
+        seqs = np.unique(np.asarray(seqs, dtype=np.int64))
+        if len(seqs) == 0:
+            return
+        if seqs[0] < 0 or seqs[-1] >= self._cols.n:
+            raise IndexError(f"cannot retire crops {seqs.tolist()}: {self._cols.n} crops held")
+        self._cols.embeddings[seqs] = 0.0
+        self._retired = np.union1d(self._retired, seqs)
+
+    def _live_pairs(self, a: IntArray, b: IntArray) -> npt.NDArray[np.bool_]:
+        """Which pairs ``(a[i], b[i])`` touch no retired crop."""
+        if len(self._retired) == 0:
+            return np.ones(len(a), dtype=bool)
+        return ~(np.isin(a, self._retired) | np.isin(b, self._retired))
 
     @abstractmethod
     def add(self, batch: LinkBatch) -> AddResult:

@@ -183,7 +183,7 @@ class CosineLinker(Linker):
         """Union the candidate pairs whose exact similarity (and gating) allows it."""
         # Keep pairs found from either end: a pair inside a batch that HNSW misses
         # from one crop may still be found from the other.
-        keep = pairs.a != pairs.b
+        keep = (pairs.a != pairs.b) & self._live_pairs(pairs.a, pairs.b)
         a, b, approx = pairs.a[keep], pairs.b[keep], pairs.approx[keep]
         if gate and self.gating is not None and len(a):
             cols = self._cols
