@@ -184,7 +184,8 @@ def _describe(
     time_format = TimeFormat.compile(config.input.time_format)
     metadata = None
     if config.input.meta_folder is not None:
-        metadata = MetadataIndex.scan(config.input.meta_folder)
+        # loose: the -mf folder may be kept apart from the crops (see MetadataIndex).
+        metadata = MetadataIndex.scan(config.input.meta_folder, loose=True)
         log.info("metadata_indexed", folder=str(config.input.meta_folder), frames=len(metadata))
         if len(metadata) == 0:
             log.warning(
@@ -257,14 +258,14 @@ def _embed_inputs(
 def _from_pickle(path: Path, config: Config, tally: ProblemTally) -> _Embeddings:
     loaded = load_embeddings_pickle(path)
     log.info("embeddings_loaded", file=str(path), crops=len(loaded.names))
-    crops: tuple[Crop, ...] = ()
-    # Frames, times and boxes come from the names; only needed for gating or track.
-    if config.with_metadata or config.link.method == "track":
-        paths = [Path(n) for n in loaded.names]
-        crops = tuple(_describe(paths, loaded.names, config, tally))
+    described = config.with_metadata or config.link.method == "track"
+    paths = [Path(n) for n in loaded.names]
+    # Always described: a crop's trap comes from its name, and no link may cross
+    # traps. Name problems are reported only when frames, times or boxes are used.
+    crops = tuple(_describe(paths, loaded.names, config, tally if described else ProblemTally()))
     return _Embeddings(
         names=loaded.names,
-        paths=tuple(Path(n) for n in loaded.names) if crops else (None,) * len(loaded.names),
+        paths=tuple(paths) if described else (None,) * len(loaded.names),
         vectors=loaded.embeddings,
         crops=crops,
         labels=loaded.labels,

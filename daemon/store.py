@@ -285,7 +285,7 @@ class StateStore:
                     crop.name,
                     crop.size,
                     crop.mtime_ns,
-                    crop.frame,
+                    crop.frame.name if crop.frame is not None else None,
                     crop.crop_index,
                     crop.time,
                     center[0],
