@@ -8,6 +8,8 @@ Scenarios:
   random moments; every crop once, partition equal to the batch command's).
 - ``hostile``: the hostile-input corpus, ``tests/test_hostile.py``, run through
   pytest; trials are its test cases. (HOOK: if that file is absent the row says so.)
+- ``frames``: frame and trap identity (two traps with the same frame names),
+  ``tests/test_frames.py``, run through pytest; trials are its test cases.
 - ``burst``: ``--burst`` crops (20,000 by default) hard-linked under new names into
   new frame folders within seconds while a daemon child watches; every one must be
   processed (the observer's dropped events are made good by rescans). Reports the
@@ -174,9 +176,14 @@ def run_burst(
 
 def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
     """HOOK: the hostile-input corpus is ``tests/test_hostile.py``; run it and count."""
-    target = REPO / "tests" / "test_hostile.py"
+    return run_test_file("hostile", "test_hostile.py", pytest_args)
+
+
+def run_test_file(scenario: str, filename: str, pytest_args: Sequence[str] = ()) -> Row:
+    """Run ``tests/<filename>`` through pytest; one row, trials = its test cases."""
+    target = REPO / "tests" / filename
     if not target.exists():
-        return Row("hostile", 0, None, None, None, None, "MISSING (tests/test_hostile.py)")
+        return Row(scenario, 0, None, None, None, None, f"MISSING (tests/{filename})")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         done = subprocess.run(
@@ -195,7 +202,7 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
         )
         if not report.exists():
             tail = (done.stdout + done.stderr)[-500:]
-            return Row("hostile", 0, None, None, None, None, f"ERROR: {tail}")
+            return Row(scenario, 0, None, None, None, None, f"ERROR: {tail}")
         suites = ET.parse(report).getroot()
         counts = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
         for suite in suites.iter("testsuite"):
@@ -203,7 +210,7 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
                 counts[k] += int(suite.get(k, "0"))
     bad = counts["failures"] + counts["errors"]
     outcome = "PASS" if bad == 0 and done.returncode == 0 else f"FAIL ({bad} failed)"
-    return Row("hostile", counts["tests"], None, None, None, None, outcome, counts)
+    return Row(scenario, counts["tests"], None, None, None, None, outcome, counts)
 
 
 def soak_row(result: soak.SoakResult) -> Row:
@@ -265,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak-kills", type=int, default=8)
     parser.add_argument("--soak-seconds", type=float, default=30.0)
     parser.add_argument("--burst", type=int, default=20_000, help="crops in the burst")
-    parser.add_argument("--skip", action="append", default=[], choices=("soak", "hostile", "burst"))
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=("soak", "hostile", "frames", "burst")
+    )
     parser.add_argument("--json", type=Path, help="also write the details here")
     args = parser.parse_args(argv)
     soak.register_fakes()
@@ -283,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(soak_row(result))
     if "hostile" not in args.skip:
         rows.append(run_hostile())
+    if "frames" not in args.skip:
+        # Two traps with the same frame names: own boxes, no mixed cluster, independence.
+        rows.append(run_test_file("frames", "test_frames.py"))
     if "burst" not in args.skip:
         rows.append(burst_row(run_burst(args.work / "burst", args.burst)))
     print(render(rows))
