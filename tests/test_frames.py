@@ -214,16 +214,22 @@ def test_same_frame_names_in_two_places_are_two_traps(
         assert tuple(centre) == own_box_centre(Path(path)), path
 
 
-def test_identical_crops_of_two_traps_never_share_a_cluster(tmp_path: Path) -> None:
-    """Trap B's files are byte copies of trap A's under another identifier: every
-    crop of B is as similar to A as can be, and still no cluster mixes them."""
+@pytest.mark.parametrize("through", ["batch", "daemon"])
+@pytest.mark.parametrize("method", ["cosine", "track"])
+def test_identical_crops_of_two_traps_never_share_a_cluster(
+    tmp_path: Path, method: str, through: str
+) -> None:
+    """Trap B's files are copies of trap A's (same pixels, same boxes) under another
+    identifier: every crop of B is as similar to A as can be, and still no cluster
+    mixes them; B's clusters mirror A's."""
     root = tmp_path / "W"
     trap_a, trap_b = two_traps(root, seeds=(5, 5))
-    for method in ("cosine", "track"):
-        both = batch_partition(make_config(tmp_path, root, method, method), root)
-        part_a, part_b = restricted(both, trap_a), restricted(both, trap_b)
-        renamed = {frozenset(n.replace("trapA", "trapB") for n in p) for p in part_a}
-        assert renamed == part_b, method
+    config = make_config(tmp_path, root, method, through)
+    both = batch_partition(config, root) if through == "batch" else daemon_partition(config)
+    part_a, part_b = restricted(both, trap_a), restricted(both, trap_b)
+    assert 1 < len(part_a) < len(crops_of(trap_a))
+    renamed = {frozenset(n.replace("trapA", "trapB") for n in p) for p in part_a}
+    assert renamed == part_b
 
 
 # --- frame identity, unit level -------------------------------------------------------------
