@@ -349,3 +349,23 @@ def test_cosine_refuses_pairs_across_traps(gated: bool) -> None:
     linker.add(LinkBatch(v, np.array([0.0, 0.0, 2.0, 2.0]), np.zeros((4, 2)), frames))
     # The crop without a flat-bug frame is a trap of its own too.
     assert linker.cluster_ids().tolist() == [0, 1, 0, 3]
+
+
+@pytest.mark.parametrize("method", ["cosine", "track"])
+def test_restart_keeps_traps_apart(tmp_path: Path, method: str) -> None:
+    """After a restart the stored crops get their traps back (from their stored
+    paths): new frames of trap A still never join trap B's clusters."""
+    src = tmp_path / "src"
+    two_traps(src, seeds=(5, 5))
+    root = tmp_path / "W"
+    frames = sorted(p.name for p in (src / "trapA").iterdir() if p.is_dir())
+    config = make_config(tmp_path, root, method, "live")
+    for part in (frames[:4], frames[4:]):
+        for trap in ("trapA", "trapB"):
+            for frame in part:
+                shutil.copytree(src / trap / frame, root / trap / frame)
+        Daemon(config, exit_when_idle_s=1.0).run()
+    live = partition(read_clusters_csv(config.output.folder / "clusters.csv"))
+    assert len(set().union(*live)) == len(crops_of(root))
+    restricted(live, root / "trapA")
+    assert live == batch_partition(make_config(tmp_path, root, method, "batch"), root)
