@@ -125,6 +125,27 @@ def frame_of_path(path: Path) -> FrameId | None:
     return None if parsed is None else frame_of_crop(path, parsed)
 
 
+def frames_of_names(names: Sequence[str]) -> tuple[FrameId | None, ...]:
+    """The frame of each crop path in ``names`` (None for a name not flat-bug's).
+
+    Crops of one frame share one record, so this costs little memory for a
+    million names.
+    """
+    known: dict[tuple[str, str, str | None], FrameId] = {}
+    frames: list[FrameId | None] = []
+    for name in names:
+        parsed = parse_crop_name(name)
+        if parsed is None:
+            frames.append(None)
+            continue
+        key = (os.path.dirname(name), parsed.frame, parsed.identifier)
+        frame = known.get(key)
+        if frame is None:
+            frame = known[key] = frame_of_crop(Path(name), parsed)
+        frames.append(frame)
+    return tuple(frames)
+
+
 def frame_of_metadata(path: Path) -> FrameId | None:
     """The frame a ``metadata_<frame>_UUID_<id>.json`` file describes, else None."""
     match = _METADATA_RE.match(path.name)

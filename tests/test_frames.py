@@ -22,6 +22,7 @@ from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import register, unregister
+from crop_clusterd.embfile import write_embeddings_pickle
 from crop_clusterd.flatbug import (
     METADATA_AMBIGUOUS,
     METADATA_MISSING,
@@ -30,6 +31,7 @@ from crop_clusterd.flatbug import (
     frame_of_metadata,
     frame_of_path,
     frame_place,
+    frames_of_names,
 )
 from crop_clusterd.linking import CosineLinker, Gating, LinkBatch, Motion, TrackLinker
 from crop_clusterd.records import FrameId, TrapId
@@ -369,3 +371,43 @@ def test_restart_keeps_traps_apart(tmp_path: Path, method: str) -> None:
     assert len(set().union(*live)) == len(crops_of(root))
     restricted(live, root / "trapA")
     assert live == batch_partition(make_config(tmp_path, root, method, "batch"), root)
+
+
+@pytest.mark.parametrize("method", ["cosine", "track"])
+def test_from_embeddings_keeps_traps_apart(tmp_path: Path, method: str) -> None:
+    """``cluster --from-embeddings``: the traps come from the stored names."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((4, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    names = [
+        f"/W/{trap}/{f}/crops/crop_{f}_CROPNUMBER_{i}_UUID_{trap}.png"
+        for trap in ("trapA", "trapB")
+        for f in ("20240701220000", "20240701220002")
+        for i in range(4)
+    ]
+    emb = np.concatenate([vectors, vectors, vectors, vectors])  # one individual per index
+    pickle = tmp_path / "emb.pkl"
+    write_embeddings_pickle(pickle, names, emb)
+    config = make_config(tmp_path, tmp_path, method, "pkl")
+    config = dataclasses.replace(
+        config,
+        input=dataclasses.replace(config.input, meta_folder=None),
+        metadata=dataclasses.replace(config.metadata, enabled=False),
+    )
+    run_batch(BatchRequest(config, inputs=(), from_embeddings=pickle))
+    parts = partition(read_clusters_csv(config.output.folder / "clusters.csv"))
+    expected = {
+        frozenset(n for n in names if f"/{trap}/" in n and f"_CROPNUMBER_{i}_" in n)
+        for trap in ("trapA", "trapB")
+        for i in range(4)
+    }
+    assert parts == expected
+
+
+def test_frames_of_names_shares_one_record_per_frame() -> None:
+    names = [f"/W/T/F/crops/crop_F_CROPNUMBER_{i}_UUID_x.png" for i in range(3)]
+    frames = frames_of_names([*names, "/W/T/notes.png", "/W/U/crops/crop_F_CROPNUMBER_0_.png"])
+    assert frames[0] is frames[1] is frames[2]
+    assert frames[0] == FrameId("F", TrapId("/W/T", "x"))
+    assert frames[3] is None
+    assert frames[4] == FrameId("F", TrapId("/W/U", ""))
