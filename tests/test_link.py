@@ -516,3 +516,30 @@ def test_restore_needs_a_fresh_linker_and_consistent_state() -> None:
         stored(whole, np.arange(9))
     with pytest.raises(ValueError):
         CosineLinker(0.9).restore(stored(whole, np.arange(10) + 1))
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["exact", "hnsw"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_cosine_with_traps_equals_the_oracle_of_each_trap(index: bool, gated: bool) -> None:
+    """Three traps over the same look-alike crops, fed in pieces: the partition is
+    the union of each trap's own all-pairs oracle (no pair crosses traps)."""
+    rng = np.random.default_rng(7)
+    n = 240
+    emb = clustered(rng, n, 12, 8, 0.25)
+    times = rng.uniform(0, 200, n)
+    centers = rng.uniform(0, 400, (n, 2))
+    traps = rng.integers(0, 3, n)
+    frames = tuple(fr(f"f{int(t)}", f"trap{k}") for t, k in zip(times, traps, strict=True))
+    gating = Gating() if gated else None
+    linker = CosineLinker(0.8, gating, FORCE_INDEX if index else None)
+    for lo in range(0, n, 50):
+        hi = min(lo + 50, n)
+        linker.add(LinkBatch(emb[lo:hi].copy(), times[lo:hi], centers[lo:hi], frames[lo:hi]))
+    expected: set[frozenset[int]] = set()
+    for k in range(3):
+        members = np.flatnonzero(traps == k)
+        ids = cosine_oracle(emb[members], 0.8, times[members], centers[members], gating)
+        expected |= {frozenset(int(members[i]) for i in g) for g in partition(ids)}
+    got = partition(linker.cluster_ids())
+    assert got == expected
+    assert any(len(g) > 1 for g in got), "a trivial partition would prove nothing"
