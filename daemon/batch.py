@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,12 +30,12 @@ from .evaluate import (
     match_labels,
 )
 from .factory import embedder_from_config, linker_from_config, linker_spec
-from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop
+from .flatbug import MetadataIndex, ProblemTally, TimeFormat, describe_crop, frames_of_names
 from .inputs import resolve_inputs
 from .linking import LinkBatch
 from .linktree import SyncStats, sync_link_tree
 from .log import get_logger
-from .records import Assignment, Crop, Skipped
+from .records import Assignment, Crop, FrameId, Skipped
 
 log = get_logger(__name__)
 
@@ -77,6 +77,8 @@ class _Embeddings:
     vectors: npt.NDArray[np.float32]
     crops: tuple[Crop, ...]
     labels: tuple[str | None, ...] | None
+    # Without crops (a pickle, no metadata, not track): each name's frame, for its trap.
+    frames: tuple[FrameId | None, ...] | None = None
 
 
 def run_batch(request: BatchRequest) -> BatchResult:
@@ -184,7 +186,8 @@ def _describe(
     time_format = TimeFormat.compile(config.input.time_format)
     metadata = None
     if config.input.meta_folder is not None:
-        metadata = MetadataIndex.scan(config.input.meta_folder)
+        # loose: the -mf folder may be kept apart from the crops (see MetadataIndex).
+        metadata = MetadataIndex.scan(config.input.meta_folder, loose=True)
         log.info("metadata_indexed", folder=str(config.input.meta_folder), frames=len(metadata))
         if len(metadata) == 0:
             log.warning(
@@ -257,23 +260,29 @@ def _embed_inputs(
 def _from_pickle(path: Path, config: Config, tally: ProblemTally) -> _Embeddings:
     loaded = load_embeddings_pickle(path)
     log.info("embeddings_loaded", file=str(path), crops=len(loaded.names))
-    crops: tuple[Crop, ...] = ()
     # Frames, times and boxes come from the names; only needed for gating or track.
     if config.with_metadata or config.link.method == "track":
         paths = [Path(n) for n in loaded.names]
         crops = tuple(_describe(paths, loaded.names, config, tally))
+        return _Embeddings(loaded.names, tuple(paths), loaded.embeddings, crops, loaded.labels)
+    # Still each name's trap: no link may cross traps (frames_of_names shares one
+    # record per frame, so a million names cost little memory).
     return _Embeddings(
         names=loaded.names,
-        paths=tuple(Path(n) for n in loaded.names) if crops else (None,) * len(loaded.names),
+        paths=(None,) * len(loaded.names),
         vectors=loaded.embeddings,
-        crops=crops,
+        crops=(),
         labels=loaded.labels,
+        frames=frames_of_names(loaded.names),
     )
 
 
 def _link_batch(data: _Embeddings) -> LinkBatch:
     if not data.crops:
-        return LinkBatch.from_embeddings(data.vectors)
+        plain = LinkBatch.from_embeddings(data.vectors)
+        if data.frames is None:
+            return plain
+        return replace(plain, frames=data.frames)
     crops = data.crops
     times = np.array([np.nan if c.time is None else c.time for c in crops], dtype=np.float64)
     centers = np.array([c.center or (np.nan, np.nan) for c in crops], dtype=np.float64)

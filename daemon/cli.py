@@ -114,7 +114,8 @@ def _add_old_flags(old: argparse._ArgumentGroup) -> None:
     )
     old.add_argument("-mf", "--meta_folder", type=Path,
                      help="flat-bug metadata folder (searched recursively); turns on "
-                     "spatio-temporal gating")  # fmt: skip
+                     "spatio-temporal gating; a crop takes its own frame's JSON (same "
+                     "frame name and identifier, nearest folder)")  # fmt: skip
     old.add_argument("--time_format",
                      help="how frame names carry their capture time, strftime style "
                      f"('{_percent(_INPUT.time_format)}', the default) or the old doubled "

@@ -4,6 +4,14 @@ flat-bug names crops ``crop_<frame>_CROPNUMBER_<i>_UUID_<id>.<ext>`` and writes 
 ``metadata_<frame>_UUID_<id>.json`` per frame whose ``boxes[i]`` is the crop's box.
 The frame name carries the capture time. Everything here is tolerant: a crop whose
 name, time or box cannot be read still gets a ``Crop``, with the problems listed.
+
+A frame is what flat-bug means by one: its name, in one trap (:class:`FrameId`).
+A trap is the folder that holds its frames plus the identifier in the names
+(:class:`TrapId`); :func:`frame_place` finds that folder for flat-bug's
+per-frame layout (``<trap>/<frame>/crops/crop_...``, ``<trap>/<frame>/metadata_...``)
+and for the flat one (``<trap>/crops/``, ``<trap>/metadata/``) alike. Every
+lookup by frame (metadata, ``track``, gating, the intake's frame grouping) goes
+through these, so two traps with the same frame names never mix.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .records import Crop
+from .records import Crop, FrameId, TrapId
 
 # Problem codes, short and stable so they can also go into errors/log files.
 NOT_FLATBUG_NAME = "not_flatbug_name"
@@ -26,6 +34,7 @@ TIME_UNPARSED = "time_unparsed"
 METADATA_MISSING = "metadata_missing"
 METADATA_MALFORMED = "metadata_malformed"
 BOX_MISSING = "box_missing"
+METADATA_AMBIGUOUS = "metadata_ambiguous"
 
 PROBLEM_DESCRIPTIONS: dict[str, str] = {
     NOT_FLATBUG_NAME: "name is not flat-bug's crop_<frame>_CROPNUMBER_<i>_... form "
@@ -34,6 +43,8 @@ PROBLEM_DESCRIPTIONS: dict[str, str] = {
     METADATA_MISSING: "metadata missing for their frame",
     METADATA_MALFORMED: "metadata JSON of their frame unreadable or malformed",
     BOX_MISSING: "crop number beyond the boxes in their frame's metadata",
+    METADATA_AMBIGUOUS: "several metadata JSON in the metadata folder name their frame "
+    "and identifier and none is nearer to the crop's folder than the others",
 }
 
 _CROP_RE = re.compile(
@@ -68,6 +79,88 @@ def parse_metadata_name(filename: str) -> str | None:
     """Return the frame of a flat-bug ``metadata_<frame>_UUID_<id>.json`` name, else None."""
     match = _METADATA_RE.match(os.path.basename(filename))
     return None if match is None else match["frame"]
+
+
+def _identifier(text: str | None) -> str:
+    # flat-bug writes str(None) when no identifier was set; treat it as absent.
+    return "" if text is None or text == "None" else text
+
+
+# Folders flat-bug (or its flat layout) puts between a trap folder and the files.
+_HOLDERS = ("crops", "metadata")
+
+
+def frame_place(path: Path, frame: str) -> str:
+    """The trap folder of a file of frame ``frame``, as an absolute path string.
+
+    That is the file's folder, less one trailing ``crops`` or ``metadata`` folder,
+    less then one folder named exactly like the frame: ``W/T/F/crops/crop_F_...``,
+    ``W/T/F/metadata_F_...``, ``W/T/crops/crop_F_...`` and ``W/T/metadata/...``
+    all give ``W/T``. Only the path text is used (no file system access); bytes
+    that are not UTF-8 are written as ``\\xNN``, as in the crop's record name, so
+    the place read back from a stored name is the same.
+    """
+    folder = Path(os.path.abspath(path)).parent
+    if folder.name in _HOLDERS:
+        folder = folder.parent
+    if folder.name == frame:
+        folder = folder.parent
+    text = str(folder)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
+def frame_of_crop(path: Path, parsed: CropName) -> FrameId:
+    """The frame of a crop file whose name parsed as ``parsed``."""
+    trap = TrapId(frame_place(path, parsed.frame), _identifier(parsed.identifier))
+    return FrameId(parsed.frame, trap)
+
+
+def frame_of_path(path: Path) -> FrameId | None:
+    """The frame of a crop path, or None when its name is not flat-bug's."""
+    parsed = parse_crop_name(path.name)
+    return None if parsed is None else frame_of_crop(path, parsed)
+
+
+def frames_of_names(names: Sequence[str]) -> tuple[FrameId | None, ...]:
+    """The frame of each crop path in ``names`` (None for a name not flat-bug's).
+
+    Crops of one frame share one record, so this costs little memory for a
+    million names.
+    """
+    # Names differing only in their crop number have one frame: the regex runs once
+    # per frame, not once per crop (it dominates at a million names).
+    known: dict[tuple[str, str, str], FrameId | None] = {}
+    frames: list[FrameId | None] = []
+    for name in names:
+        folder, base = os.path.split(name)
+        head, sep, tail = base.rpartition("_CROPNUMBER_")
+        number, _, rest = tail.partition("_")
+        if not sep or not number.isdigit():
+            frames.append(_frame_of_name(name))
+            continue
+        key = (folder, head, rest)
+        if key not in known:
+            known[key] = _frame_of_name(name)
+        frames.append(known[key])
+    return tuple(frames)
+
+
+def _frame_of_name(name: str) -> FrameId | None:
+    parsed = parse_crop_name(name)
+    return None if parsed is None else frame_of_crop(Path(name), parsed)
+
+
+def frame_of_metadata(path: Path) -> FrameId | None:
+    """The frame a ``metadata_<frame>_UUID_<id>.json`` file describes, else None."""
+    match = _METADATA_RE.match(path.name)
+    if match is None:
+        return None
+    trap = TrapId(frame_place(path, match["frame"]), _identifier(match["identifier"]))
+    return FrameId(match["frame"], trap)
 
 
 # --- time ------------------------------------------------------------------------------
@@ -201,24 +294,33 @@ def _load_centers(path: Path) -> _Centers | str:
 class MetadataIndex:
     """Frame -> metadata JSON path, with each JSON loaded on first use and cached.
 
+    A crop's metadata is the JSON of its own frame: same frame name, same
+    identifier, same trap folder (:class:`FrameId`). With ``loose`` (the batch
+    command's ``-mf`` folder, which may be kept apart from the crops) a frame
+    without a JSON in its own trap folder takes the JSON of the same name and
+    identifier whose trap folder ends in the most path components equal to the
+    crop's; a tie is ``metadata_ambiguous`` and no JSON is used.
+
     Safe to share between the watcher thread (``add``/``invalidate``) and a worker
     (``center``). When several files name the same frame, the last registered wins.
     """
 
-    def __init__(self) -> None:
-        self._paths: dict[str, Path] = {}
-        self._cache: dict[str, _Centers | str] = {}
+    def __init__(self, *, loose: bool = False) -> None:
+        self.loose = loose
+        self._paths: dict[FrameId, Path] = {}
+        self._by_name: dict[tuple[str, str], set[FrameId]] = {}
+        self._cache: dict[FrameId, _Centers | str] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def scan(cls, folder: Path) -> MetadataIndex:
+    def scan(cls, folder: Path, *, loose: bool = False) -> MetadataIndex:
         """Index every ``metadata_*.json`` under ``folder``, recursively.
 
         Raises ``FileNotFoundError`` if ``folder`` is not a directory.
         """
         if not folder.is_dir():
             raise FileNotFoundError(f"metadata folder not found or not a directory: {folder}")
-        index = cls()
+        index = cls(loose=loose)
         for root, dirs, files in os.walk(folder):
             dirs.sort()
             for name in sorted(files):
@@ -226,43 +328,61 @@ class MetadataIndex:
                     index.add(Path(root, name))
         return index
 
-    def add(self, path: Path) -> str | None:
+    def add(self, path: Path) -> FrameId | None:
         """Register one metadata file (new or rewritten); return its frame, or None."""
-        frame = parse_metadata_name(path.name)
+        frame = frame_of_metadata(path)
         if frame is None:
             return None
         with self._lock:
             self._paths[frame] = path
+            self._by_name.setdefault((frame.name, frame.trap.identifier), set()).add(frame)
             self._cache.pop(frame, None)
         return frame
 
-    def invalidate(self, frame: str) -> None:
+    def invalidate(self, frame: FrameId) -> None:
         """Forget the cached contents of a frame's JSON so the next lookup re-reads it."""
         with self._lock:
             self._cache.pop(frame, None)
 
-    def has(self, frame: str) -> bool:
-        """Whether a metadata file is registered for ``frame``."""
+    def has(self, frame: FrameId) -> bool:
+        """Whether a metadata file is registered for ``frame`` (by the rule above)."""
         with self._lock:
-            return frame in self._paths
+            return isinstance(self._resolve(frame), FrameId)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._paths)
 
-    def center(self, frame: str, index: int) -> tuple[tuple[float, float] | None, str | None]:
+    def _resolve(self, frame: FrameId) -> FrameId | str:
+        """The registered frame whose JSON ``frame`` uses, or a problem code (lock held)."""
+        if frame in self._paths:
+            return frame
+        others = self._by_name.get((frame.name, frame.trap.identifier))
+        if not self.loose or not others:
+            return METADATA_MISSING
+        mine = Path(frame.trap.place).parts[::-1]
+        scored = sorted(
+            ((_common_prefix(mine, Path(o.trap.place).parts[::-1]), o) for o in others),
+            reverse=True,
+        )
+        if len(scored) > 1 and scored[0][0] == scored[1][0]:
+            return METADATA_AMBIGUOUS
+        return scored[0][1]
+
+    def center(self, frame: FrameId, index: int) -> tuple[tuple[float, float] | None, str | None]:
         """Return (centre of box ``index`` of ``frame``, None) or (None, problem code)."""
         with self._lock:
-            path = self._paths.get(frame)
-            cached = self._cache.get(frame)
-        if path is None:
-            return None, METADATA_MISSING
+            found = self._resolve(frame)
+            if isinstance(found, str):
+                return None, found
+            path = self._paths[found]
+            cached = self._cache.get(found)
         if cached is None:
             # Read outside the lock: a slow disk must not block the watcher thread.
             cached = _load_centers(path)
             with self._lock:
-                if self._paths.get(frame) == path:
-                    self._cache[frame] = cached
+                if self._paths.get(found) == path:
+                    self._cache[found] = cached
         if isinstance(cached, str):
             return None, cached
         if index < 0 or index >= len(cached):
@@ -271,6 +391,15 @@ class MetadataIndex:
         if center is None:
             return None, METADATA_MALFORMED
         return center, None
+
+
+def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 # --- crops -----------------------------------------------------------------------------
@@ -285,12 +414,14 @@ def describe_crop(
 ) -> tuple[Crop, tuple[str, ...]]:
     """Build the ``Crop`` for one file and list the problems met reading it.
 
-    Time is looked for only with a ``time_format`` and the box only with ``metadata``;
-    their problems are reported only then. A non-flat-bug name gives a bare ``Crop``.
+    Time is looked for only with a ``time_format`` and the box only with ``metadata``
+    (the JSON of the crop's own frame, see :class:`MetadataIndex`); their problems
+    are reported only then. A non-flat-bug name gives a bare ``Crop`` (no frame).
     """
     parsed = parse_crop_name(path.name)
     if parsed is None:
         return Crop(path=path, name=name), (NOT_FLATBUG_NAME,)
+    frame = frame_of_crop(path, parsed)
     problems: list[str] = []
     time: float | None = None
     if time_format is not None:
@@ -299,13 +430,13 @@ def describe_crop(
             problems.append(TIME_UNPARSED)
     center: tuple[float, float] | None = None
     if metadata is not None:
-        center, problem = metadata.center(parsed.frame, parsed.index)
+        center, problem = metadata.center(frame, parsed.index)
         if problem is not None:
             problems.append(problem)
     crop = Crop(
         path=path,
         name=name,
-        frame=parsed.frame,
+        frame=frame,
         crop_index=parsed.index,
         time=time,
         center=center,

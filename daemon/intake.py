@@ -29,11 +29,11 @@ from .flatbug import (
     ProblemTally,
     TimeFormat,
     describe_crop,
-    parse_crop_name,
+    frame_of_path,
 )
 from .identity import Entry, Fingerprint, Registry, content_hash
 from .log import get_logger
-from .records import Crop, DecodeFailure, IntakeUnit, Moved, Prepared, Skipped
+from .records import Crop, DecodeFailure, FrameId, IntakeUnit, Moved, Prepared, Skipped
 from .stage import Stage, Stop
 from .watch import FileSeen, Settler, kind, scan_tree
 
@@ -88,6 +88,16 @@ class _Decoding:
     futures: list[Future[Prepared | Skipped]] = field(default_factory=list)
 
 
+def _release_order(
+    item: tuple[float, FrameId | str, _Waiting, list[Crop]],
+) -> tuple[float, str, str, str]:
+    """Frames leave by time, then name, then trap; a lone crop by its file name."""
+    t, frame, _, _ = item
+    if isinstance(frame, str):
+        return (t, frame, "", "")
+    return (t, frame.name, frame.trap.place, frame.trap.identifier)
+
+
 class IntakeStage(Stage[Path, IntakeUnit]):
     """Turns file hints into decoded crops, ready for the model.
 
@@ -133,7 +143,9 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="decode")
         self._known = known
         self._settling: set[str] = set()
-        self._waiting: dict[str, _Waiting] = {}
+        # Keyed by flat-bug frame (name, identifier, trap folder), or by the file's
+        # name for a crop that has no frame (a frame of its own).
+        self._waiting: dict[FrameId | str, _Waiting] = {}
         self._moved: list[Moved] = []
         self._to_decode: deque[_Decoding] = deque()
         self._decoding: deque[_Decoding] = deque()
@@ -257,8 +269,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             content = self._identify(name, seen)
             if content is None:
                 continue
-            parsed = parse_crop_name(seen.path.name)
-            frame = parsed.frame if parsed is not None else f"\0{name}"
+            frame: FrameId | str = frame_of_path(seen.path) or name
             waiting = self._waiting.setdefault(frame, _Waiting())
             waiting.files.append(seen)
             waiting.ready_at.append(now)
@@ -334,32 +345,32 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         if self.metadata_index is None:
             return
         frame = self.metadata_index.add(seen.path)
-        if frame is not None:
+        if frame is not None:  # a rewritten JSON must be read again
             self.metadata_index.invalidate(frame)
 
     def _release_frames(self, now: float) -> None:
-        released: list[tuple[tuple[float, str], str, _Waiting, list[Crop]]] = []
+        released: list[tuple[float, FrameId | str, _Waiting, list[Crop]]] = []
         for frame, waiting in self._waiting.items():
             if now - waiting.last_ready < FRAME_QUIET_S and not self._frame_complete(
                 frame, waiting
             ):
                 continue  # more crops of this frame may still be settling
             index = self.metadata_index
-            if index is not None and not frame.startswith("\0") and not index.has(frame):
+            if index is not None and isinstance(frame, FrameId) and not index.has(frame):
                 if now - waiting.ready_at[0] < self.options.metadata_wait_s:
                     continue
                 self._late_frames += 1
                 log.warning(
                     "metadata_missing",
-                    frame=frame,
+                    frame=str(frame),
                     crops=len(waiting.files),
                     waited_s=self.options.metadata_wait_s,
                     frames_so_far=self._late_frames,
                 )
             crops = [self._describe(seen) for seen in waiting.files]
             t = crops[0].time
-            released.append(((math.inf if t is None else t, frame), frame, waiting, crops))
-        released.sort(key=lambda r: r[0])
+            released.append((math.inf if t is None else t, frame, waiting, crops))
+        released.sort(key=_release_order)
         cap = max(self.options.batch_size, 64)
         for _, frame, waiting, crops in released:
             del self._waiting[frame]
@@ -372,9 +383,9 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                     )
                 )
 
-    def _frame_complete(self, frame: str, waiting: _Waiting) -> bool:
+    def _frame_complete(self, frame: FrameId | str, waiting: _Waiting) -> bool:
         """With metadata, a frame whose every box has a ready crop needs no quiet time."""
-        if self.metadata_index is None or frame.startswith("\0"):
+        if self.metadata_index is None or not isinstance(frame, FrameId):
             return False
         for index in range(len(waiting.files) + 1):
             _, problem = self.metadata_index.center(frame, index)

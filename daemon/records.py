@@ -28,11 +28,45 @@ if TYPE_CHECKING:
 Vector = npt.NDArray[np.float32]
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class TrapId:
+    """One trap: the folder that holds its frames, and flat-bug's identifier.
+
+    ``place`` is that folder as an absolute path string (see
+    :func:`crop_clusterd.flatbug.frame_place`); ``identifier`` is the ``UUID_<id>``
+    part of the file names, ``""`` when the names carry none. Crops of two
+    different traps never share a cluster.
+    """
+
+    place: str
+    identifier: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FrameId:
+    """One flat-bug frame: its name (the capture time and camera suffix) in one trap.
+
+    Two frames of two traps may share a name; they are still two frames. Build it
+    with :func:`crop_clusterd.flatbug.frame_of_crop` (a crop) or
+    :func:`crop_clusterd.flatbug.frame_of_metadata` (a metadata JSON), so every
+    lookup derives it the same way.
+    """
+
+    name: str
+    trap: TrapId
+
+    def __str__(self) -> str:
+        """``<place>/<name>`` plus ``[<identifier>]``, for logs."""
+        suffix = f"[{self.trap.identifier}]" if self.trap.identifier else ""
+        return f"{self.trap.place}/{self.name}{suffix}"
+
+
 @dataclass(frozen=True, slots=True)
 class Crop:
     """One crop file with what its name and metadata tell about it.
 
-    ``name`` is the string written to ``clusters.csv``; ``time`` is the frame's
+    ``name`` is the string written to ``clusters.csv``; ``frame`` is flat-bug's
+    frame (None when the name is not flat-bug's); ``time`` is the frame's
     capture time in seconds (naive local time read from the file name, only ever
     compared with other crops' times), ``center`` the centre of the crop's box in
     frame pixels. Either is ``None`` when unknown. ``size``, ``mtime_ns`` and
@@ -43,7 +77,7 @@ class Crop:
 
     path: Path
     name: str
-    frame: str | None = None
+    frame: FrameId | None = None
     crop_index: int | None = None
     time: float | None = None
     center: tuple[float, float] | None = None

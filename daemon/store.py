@@ -570,7 +570,7 @@ def _crop_row(c: CommittedCrop, batch: int, at: float) -> tuple[object, ...]:
         crop.mtime_ns,
         crop.inode,
         crop.content,
-        crop.frame,
+        crop.frame.name if crop.frame is not None else None,
         crop.crop_index,
         crop.time,
         center[0],

@@ -31,6 +31,7 @@ from .config import Config
 from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
+from .flatbug import frame_of_path
 from .identity import Registry, registry_from
 from .intake import IntakeStage
 from .link_stage import LinkStage
@@ -79,7 +80,15 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
     ids = current_clusters(stored.clusters, merges)
     used_index = linker.restore(
         StoredLinks(
-            batch=LinkBatch(stored.vectors, stored.times, stored.centers, stored.frames),
+            batch=LinkBatch(
+                stored.vectors,
+                stored.times,
+                stored.centers,
+                # The frame (name, identifier, trap folder) is derived from the stored
+                # path the same way as at intake, so state folders written before
+                # frames had a trap resume unchanged.
+                tuple(frame_of_path(Path(p)) for p in stored.paths),
+            ),
             cluster_ids=ids,
             batch_numbers=stored.batches,
             index_file=index_path(store.folder),

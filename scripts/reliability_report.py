@@ -10,6 +10,8 @@ Scenarios:
   pytest; trials are its test cases. (HOOK: if that file is absent the row says so.)
 - ``identity``: a crop's identity across moves, renames and rewrites (issue 9,
   cases 1-3), ``tests/test_identity.py`` through pytest, counted as ``hostile``.
+- ``frames``: frame and trap identity (two traps with the same frame names),
+  ``tests/test_frames.py``, run through pytest; trials are its test cases.
 - ``burst``: ``--burst`` crops (20,000 by default) hard-linked under new names into
   new frame folders within seconds while a daemon child watches; every one must be
   processed (the observer's dropped events are made good by rescans). Reports the
@@ -180,7 +182,7 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
 
 
 def run_test_file(scenario: str, name: str, pytest_args: Sequence[str] = ()) -> Row:
-    """Run ``tests/<name>`` through pytest; one trial per test case."""
+    """Run ``tests/<name>`` through pytest; one row, trials = its test cases."""
     target = REPO / "tests" / name
     if not target.exists():
         return Row(scenario, 0, None, None, None, None, f"MISSING (tests/{name})")
@@ -273,7 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=float, default=30.0)
     parser.add_argument("--burst", type=int, default=20_000, help="crops in the burst")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=("soak", "hostile", "identity", "burst")
+        "--skip",
+        action="append",
+        default=[],
+        choices=("soak", "hostile", "identity", "frames", "burst"),
     )
     parser.add_argument("--json", type=Path, help="also write the details here")
     args = parser.parse_args(argv)
@@ -294,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(run_hostile())
     if "identity" not in args.skip:
         rows.append(run_test_file("identity", "test_identity.py"))
+    if "frames" not in args.skip:
+        # Two traps with the same frame names: own boxes, no mixed cluster, independence.
+        rows.append(run_test_file("frames", "test_frames.py"))
     if "burst" not in args.skip:
         rows.append(burst_row(run_burst(args.work / "burst", args.burst)))
     print(render(rows))

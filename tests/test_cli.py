@@ -582,7 +582,9 @@ def test_run_then_status_reports_the_stopped_daemon(
 ) -> None:
     watch = tmp_path / "watch"
     for i, rgb in enumerate((*RED, BLUE[0])):
-        write_png(watch / f"f{i}" / f"crop_2024070122000{i}_CROPNUMBER_0_UUID_A.png", rgb)
+        # flat-bug's layout: one folder per frame, named like the frame (one trap).
+        frame = f"2024070122000{i}"
+        write_png(watch / frame / f"crop_{frame}_CROPNUMBER_0_UUID_A.png", rgb)
     from crop_clusterd.supervisor import Daemon
 
     config = cli.config_from_args(

@@ -24,9 +24,15 @@ from crop_clusterd.flatbug import (
     parse_crop_name,
     parse_metadata_name,
 )
+from crop_clusterd.records import FrameId, TrapId
 
 SEED = Path(__file__).resolve().parents[1].parent / "shared" / "seed-example"
 FRAME = "20230908001617-00-06"
+
+
+def fid(place: Path, name: str, identifier: str = "abc") -> FrameId:
+    """Frame ``name`` of the trap folder ``place`` (as ``write_meta`` lays it out)."""
+    return FrameId(name, TrapId(str(place), identifier))
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
@@ -173,10 +179,11 @@ def test_metadata_index_finds_per_frame_subfolders(tmp_path: Path) -> None:
     (tmp_path / "f2" / "crops" / "notes.json").write_text("{}")
     index = MetadataIndex.scan(tmp_path)
     assert len(index) == 2
-    assert index.has("f1") and index.has("f2") and not index.has("f3")
-    assert index.center("f1", 0) == ((5.0, 10.0), None)
-    assert index.center("f1", 1) == ((105.0, 60.25), None)
-    assert index.center("f2", 0) == ((3.0, 3.0), None)
+    assert index.has(fid(tmp_path, "f1")) and index.has(fid(tmp_path, "f2", ""))
+    assert not index.has(fid(tmp_path, "f3"))
+    assert index.center(fid(tmp_path, "f1", "abc"), 0) == ((5.0, 10.0), None)
+    assert index.center(fid(tmp_path, "f1", "abc"), 1) == ((105.0, 60.25), None)
+    assert index.center(fid(tmp_path, "f2", ""), 0) == ((3.0, 3.0), None)
 
 
 def test_metadata_problems(tmp_path: Path) -> None:
@@ -189,50 +196,51 @@ def test_metadata_problems(tmp_path: Path) -> None:
     broken.write_text('{"boxes": [[0, 0, 1')  # half-written
     (tmp_path / "metadata_list_UUID_x.json").write_text("[1, 2]")
     index = MetadataIndex.scan(tmp_path)
-    assert index.center("absent", 0) == (None, METADATA_MISSING)
-    assert index.center("few", 1) == (None, BOX_MISSING)
-    assert index.center("noboxes", 0) == (None, METADATA_MALFORMED)
-    assert index.center("broken", 0) == (None, METADATA_MALFORMED)
-    assert index.center("list", 0) == (None, METADATA_MALFORMED)
-    assert index.center("nan", 0) == (None, METADATA_MALFORMED)
-    assert index.center("badbox", 0) == (None, METADATA_MALFORMED)
-    assert index.center("badbox", 1) == ((1.0, 1.0), None)
-    assert index.center("badbox", 2) == (None, METADATA_MALFORMED)
-    assert index.center("badbox", 3) == (None, METADATA_MALFORMED)
-    assert index.center("badbox", 4) == (None, BOX_MISSING)
+    assert index.center(fid(tmp_path, "absent", "abc"), 0) == (None, METADATA_MISSING)
+    assert index.center(fid(tmp_path, "few", "abc"), 1) == (None, BOX_MISSING)
+    assert index.center(fid(tmp_path, "noboxes", "abc"), 0) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "broken", "x"), 0) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "list", "x"), 0) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "nan", "abc"), 0) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "badbox", "abc"), 0) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "badbox", "abc"), 1) == ((1.0, 1.0), None)
+    assert index.center(fid(tmp_path, "badbox", "abc"), 2) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "badbox", "abc"), 3) == (None, METADATA_MALFORMED)
+    assert index.center(fid(tmp_path, "badbox", "abc"), 4) == (None, BOX_MISSING)
 
 
 def test_metadata_file_deleted_after_scan_counts_as_missing(tmp_path: Path) -> None:
     path = write_meta(tmp_path, "f", [[0, 0, 2, 2]])
     index = MetadataIndex.scan(tmp_path)
     path.unlink()
-    assert index.center("f", 0) == (None, METADATA_MISSING)
+    assert index.center(fid(tmp_path, "f", "abc"), 0) == (None, METADATA_MISSING)
 
 
 def test_late_json_is_added_and_rewritten_json_reread(tmp_path: Path) -> None:
     index = MetadataIndex.scan(tmp_path)
-    assert index.center("f", 0) == (None, METADATA_MISSING)
+    assert index.center(fid(tmp_path, "f", "a"), 0) == (None, METADATA_MISSING)
     path = tmp_path / "f" / "metadata_f_UUID_a.json"
     path.parent.mkdir()
     path.write_text('{"boxes": [[0, 0')  # the watcher saw it half-written
-    assert index.add(path) == "f"
-    assert index.center("f", 0) == (None, METADATA_MALFORMED)
+    assert index.add(path) == fid(tmp_path, "f", "a")
+    assert index.center(fid(tmp_path, "f", "a"), 0) == (None, METADATA_MALFORMED)
     path.write_text(json.dumps({"boxes": [[0, 0, 4, 4]]}))
-    assert index.center("f", 0) == (None, METADATA_MALFORMED)  # cached until told
-    index.invalidate("f")
-    assert index.center("f", 0) == ((2.0, 2.0), None)
+    # cached until told
+    assert index.center(fid(tmp_path, "f", "a"), 0) == (None, METADATA_MALFORMED)
+    index.invalidate(fid(tmp_path, "f", "a"))
+    assert index.center(fid(tmp_path, "f", "a"), 0) == ((2.0, 2.0), None)
     path.write_text(json.dumps({"boxes": [[0, 0, 8, 8]]}))
     index.add(path)  # re-adding the same file also drops the cache
-    assert index.center("f", 0) == ((4.0, 4.0), None)
+    assert index.center(fid(tmp_path, "f", "a"), 0) == ((4.0, 4.0), None)
 
 
 def test_metadata_is_loaded_lazily_and_cached(tmp_path: Path) -> None:
     path = write_meta(tmp_path, "f", [[0, 0, 2, 2]])
     index = MetadataIndex.scan(tmp_path)
     path.write_text(json.dumps({"boxes": [[0, 0, 6, 6]]}))  # before first use: seen
-    assert index.center("f", 0) == ((3.0, 3.0), None)
+    assert index.center(fid(tmp_path, "f", "abc"), 0) == ((3.0, 3.0), None)
     path.unlink()  # after first use: served from the cache
-    assert index.center("f", 0) == ((3.0, 3.0), None)
+    assert index.center(fid(tmp_path, "f", "abc"), 0) == ((3.0, 3.0), None)
 
 
 def test_add_ignores_non_metadata_names(tmp_path: Path) -> None:
@@ -259,7 +267,7 @@ def test_concurrent_lookups_and_adds_do_not_break(tmp_path: Path) -> None:
         try:
             for _ in range(5):
                 for i in range(20):
-                    center, problem = index.center(f"f{i}", 0)
+                    center, problem = index.center(fid(tmp_path, f"f{i}"), 0)
                     assert problem in (None, METADATA_MISSING)
                     assert center in (None, (float(i), float(i)))
         except BaseException as exc:
@@ -271,7 +279,7 @@ def test_concurrent_lookups_and_adds_do_not_break(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert index.center("f19", 0) == ((19.0, 19.0), None)
+    assert index.center(fid(tmp_path, "f19"), 0) == ((19.0, 19.0), None)
 
 
 # --- describe_crop and tally -------------------------------------------------------------
@@ -284,11 +292,11 @@ def test_describe_crop_with_everything(tmp_path: Path) -> None:
         path,
         "sub/" + path.name,
         time_format=TimeFormat.compile("%Y%m%d%H%M%S"),
-        metadata=MetadataIndex.scan(tmp_path / "meta"),
+        metadata=MetadataIndex.scan(tmp_path / "meta", loose=True),
     )
     assert problems == ()
     assert crop.path == path and crop.name == "sub/" + path.name
-    assert (crop.frame, crop.crop_index) == (FRAME, 1)
+    assert (crop.frame, crop.crop_index) == (fid(tmp_path, FRAME), 1)
     assert crop.time == utc(2023, 9, 8, 0, 16, 17)
     assert crop.center == (25.0, 50.0)
 
@@ -297,7 +305,12 @@ def test_describe_crop_reports_problems_only_for_what_was_asked(tmp_path: Path) 
     path = tmp_path / "crop_nodate_CROPNUMBER_0_.png"
     crop, problems = describe_crop(path, path.name, time_format=None, metadata=None)
     assert problems == ()
-    assert (crop.frame, crop.crop_index, crop.time, crop.center) == ("nodate", 0, None, None)
+    assert (crop.frame, crop.crop_index, crop.time, crop.center) == (
+        fid(tmp_path, "nodate", ""),
+        0,
+        None,
+        None,
+    )
     crop, problems = describe_crop(
         path, path.name, time_format=TimeFormat.compile("%Y%m%d"), metadata=MetadataIndex()
     )
@@ -319,7 +332,7 @@ def test_describe_seed_crops_frames_two_seconds_apart() -> None:
     if not crops_dir.is_dir():
         pytest.skip(f"seed example not available at {crops_dir}")
     fmt = TimeFormat.compile("%Y%m%d%H%M%S")
-    times: dict[str, float] = {}
+    times: dict[FrameId, float] = {}
     for path in sorted(crops_dir.glob("*.png")):
         crop, problems = describe_crop(path, path.name, time_format=fmt, metadata=None)
         assert problems == ()

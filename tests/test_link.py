@@ -25,7 +25,18 @@ from crop_clusterd.linking import (
     pair_cosine,
     pairs_above,
 )
-from crop_clusterd.records import Merge
+from crop_clusterd.records import FrameId, Merge, TrapId
+
+
+def fr(name: str, trap: str = "T", identifier: str = "") -> FrameId:
+    """A frame ``name`` of trap folder ``/<trap>``."""
+    return FrameId(name, TrapId(f"/{trap}", identifier))
+
+
+def fids(*names: str) -> tuple[FrameId, ...]:
+    """Frames of one trap, one per name."""
+    return tuple(fr(n) for n in names)
+
 
 FORCE_INDEX = HnswParams(brute_force_below=0, k_start=2, chunk=7)
 # Every query still full after its first k goes to the dense-group cover.
@@ -54,7 +65,7 @@ def batch_of(
         np.ascontiguousarray(emb),
         np.full(n, np.nan) if times is None else times,
         np.full((n, 2), np.nan) if centers is None else centers,
-        tuple(frames) if frames is not None else (None,) * n,
+        tuple(None if f is None else fr(f) for f in frames) if frames is not None else (None,) * n,
     )
 
 
@@ -348,7 +359,7 @@ def trap_sessions(draw: st.DrawFn) -> tuple[LinkBatch, float, int]:
     if not emb:
         emb, times, names, centers = [identity[0]], [0.0], ["20240000"], [(0.0, 0.0)]
     batch = LinkBatch(
-        np.array(emb, dtype=np.float32), np.array(times), np.array(centers), tuple(names)
+        np.array(emb, dtype=np.float32), np.array(times), np.array(centers), fids(*names)
     )
     return batch, draw(st.floats(0.3, 0.95)), draw(st.integers(0, 3))
 
@@ -400,7 +411,7 @@ def test_track_assignment_is_optimal_not_greedy() -> None:
     y = np.array([1.0, 0.0], dtype=np.float32)  # only close to a
     emb = np.vstack([a, b, x, y]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    frames = ("f0", "f0", "f1", "f1")
+    frames = fids("f0", "f0", "f1", "f1")
     linker = TrackLinker(0.9, memory=1)
     linker.add(LinkBatch(emb, np.array([0.0, 0.0, 2.0, 2.0]), np.zeros((4, 2)), frames))
     # Optimal: y -> a (1.0), x -> b (0.98); greedy x -> a would leave y alone.
@@ -411,7 +422,7 @@ def test_track_prefers_the_nearer_of_two_equally_similar_clusters() -> None:
     v = np.array([1.0, 0.0], dtype=np.float32)
     emb = np.repeat(v[None, :], 3, axis=0)
     centers = np.array([[0.0, 0.0], [250.0, 0.0], [240.0, 5.0]])
-    frames = ("f0", "f0", "f1")
+    frames = fids("f0", "f0", "f1")
     linker = TrackLinker(0.9, Motion(max_move_px=300.0, penalty=0.3))
     linker.add(LinkBatch(emb, np.array([0.0, 0.0, 2.0]), centers, frames))
     assert linker.cluster_ids().tolist() == [0, 1, 1]
@@ -425,7 +436,7 @@ def test_track_never_continues_beyond_max_move() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
     linker = TrackLinker(0.9, Motion(max_move_px=100.0))
     for f, x in enumerate((0.0, 90.0, 300.0)):
-        linker.add(LinkBatch(v.copy(), np.array([2.0 * f]), np.array([[x, 0.0]]), (f"f{f}",)))
+        linker.add(LinkBatch(v.copy(), np.array([2.0 * f]), np.array([[x, 0.0]]), (fr(f"f{f}"),)))
     assert linker.cluster_ids().tolist() == [0, 0, 2]
 
 
@@ -433,7 +444,7 @@ def test_track_compares_with_the_latest_crops_not_only_the_last() -> None:
     a = np.array([1.0, 0.0], dtype=np.float32)
     blurred = np.array([0.6, 0.8], dtype=np.float32)  # cos 0.6 with a
     emb = np.vstack([a, blurred, a]).astype(np.float32)
-    frames = ("f0", "f1", "f2")
+    frames = fids("f0", "f1", "f2")
     times = np.array([0.0, 2.0, 4.0])
     for memory, expected in ((1, [0, 0, 2]), (3, [0, 0, 0])):
         linker = TrackLinker(0.55, None, memory=memory)
@@ -449,7 +460,7 @@ def test_track_cluster_expires_after_the_gap() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
     linker = TrackLinker(0.9, None, gap_s=300.0)
     for t in (0.0, 300.0, 601.0):
-        linker.add(LinkBatch(v.copy(), np.array([t]), np.zeros((1, 2)), (f"f{t}",)))
+        linker.add(LinkBatch(v.copy(), np.array([t]), np.zeros((1, 2)), (fr(f"f{t}"),)))
     assert linker.cluster_ids().tolist() == [0, 0, 2]
 
 
@@ -457,7 +468,7 @@ def test_track_without_times_counts_frames() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
     linker = TrackLinker(0.9, None, gap_frames=2, memory=1)
     emb = np.repeat(v, 5, axis=0)
-    frames = ("a", "b", "c", "d", "e")
+    frames = fids("a", "b", "c", "d", "e")
     # a, then nothing matching for two frames (other crops), then e
     other = np.array([0.0, 1.0], dtype=np.float32)
     emb[1] = emb[2] = emb[3] = other
@@ -614,3 +625,30 @@ def test_restore_needs_a_fresh_linker_and_consistent_state() -> None:
         stored(whole, np.arange(9))
     with pytest.raises(ValueError):
         CosineLinker(0.9).restore(stored(whole, np.arange(10) + 1))
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["exact", "hnsw"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_cosine_with_traps_equals_the_oracle_of_each_trap(index: bool, gated: bool) -> None:
+    """Three traps over the same look-alike crops, fed in pieces: the partition is
+    the union of each trap's own all-pairs oracle (no pair crosses traps)."""
+    rng = np.random.default_rng(7)
+    n = 240
+    emb = clustered(rng, n, 12, 8, 0.25)
+    times = rng.uniform(0, 200, n)
+    centers = rng.uniform(0, 400, (n, 2))
+    traps = rng.integers(0, 3, n)
+    frames = tuple(fr(f"f{int(t)}", f"trap{k}") for t, k in zip(times, traps, strict=True))
+    gating = Gating() if gated else None
+    linker = CosineLinker(0.8, gating, FORCE_INDEX if index else None)
+    for lo in range(0, n, 50):
+        hi = min(lo + 50, n)
+        linker.add(LinkBatch(emb[lo:hi].copy(), times[lo:hi], centers[lo:hi], frames[lo:hi]))
+    expected: set[frozenset[int]] = set()
+    for k in range(3):
+        members = np.flatnonzero(traps == k)
+        ids = cosine_oracle(emb[members], 0.8, times[members], centers[members], gating)
+        expected |= {frozenset(int(members[i]) for i in g) for g in partition(ids)}
+    got = partition(linker.cluster_ids())
+    assert got == expected
+    assert any(len(g) > 1 for g in got), "a trivial partition would prove nothing"

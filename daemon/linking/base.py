@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import defaults
-from ..records import Embedded, Merge
+from ..records import Embedded, FrameId, Merge, TrapId
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -112,14 +112,15 @@ class LinkBatch:
 
     ``embeddings`` float32 n x d, L2-normalised; ``times`` seconds (NaN unknown);
     ``centers`` n x 2 pixels (NaN unknown); ``frames`` the flat-bug frame of
-    each crop (None when the name is not a flat-bug name). Raises
+    each crop (None when the name is not a flat-bug name; all such crops count
+    as one trap of their own, see :attr:`CropColumns.traps`). Raises
     :class:`ValueError` when the shapes disagree.
     """
 
     embeddings: npt.NDArray[np.float32]
     times: FloatArray
     centers: FloatArray
-    frames: tuple[str | None, ...]
+    frames: tuple[FrameId | None, ...]
 
     def __post_init__(self) -> None:
         n = len(self.embeddings)
@@ -226,7 +227,11 @@ class CropColumns:
         self.embeddings: npt.NDArray[np.float32] = np.empty((0, 0), dtype=np.float32)
         self.times: FloatArray = np.empty(0)
         self.centers: FloatArray = np.empty((0, 2))
-        self.frames: list[str | None] = []
+        self.frames: list[FrameId | None] = []
+        # Trap of each crop as a small int (0: crops without a flat-bug frame),
+        # so the linkers can refuse cross-trap pairs with one vectorised compare.
+        self.traps: IntArray = np.empty(0, dtype=np.int64)
+        self._trap_codes: dict[TrapId | None, int] = {None: 0}
 
     def append(self, batch: LinkBatch) -> range:
         """Store a batch; return its sequence numbers. ValueError on a new dimension."""
@@ -237,6 +242,7 @@ class CropColumns:
             self.embeddings = batch.embeddings
             self.times = batch.times.copy()
             self.centers = batch.centers.copy()
+            self.traps = np.empty(n_new, dtype=np.int64)
         else:
             if batch.embeddings.shape[1] != self.dim:
                 raise ValueError(
@@ -248,6 +254,10 @@ class CropColumns:
             self.times[start : start + n_new] = batch.times
             self.centers[start : start + n_new] = batch.centers
         self.frames.extend(batch.frames)
+        codes = self._trap_codes
+        for i, frame in enumerate(batch.frames):
+            trap = None if frame is None else frame.trap
+            self.traps[start + i] = codes.setdefault(trap, len(codes))
         self.n += n_new
         return range(start, self.n)
 
@@ -256,7 +266,7 @@ class CropColumns:
         if needed <= capacity:
             return
         new_capacity = max(needed, 2 * capacity, 1024)
-        for name in ("embeddings", "times", "centers"):
+        for name in ("embeddings", "times", "centers", "traps"):
             old = getattr(self, name)
             grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
             grown[: self.n] = old[: self.n]

@@ -1,11 +1,12 @@
 """``cosine``: connected components of the thresholded (optionally gated) cosine graph.
 
-Two crops link when their cosine similarity is >= ``threshold`` and, when
-gating is on, the link has spatio-temporal support (:class:`Gating`). Pairs
-are PROPOSED by a search (:class:`~crop_clusterd.linking.neighbours.NeighbourSearch`
-without gating, an exact product over the time window with it) and CONFIRMED
-here with the exact similarity (:func:`~crop_clusterd.linking.exact.accept`)
-and the gating rule, then joined in a union-find.
+Two crops of one trap (crops of different traps never link) link when their
+cosine similarity is >= ``threshold`` and, when gating is on, the link has
+spatio-temporal support (:class:`Gating`). Pairs are PROPOSED by a search
+(:class:`~crop_clusterd.linking.neighbours.NeighbourSearch` without gating, an
+exact product over the time window with it) and CONFIRMED here with the exact
+similarity (:func:`~crop_clusterd.linking.exact.accept`), the trap rule and the
+gating rule, then joined in a union-find.
 """
 
 from __future__ import annotations
@@ -183,10 +184,16 @@ class CosineLinker(Linker):
         """Union the candidate pairs whose exact similarity (and gating) allows it."""
         # Keep pairs found from either end: a pair inside a batch that HNSW misses
         # from one crop may still be found from the other.
-        keep = (pairs.a != pairs.b) & self._live_pairs(pairs.a, pairs.b)
+        # Crops of two traps never link, however alike: a trap's clusters must not
+        # depend on another trap's files. Retired crops never link again.
+        cols = self._cols
+        keep = (
+            (pairs.a != pairs.b)
+            & (cols.traps[pairs.a] == cols.traps[pairs.b])
+            & self._live_pairs(pairs.a, pairs.b)
+        )
         a, b, approx = pairs.a[keep], pairs.b[keep], pairs.approx[keep]
         if gate and self.gating is not None and len(a):
-            cols = self._cols
             dt = cols.times[a] - cols.times[b]
             dist = np.hypot(*(cols.centers[a] - cols.centers[b]).T)
             ok = self.gating.supports(dt, dist)

@@ -7,6 +7,11 @@ similarity to each cluster's most recent crops. Pairs below the threshold (or
 out of :class:`~crop_clusterd.linking.base.Motion` reach) are never matched;
 unmatched crops start new clusters. Two crops of one frame never share a
 cluster, and clusters never merge.
+
+A frame is flat-bug's (name, identifier and trap folder: :class:`FrameId`), and
+each trap is tracked on its own: a frame's crops are matched only to tracks of
+its trap, and the frame counts for ``gap_frames`` only in its trap, so a trap's
+clusters do not depend on another trap's files.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .. import defaults
 from ..log import get_logger
+from ..records import FrameId
 from .base import AddResult, FloatArray, IntArray, LinkBatch, Linker, Motion, StoredLinks
 from .exact import pair_cosine
 
@@ -52,8 +58,10 @@ class TrackLinker(Linker):
         self.memory = memory
         self._track_of: IntArray = np.empty(0, dtype=np.int64)
         self._tracks: list[_Track] = []
-        self._active: list[int] = []  # track numbers that may still match
-        self._frame_ordinal = 0
+        # Per trap code (CropColumns.traps): track numbers that may still match,
+        # and how many frames of that trap were matched so far.
+        self._active: dict[int, list[int]] = {}
+        self._frame_ordinal: dict[int, int] = {}
 
     def add(self, batch: LinkBatch) -> AddResult:
         """Match the batch's frames, in time order, to the active clusters."""
@@ -106,33 +114,38 @@ class TrackLinker(Linker):
     # -- matching -----------------------------------------------------------------------
 
     def _frames_in_order(self, seqs: range) -> list[IntArray]:
-        """Group a batch by frame; timed frames by (time, name), then untimed by name.
+        """Group a batch by frame; timed frames by (time, frame), then untimed by frame.
 
-        A crop with no flat-bug frame is a frame of its own.
+        A crop with no flat-bug frame is a frame of its own. The order restricted
+        to one trap does not depend on other traps' frames.
         """
         cols = self._cols
-        groups: dict[str, list[int]] = {}
+        groups: dict[FrameId | int, list[int]] = {}
         for seq in seqs:
             frame = cols.frames[seq]
-            groups.setdefault(frame if frame is not None else f"\0{seq}", []).append(seq)
+            groups.setdefault(frame if frame is not None else seq, []).append(seq)
 
-        def key(item: tuple[str, list[int]]) -> tuple[int, float, str]:
-            name, members = item
-            t = cols.times[members[0]]
-            return (1, 0.0, name) if math.isnan(t) else (0, float(t), name)
+        def key(item: tuple[FrameId | int, list[int]]) -> tuple[int, float, str, str, str, int]:
+            frame, members = item
+            t = float(cols.times[members[0]])
+            timed = (1, 0.0) if math.isnan(t) else (0, t)
+            if isinstance(frame, int):
+                return (*timed, "", "", "", frame)
+            return (*timed, frame.name, frame.trap.place, frame.trap.identifier, 0)
 
         return [np.array(m, dtype=np.int64) for _, m in sorted(groups.items(), key=key)]
 
     def _match_frame(self, crops: IntArray) -> None:
         cols = self._cols
-        frame = cols.frames[int(crops[0])]
-        t = float(cols.times[int(crops[0])])
-        ordinal = self._frame_ordinal
-        self._frame_ordinal += 1
-        self._active = [k for k in self._active if self._tracks[k].alive(t, ordinal, self)]
-        candidates = [
-            k for k in self._active if frame is None or self._tracks[k].last_frame != frame
-        ]
+        first = int(crops[0])
+        frame = cols.frames[first]
+        trap = int(cols.traps[first])
+        t = float(cols.times[first])
+        ordinal = self._frame_ordinal.get(trap, 0)
+        self._frame_ordinal[trap] = ordinal + 1
+        active = [k for k in self._active.get(trap, []) if self._tracks[k].alive(t, ordinal, self)]
+        self._active[trap] = active
+        candidates = [k for k in active if frame is None or self._tracks[k].last_frame != frame]
         matched: dict[int, int] = {}
         if candidates:
             matched = self._assign(crops, candidates, t)
@@ -141,7 +154,7 @@ class TrackLinker(Linker):
             if k is None:
                 k = len(self._tracks)
                 self._tracks.append(_Track(first_seq=seq))
-                self._active.append(k)
+                active.append(k)
             self._tracks[k].first_seq = min(self._tracks[k].first_seq, seq)
             self._tracks[k].observe(seq, t, ordinal, frame, cols.centers[seq], self.memory)
             self._track_of[seq] = k
@@ -197,12 +210,18 @@ class _Track:
     last_seq: int = -1
     last_time: float = math.nan
     last_ordinal: int = -1
-    last_frame: str | None = None
+    last_frame: FrameId | None = None
     last_center: FloatArray = field(default_factory=lambda: np.full(2, np.nan))
     recent: list[int] = field(default_factory=list)
 
     def observe(
-        self, seq: int, t: float, ordinal: int, frame: str | None, center: FloatArray, memory: int
+        self,
+        seq: int,
+        t: float,
+        ordinal: int,
+        frame: FrameId | None,
+        center: FloatArray,
+        memory: int,
     ) -> None:
         self.recent = [*self.recent[-(memory - 1) :], seq] if memory > 1 else [seq]
         self.last_seq = seq
