@@ -382,7 +382,9 @@ class StateConfig:
 
     folder: Path = field(
         default=Path("/var/lib/crop-clusterd"),
-        metadata=_meta("state folder (SQLite database and the saved index)"),
+        metadata=_meta(
+            "state folder (SQLite database, saved index, daemon.lock: one daemon per folder)"
+        ),
     )
     index_save_s: float = field(
         default=300.0,

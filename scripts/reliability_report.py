@@ -8,6 +8,9 @@ Scenarios:
   random moments; every crop once, partition equal to the batch command's).
 - ``hostile``: the hostile-input corpus, ``tests/test_hostile.py``, run through
   pytest; trials are its test cases. (HOOK: if that file is absent the row says so.)
+- ``field cases``: issue 9's field faults, one test file per kind
+  (``FIELD_CASE_TESTS``: thin crops, text saved on Windows, one daemon per state
+  folder), run through pytest; trials are their test cases.
 - ``burst``: ``--burst`` crops (20,000 by default) hard-linked under new names into
   new frame folders within seconds while a daemon child watches; every one must be
   processed (the observer's dropped events are made good by rescans). Reports the
@@ -172,11 +175,29 @@ def run_burst(
     )
 
 
+# Issue 9's field faults, one test file per kind; each test is a trial.
+FIELD_CASE_TESTS = (
+    "tests/test_thin_crops.py",  # case 6: any aspect ratio, bounded memory
+    "tests/test_textfiles.py",  # case 7: BOM, CRLF, UTF-16 in every text input
+    "tests/test_statelock.py",  # case 8: one daemon per state folder
+)
+
+
 def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
     """HOOK: the hostile-input corpus is ``tests/test_hostile.py``; run it and count."""
-    target = REPO / "tests" / "test_hostile.py"
-    if not target.exists():
-        return Row("hostile", 0, None, None, None, None, "MISSING (tests/test_hostile.py)")
+    return run_pytest_row("hostile", ("tests/test_hostile.py",), pytest_args)
+
+
+def run_field_cases(pytest_args: Sequence[str] = ()) -> Row:
+    """The field-fault cases of issue 9 (:data:`FIELD_CASE_TESTS`), run and counted."""
+    return run_pytest_row("field cases", FIELD_CASE_TESTS, pytest_args)
+
+
+def run_pytest_row(scenario: str, files: Sequence[str], pytest_args: Sequence[str] = ()) -> Row:
+    """Run the test ``files`` (relative to the repository) with pytest; one row of counts."""
+    missing = [f for f in files if not (REPO / f).exists()]
+    if missing:
+        return Row(scenario, 0, None, None, None, None, f"MISSING ({', '.join(missing)})")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         done = subprocess.run(
@@ -184,7 +205,7 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
                 sys.executable,
                 "-m",
                 "pytest",
-                str(target),
+                *(str(REPO / f) for f in files),
                 "-q",
                 f"--junitxml={report}",
                 *pytest_args,
@@ -195,7 +216,7 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
         )
         if not report.exists():
             tail = (done.stdout + done.stderr)[-500:]
-            return Row("hostile", 0, None, None, None, None, f"ERROR: {tail}")
+            return Row(scenario, 0, None, None, None, None, f"ERROR: {tail}")
         suites = ET.parse(report).getroot()
         counts = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
         for suite in suites.iter("testsuite"):
@@ -203,7 +224,7 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
                 counts[k] += int(suite.get(k, "0"))
     bad = counts["failures"] + counts["errors"]
     outcome = "PASS" if bad == 0 and done.returncode == 0 else f"FAIL ({bad} failed)"
-    return Row("hostile", counts["tests"], None, None, None, None, outcome, counts)
+    return Row(scenario, counts["tests"], None, None, None, None, outcome, counts)
 
 
 def soak_row(result: soak.SoakResult) -> Row:
@@ -265,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak-kills", type=int, default=8)
     parser.add_argument("--soak-seconds", type=float, default=30.0)
     parser.add_argument("--burst", type=int, default=20_000, help="crops in the burst")
-    parser.add_argument("--skip", action="append", default=[], choices=("soak", "hostile", "burst"))
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=("soak", "hostile", "field", "burst")
+    )
     parser.add_argument("--json", type=Path, help="also write the details here")
     args = parser.parse_args(argv)
     soak.register_fakes()
@@ -283,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(soak_row(result))
     if "hostile" not in args.skip:
         rows.append(run_hostile())
+    if "field" not in args.skip:
+        rows.append(run_field_cases())
     if "burst" not in args.skip:
         rows.append(burst_row(run_burst(args.work / "burst", args.burst)))
     print(render(rows))
