@@ -9,6 +9,7 @@ elongated insect whole instead of centre-cropping its ends.
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_supervisor import make_config, run_daemon
 
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.config import Config, EmbedConfig, InputConfig, OutputConfig
@@ -125,3 +127,27 @@ def test_batch_with_thin_crops_and_dino_clusters_every_crop(
     assert sorted(Path(n).name for n, _ in rows) == sorted(names)
     errors = tmp_path / "out" / "errors.csv"
     assert not errors.exists() or read_errors_csv(errors) == []
+
+
+def test_daemon_with_thin_crops_and_dino_clusters_every_crop(
+    tmp_path: Path, tiny_dino_dir: Path
+) -> None:
+    watch = tmp_path / "watch"
+    frame = watch / "20240701220000"
+    frame.mkdir(parents=True)
+    sizes = [(30, 50), (50, 30), (40, 40), *THIN[:2]]
+    names = [
+        rgba_file(frame, size, f"crop_20240701220000_CROPNUMBER_{i}_UUID_T.png").name
+        for i, size in enumerate(sizes)
+    ]
+    base = make_config(tmp_path, watch, "cosine")
+    config = dataclasses.replace(
+        base,
+        embed=dataclasses.replace(
+            base.embed, model="dino", from_pretrained=str(tiny_dino_dir), device="cpu"
+        ),
+    )
+    summary = run_daemon(config)
+    assert summary.crops == len(names) and summary.skipped == 0
+    rows = read_clusters_csv(config.output.folder / "clusters.csv")
+    assert sorted(Path(n).name for n, _ in rows) == sorted(names)
