@@ -44,8 +44,10 @@ def encoding_of(head: bytes) -> str:
 
 
 def _not_text(path: Path, exc: UnicodeDecodeError) -> TextEncodingError:
+    # exc.encoding is the codec that failed: say which text the file claimed to be.
+    kind = "UTF-8" if exc.encoding.replace("_", "-").startswith("utf-8") else exc.encoding
     return TextEncodingError(
-        f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        f"{path}: not {kind} text (byte {exc.start}: {exc.reason}); save it as UTF-8"
     )
 
 

@@ -205,3 +205,8 @@ def test_daemon_with_bom_metadata_equals_batch_on_the_original(tmp_path: Path) -
     # Same crops by name in both trees; compare partitions of names relative to the root.
     live = {frozenset(str(Path(n).relative_to(watch)) for n in g) for g in partition(rows)}
     assert live == {frozenset(str(Path(n).relative_to(src)) for n in g) for g in expected}
+
+
+def test_broken_utf16_names_the_encoding_it_claimed() -> None:
+    with pytest.raises(TextEncodingError, match=r"list\.txt: not utf-16-le text .*truncated"):
+        decode_text("ab".encode("utf-16") + b"x", "list.txt")
