@@ -35,6 +35,7 @@ from .schema import (
     within,
 )
 from .schema import field_meta as _meta
+from .textfiles import TextEncodingError, decode_text
 
 __all__ = [
     "Check",
@@ -381,7 +382,9 @@ class StateConfig:
 
     folder: Path = field(
         default=Path("/var/lib/crop-clusterd"),
-        metadata=_meta("state folder (SQLite database and the saved index)"),
+        metadata=_meta(
+            "state folder (SQLite database, saved index, daemon.lock: one daemon per folder)"
+        ),
     )
     index_save_s: float = field(
         default=300.0,
@@ -463,8 +466,9 @@ def parse_config(
 def read_toml(path: Path | str) -> dict[str, Any]:
     """The TOML file at ``path`` as a plain mapping, not validated yet.
 
-    Raises `ConfigError` for an unreadable file, text that is not UTF-8 or a
-    TOML syntax error (with its line and column).
+    A byte-order mark and CRLF line ends are accepted (`textfiles.decode_text`).
+    Raises `ConfigError` for an unreadable file, text that is not UTF-8 (or
+    UTF-16 with a BOM) or a TOML syntax error (with its line and column).
     """
     path = Path(path)
     try:
@@ -472,9 +476,9 @@ def read_toml(path: Path | str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"], str(path)) from exc
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text: {exc}"], str(path)) from exc
+        return tomllib.loads(decode_text(raw, path))
+    except TextEncodingError as exc:
+        raise ConfigError([str(exc)], str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         # The message already ends "(at line N, column M)".
         raise ConfigError([f"{path}: invalid TOML: {exc}"], str(path)) from exc

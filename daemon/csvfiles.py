@@ -16,6 +16,7 @@ from typing import BinaryIO, Final
 
 from . import atomic
 from .records import Assignment, Merge, Skipped
+from .textfiles import open_text
 
 __all__ = [
     "CLUSTERS_CSV",
@@ -116,7 +117,8 @@ def write_clusters_csv(
 def _read_pairs(path: Path, header: tuple[str, str]) -> Iterator[tuple[int, str, str]]:
     """Rows of a two-column CSV we wrote, as (line number, first cell, second cell),
     after checking the header; cells are not yet unescaped."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    # A person may have re-saved it from a spreadsheet: with a BOM, maybe as UTF-16.
+    with open_text(path, newline="", errors="surrogateescape") as handle:
         reader = csv.reader(handle)
         found = next(reader, None)
         if found is None or found[:2] != list(header):

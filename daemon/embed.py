@@ -37,6 +37,8 @@ RGB = tuple[int, int, int]
 
 DEFAULT_EMBEDDER = defaults.DEFAULT_EMBEDDER
 DEFAULT_DINO_MODEL = "facebook/dinov2-base"
+# Square side for a processor that names no size; DINOv2's native resolution.
+DINO_FALLBACK_SIDE = 518
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -244,8 +246,9 @@ def _to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ..
 def letterbox(image: Image.Image, size: int, background: RGB) -> Image.Image:
     """Scale to fit ``size`` x ``size`` keeping the aspect ratio, pad with ``background``.
 
-    Crops come in every aspect ratio; stretching them would distort the animal's shape,
-    which is exactly what the embedding should capture.
+    Returns a ``size`` x ``size`` RGB image. Crops come in every aspect ratio;
+    stretching them would distort the animal's shape, which is exactly what the
+    embedding should capture.
     """
     width, height = image.size
     scale = size / max(width, height)
@@ -255,6 +258,41 @@ def letterbox(image: Image.Image, size: int, background: RGB) -> Image.Image:
     canvas = Image.new("RGB", (size, size), background)
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return canvas
+
+
+def pad_square(image: Image.Image, background: RGB, max_side: int) -> Image.Image:
+    """Centre ``image`` on a square of ``background``, at most ``max_side`` pixels a side.
+
+    Returns an RGB square whose side is the image's longer side, or ``max_side`` when
+    that is longer (the image is then scaled down, never up, keeping its aspect
+    ratio). Run before a model's own processor: processors that scale the *short*
+    side to a fixed length turn a 6000 x 1 crop into a 1.5-million-pixel-wide image
+    (gigabytes), and their centre crop cuts the ends off an elongated insect. A
+    square of at most ``max_side`` bounds both memory and work whatever the shape.
+    """
+    width, height = image.size
+    side = max(width, height)
+    if side > max_side:
+        return letterbox(image, max_side, background)
+    canvas = Image.new("RGB", (side, side), background)
+    canvas.paste(image.convert("RGB"), ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def processor_side(processor: Any, fallback: int) -> int:
+    """The largest side a Hugging Face image processor resizes or crops to, in pixels.
+
+    Read from its ``size`` and ``crop_size`` (``shortest_edge``, ``longest_edge``,
+    ``height``, ``width``); ``fallback`` when it names none.
+    """
+    sides: list[int] = []
+    for attr in ("size", "crop_size"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, Mapping):
+            sides.extend(v for v in value.values() if isinstance(v, int) and v > 0)
+        elif isinstance(value, int) and value > 0:
+            sides.append(value)
+    return max(sides, default=fallback)
 
 
 def _pool(features: torch.Tensor) -> torch.Tensor:
@@ -395,6 +433,7 @@ class DinoEmbedder(Embedder):
         self._model_id = options.model or DEFAULT_DINO_MODEL
         self._model: torch.nn.Module | None = None
         self._processor: Any = None
+        self._max_side = DINO_FALLBACK_SIDE
 
     def _load(self) -> None:
         from transformers import AutoImageProcessor, AutoModel
@@ -412,6 +451,7 @@ class DinoEmbedder(Embedder):
         except (OSError, ValueError) as exc:
             raise ModelNotAvailableError(self._staging_hint(exc)) from exc
         self._processor = processor
+        self._max_side = processor_side(processor, DINO_FALLBACK_SIDE)
         self._model = model.eval().to(self._device)
         hidden = getattr(model.config, "hidden_size", None)
         if not isinstance(hidden, int):
@@ -432,9 +472,15 @@ class DinoEmbedder(Embedder):
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Run the model's own image processor on one image."""
+        """Pad to a square of the background colour, then run the model's own processor.
+
+        Returns the processor's CHW float32 tensor (3 x 224 x 224 for dinov2-base),
+        the same shape and bounded memory whatever the crop's aspect ratio; the
+        square keeps an elongated insect whole instead of centre-cropping its ends.
+        """
         self.load()
-        pixels = self._processor(images=image.convert("RGB"), return_tensors="pt")
+        square = pad_square(image, self.options.background, self._max_side)
+        pixels = self._processor(images=square, return_tensors="pt")
         tensor: torch.Tensor = pixels["pixel_values"][0]
         return tensor.float()
 

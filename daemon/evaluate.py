@@ -15,6 +15,8 @@ import numpy as np
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 from sklearn.metrics.cluster import contingency_matrix
 
+from .textfiles import open_text, reraise_decode
+
 __all__ = [
     "Evaluation",
     "evaluate",
@@ -105,15 +107,15 @@ def load_labels_csv(path: Path) -> dict[str, str]:
     try:
         return _read_labels_csv(path)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc}); save the file as UTF-8") from None
+        raise reraise_decode(path, exc) from None
 
 
 def _read_labels_csv(path: Path) -> dict[str, str]:
     """The body of :func:`load_labels_csv`."""
     labels: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+    # Spreadsheets save CSV with a byte-order mark, some as UTF-16.
+    with open_text(path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:

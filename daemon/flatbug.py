@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .records import Crop, FrameId, TrapId
+from .textfiles import open_text
 
 # Problem codes, short and stable so they can also go into errors/log files.
 NOT_FLATBUG_NAME = "not_flatbug_name"
@@ -270,7 +271,7 @@ def _is_number(value: object) -> bool:
 def _load_centers(path: Path) -> _Centers | str:
     """Box centres of one metadata JSON (None for a malformed box), or a problem code."""
     try:
-        with path.open(encoding="utf-8") as handle:
+        with open_text(path) as handle:  # a BOM is not "malformed"
             data = json.load(handle)
     except FileNotFoundError:
         return METADATA_MISSING

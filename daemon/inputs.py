@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .textfiles import TextEncodingError, read_lines
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"})
 RAW_EXTENSIONS = frozenset({".dng"})
 LIST_EXTENSION = ".txt"
@@ -111,8 +113,8 @@ class _Resolver:
             chain = " -> ".join(str(p) for p in [*self._open_lists, key])
             raise InputError(f"input lists include each other in a cycle: {chain}")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            lines = read_lines(path)
+        except (OSError, TextEncodingError) as exc:
             raise InputError(f"cannot read input list {path}: {exc}") from exc
         self._open_lists.append(key)
         try:

@@ -1,6 +1,7 @@
 """``crop-clusterd run``: start the pipeline, keep it healthy, stop it cleanly.
 
-Start-up: open the state folder (refusing one built with other settings),
+Start-up: lock the state folder (one daemon per folder, see ``statelock``), open
+it (refusing one built with other settings),
 restore the linker from it without re-embedding anything, load the model, start
 the stages and the observer (the intake's first act is a full scan), then tell
 systemd READY=1. While running, the main thread publishes STATUS= and the
@@ -42,6 +43,7 @@ from .pipeline import EMBED_INBOX_SIZE, LINK_INBOX_SIZE, Pipeline, intake_option
 from .records import BatchCommitted, IntakeUnit, MicroBatch
 from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .stage import Stop
+from .statelock import StateLock
 from .store import StateError, StateStore, current_clusters, index_path
 from .watch import ObserverFactory, Watcher
 
@@ -175,8 +177,16 @@ class Daemon:
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
-        """Run until stopped; return the summary. Raises on a failed stage."""
+        """Run until stopped; return the summary.
+
+        Raises ``RuntimeError`` on a failed stage, and
+        :class:`~crop_clusterd.statelock.StateLockedError` at once, before anything is
+        written, when another daemon holds the state folder.
+        """
         started = self.clock()
+        # Taken before anything is written to the state folder, held to the end.
+        lock = StateLock(self.config.state.folder)
+        lock.acquire()
         previous = self._install_signals()
         try:
             pipeline = self._start()
@@ -189,6 +199,7 @@ class Daemon:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            lock.release()
 
     # -- start-up ----------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ Scenarios:
   cases 1-3), ``tests/test_identity.py`` through pytest, counted as ``hostile``.
 - ``frames``: frame and trap identity (two traps with the same frame names),
   ``tests/test_frames.py``, run through pytest; trials are its test cases.
+- ``field cases``: issue 9's other field faults, one test file per kind
+  (``FIELD_CASE_TESTS``: thin crops, text saved on Windows, one daemon per state
+  folder, the stuck insect), run through pytest; trials are their test cases.
 - ``burst``: ``--burst`` crops (20,000 by default) hard-linked under new names into
   new frame folders within seconds while a daemon child watches; every one must be
   processed (the observer's dropped events are made good by rescans). Reports the
@@ -176,6 +179,16 @@ def run_burst(
     )
 
 
+# Issue 9's field faults, one test file per kind; each test is a trial.
+FIELD_CASE_TESTS = (
+    "tests/test_thin_crops.py",  # case 6: any aspect ratio, bounded memory
+    "tests/test_textfiles.py",  # case 7: BOM, CRLF, UTF-16 in every text input
+    "tests/test_statelock.py",  # case 8: one daemon per state folder
+    "tests/test_stuck.py",  # case 5: a stuck insect is one cluster, equal to the oracle
+    "tests/test_index_saved.py",  # case 9: no index_saved line when no index was written
+)
+
+
 def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
     """HOOK: the hostile-input corpus is ``tests/test_hostile.py``; run it and count."""
     return run_test_file("hostile", "test_hostile.py", pytest_args)
@@ -183,9 +196,19 @@ def run_hostile(pytest_args: Sequence[str] = ()) -> Row:
 
 def run_test_file(scenario: str, name: str, pytest_args: Sequence[str] = ()) -> Row:
     """Run ``tests/<name>`` through pytest; one row, trials = its test cases."""
-    target = REPO / "tests" / name
-    if not target.exists():
-        return Row(scenario, 0, None, None, None, None, f"MISSING (tests/{name})")
+    return run_pytest_row(scenario, (f"tests/{name}",), pytest_args)
+
+
+def run_field_cases(pytest_args: Sequence[str] = ()) -> Row:
+    """The field-fault cases of issue 9 (:data:`FIELD_CASE_TESTS`), run and counted."""
+    return run_pytest_row("field cases", FIELD_CASE_TESTS, pytest_args)
+
+
+def run_pytest_row(scenario: str, files: Sequence[str], pytest_args: Sequence[str] = ()) -> Row:
+    """Run the test ``files`` (relative to the repository) with pytest; one row of counts."""
+    missing = [f for f in files if not (REPO / f).exists()]
+    if missing:
+        return Row(scenario, 0, None, None, None, None, f"MISSING ({', '.join(missing)})")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         done = subprocess.run(
@@ -193,7 +216,7 @@ def run_test_file(scenario: str, name: str, pytest_args: Sequence[str] = ()) -> 
                 sys.executable,
                 "-m",
                 "pytest",
-                str(target),
+                *(str(REPO / f) for f in files),
                 "-q",
                 f"--junitxml={report}",
                 *pytest_args,
@@ -278,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=("soak", "hostile", "identity", "frames", "burst"),
+        choices=("soak", "hostile", "identity", "frames", "field", "burst"),
     )
     parser.add_argument("--json", type=Path, help="also write the details here")
     args = parser.parse_args(argv)
@@ -302,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "frames" not in args.skip:
         # Two traps with the same frame names: own boxes, no mixed cluster, independence.
         rows.append(run_test_file("frames", "test_frames.py"))
+    if "field" not in args.skip:
+        rows.append(run_field_cases())
     if "burst" not in args.skip:
         rows.append(burst_row(run_burst(args.work / "burst", args.burst)))
     print(render(rows))
