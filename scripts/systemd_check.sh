@@ -102,7 +102,8 @@ if [ -f "$TARBALL" ]; then
     say "cached root file system: $TARBALL"
 else
     say "building $TARBALL (mmdebstrap, about a minute)"
-    mmdebstrap --quiet --variant=minbase --include="$PACKAGES" bookworm "$TARBALL.part" ||
+    rm -rf -- "$TARBALL.part"
+    mmdebstrap --quiet --format=tar --variant=minbase --include="$PACKAGES" bookworm "$TARBALL.part" ||
         cannot "mmdebstrap failed (no network to deb.debian.org?)"
     mv -- "$TARBALL.part" "$TARBALL"
 fi
