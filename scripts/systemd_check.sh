@@ -93,7 +93,6 @@ done < <(
     } | tr ' ' '\n' | sed -E 's#^file://##' | grep '^/' | sort -u
 )
 CERT=/etc/ssl/certs/ca-certificates.crt
-if [ -f "$CERT" ]; then BINDS+=("--bind-ro=$CERT"); fi
 
 mkdir -p -- "$CACHE"
 TAG=$(printf '%s bookworm minbase' "$PACKAGES" | sha256sum | cut -c1-12)
@@ -119,6 +118,14 @@ for f in "${PIP_FILES[@]}"; do
     [[ $f == "$HOME"/* ]] && target=$ROOT/root/${f#"$HOME"/}
     mkdir -p "$(dirname "$target")" && cp -- "$f" "$target"
 done
+# The host's CA bundle is copied, not bound: installing ca-certificates inside
+# rewrites it. The copy under /usr/local/share/ca-certificates is what that
+# rewrite adds back, so the host's own CAs survive it.
+if [ -f "$CERT" ]; then
+    mkdir -p "$ROOT/etc/ssl/certs" "$ROOT/usr/local/share/ca-certificates"
+    cp -- "$CERT" "$ROOT$CERT"
+    cp -- "$CERT" "$ROOT/usr/local/share/ca-certificates/host-bundle.crt"
+fi
 for b in "${BINDS[@]}"; do mkdir -p "$ROOT$(dirname "${b#--bind-ro=}")"; done
 
 say "booting (systemd-nspawn -b, pure cgroup2)"
@@ -147,6 +154,7 @@ inside bash /root/crop-clusterd/install.sh >"$WORK/install.log" 2>&1 || rc=$?
 result install.sh "$rc" "exit $rc on bare Debian 12 (log: $WORK/install.log)"
 if [ "$rc" != 0 ]; then
     tail -n 25 "$WORK/install.log"
+    KEEP=1
     exit 1
 fi
 check build-deps-installed "g++ python3-venv python3-dev libsystemd-dev by install.sh" \
