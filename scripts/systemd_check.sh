@@ -83,17 +83,17 @@ PIP_FILES=()
 for f in /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf"; do
     [ -f "$f" ] && PIP_FILES+=("$f")
 done
+CERT=/etc/ssl/certs/ca-certificates.crt
 BINDS=()
 while IFS= read -r path; do
-    [ -e "$path" ] && BINDS+=("--bind-ro=$path")
+    # The CA bundle is copied below instead.
+    [ -e "$path" ] && [ "$path" != "$CERT" ] && BINDS+=("--bind-ro=$path")
 done < <(
     {
         pip config list 2>/dev/null | sed -E "s/^[^=]+='?//; s/'$//"
         printf '%s\n' "${PIP_ENV[@]#*=}"
     } | tr ' ' '\n' | sed -E 's#^file://##' | grep '^/' | sort -u
 )
-CERT=/etc/ssl/certs/ca-certificates.crt
-
 mkdir -p -- "$CACHE"
 TAG=$(printf '%s bookworm minbase' "$PACKAGES" | sha256sum | cut -c1-12)
 TARBALL=$CACHE/rootfs-$TAG.tar
