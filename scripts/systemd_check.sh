@@ -92,7 +92,9 @@ done < <(
     {
         pip config list 2>/dev/null | sed -E "s/^[^=]+='?//; s/'$//"
         printf '%s\n' "${PIP_ENV[@]#*=}"
-    } | tr ' ' '\n' | sed -E 's#^file://##' | grep '^/' | sort -u
+    } | tr ' ' '\n' | sed -E 's#^file://##; s#/+$##' | grep '^/' |
+        # A local index (DIR/simple) links to its files beside it: bind all of DIR.
+        sed -E 's#/simple$##' | sort -u
 )
 mkdir -p -- "$CACHE"
 TAG=$(printf '%s bookworm minbase' "$PACKAGES" | sha256sum | cut -c1-12)
