@@ -14,7 +14,8 @@
 # constraints) and its CA certificates are carried in, so pip inside resolves
 # exactly as on the host. A whole run takes about 10 minutes, most of it
 # apt-get, pip and the two restarts (the watchdog one waits WatchdogSec=60s).
-# Exit status: 0 all passed, 1 a check failed, 2 cannot run here.
+# Exit status: 0 all passed (SKIP lines name what this host cannot show), 1 a
+# check failed, 2 cannot run here.
 # shellcheck disable=SC2317,SC2016  # functions run through check(); quoted code runs inside
 set -euo pipefail
 
@@ -38,6 +39,7 @@ readonly UNIT=crop-clusterd.service
 readonly WATCH=/srv/crop-clusterd/crops
 readonly STATE=/var/lib/crop-clusterd
 FAILED=0
+SKIPPED=0
 WORK=""
 NSPAWN_PID=""
 PID1=""
@@ -223,8 +225,18 @@ in_cgroup() {
 inside sh -c '[ -c /dev/ccd-tun ] || mknod -m 0666 /dev/ccd-tun c 10 200'
 outside=$(inside sh -c ': 3<>/dev/ccd-tun && echo opens' 2>&1 || true)
 refused=$(in_cgroup sh -c ': 3<>/dev/ccd-tun && echo opens' 2>&1 || true)
-result device-denied "$([ "$outside" = opens ] && [[ $refused == *"not permitted"* ]] && echo 0 || echo 1)" \
-    "a tun node outside: ${outside:-?}; in the service's cgroup: ${refused:-?}"
+# Control: does this systemd enforce DevicePolicy= at all? Under some hosts
+# (cgroup v1 devices controller held by the host, bpf() refused) it silently
+# does not, and then no unit setting can pass this check.
+control=$(inside systemd-run -q --wait --pipe -p DevicePolicy=closed \
+    sh -c ': 3<>/dev/ccd-tun && echo opens' 2>&1 || true)
+if [ "$control" = opens ]; then
+    printf 'SKIP  %-28s %s\n' device-denied "this systemd does not enforce DevicePolicy= here: a transient unit with DevicePolicy=closed opened the probe too (service: ${refused:-?})"
+    SKIPPED=1
+else
+    result device-denied "$([ "$outside" = opens ] && [[ $refused == *"not permitted"* ]] && echo 0 || echo 1)" \
+        "a tun node outside: ${outside:-?}; in the service's cgroup: ${refused:-?}"
+fi
 inside rm -f /dev/ccd-tun
 for place in /dev/shm /dev/mqueue /run/lock; do
     in_service -m -i sh -c "touch $place/ccd-probe" >>"$WORK/checks.log" 2>&1 || true
@@ -267,6 +279,8 @@ result shared-places-after-stop "$([ "$before" = "$after" ] && echo 0 || echo 1)
     "/dev/shm /dev/mqueue /run/lock unchanged"
 check status-beside-stopped "crop-clusterd status after the stop" inside crop-clusterd status
 
-if [ "$FAILED" = 0 ]; then say "all checks passed"; else say "some checks FAILED (details: $WORK/checks.log; --keep keeps it)"; fi
+if [ "$FAILED" = 0 ] && [ "$SKIPPED" = 1 ]; then
+    say "every check that can run here passed; SKIP lines could not be checked on this host"
+elif [ "$FAILED" = 0 ]; then say "all checks passed"; else say "some checks FAILED (details: $WORK/checks.log; --keep keeps it)"; fi
 [ "$FAILED" = 0 ] || KEEP=1
 exit "$FAILED"
