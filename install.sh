@@ -318,9 +318,12 @@ missing_build_packages() {
     if ! command -v pkg-config >/dev/null || ! pkg-config --exists libsystemd; then
         missing+=(libsystemd-dev)
     fi
+    # A file, not a pipe: with pipefail a compiler that exits before reading all
+    # of stdin would fail the probe through SIGPIPE.
+    printf '#include <vector>\nint main() { return std::vector<int>().size(); }\n' \
+        >"$TMP_WORK/cxx-probe.cpp"
     if ! command -v c++ >/dev/null ||
-        ! printf '#include <vector>\nint main() { return std::vector<int>().size(); }\n' |
-        c++ -x c++ - -o "$TMP_WORK/cxx-probe" >/dev/null 2>&1; then
+        ! c++ "$TMP_WORK/cxx-probe.cpp" -o "$TMP_WORK/cxx-probe" >/dev/null 2>&1; then
         missing+=(g++)
     fi
     command -v cc >/dev/null || command -v gcc >/dev/null || missing+=(gcc)

@@ -462,7 +462,8 @@ def test_pip_failure_names_its_real_cause(
         "FAKE_PIP_OUTPUT": pip_output,
     }
     result = run_install(root, env=env, reuse=False)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
+    assert "pip install of" in result.stderr, result.stderr
     error = result.stderr[result.stderr.index("pip install of") :]
     for text in says:
         assert text in error, error
