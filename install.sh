@@ -63,10 +63,15 @@ Environment:
                           install, or an --extra-index-url for a CUDA torch build.
   PYTHON                  Interpreter that creates the venv (>= 3.11). Default: python3.
 
-systemd-python (the [systemd] extra) is compiled during the install and needs the
-Debian/Ubuntu packages libsystemd-dev, pkg-config, gcc and python3-dev (and
-python3-venv for the venv). When they are missing and apt-get exists they are
-installed; otherwise the install stops and names them.
+Building the venv compiles hnswlib (C++; no wheel for most platforms) and
+systemd-python (the [systemd] extra, C against libsystemd): it needs the
+Debian/Ubuntu packages g++, python3-dev, python3-venv, pkg-config and
+libsystemd-dev. Missing ones are installed with apt-get when it exists;
+otherwise the install stops and names them. A failed build shows the compiler's
+error lines.
+
+After the install, /usr/local/bin/crop-clusterd links to the service's
+crop-clusterd, so `crop-clusterd status` works from any shell.
 
 Exit status: 0 done, 1 failed, 2 bad command line.
 EOF
@@ -83,7 +88,8 @@ readonly UNIT_NAME=crop-clusterd.service
 readonly SERVICE_USER=crop-clusterd
 readonly DEFAULT_WATCH=/srv/crop-clusterd/crops
 readonly DEFAULT_OUTPUT=$STATE_DIR/output
-readonly APT_PACKAGES="libsystemd-dev pkg-config gcc python3-dev"
+readonly APT_PACKAGES="g++ python3-dev python3-venv pkg-config libsystemd-dev"
+readonly PATH_LINK=/usr/local/bin/crop-clusterd
 
 CHECKOUT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PREFIX=""
@@ -289,18 +295,86 @@ ensure_user() {
         --shell "$nologin" --comment "crop-clusterd service" "$SERVICE_USER"
 }
 
-# What systemd-python needs to compile; prints the missing Debian packages.
+# The Debian package that provides part $1 (venv, dev) for $HELPER_PY: python3-X
+# for the distribution's python3, python3.N-X for another interpreter.
+python_package() {
+    local version
+    version=$("$HELPER_PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    if [ "$(command -v python3 2>/dev/null)" = "$HELPER_PY" ] ||
+        [ "$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null)" = "$HELPER_PY" ]; then
+        printf 'python3-%s' "$1"
+    else
+        printf 'python%s-%s' "$version" "$1"
+    fi
+}
+
+# What building the venv needs; prints the missing Debian packages. hnswlib has
+# no wheel for most platforms and compiles C++; systemd-python compiles C
+# against libsystemd; both need the Python headers. A compiler counts only when
+# it really compiles, since Debian's gcc without g++ cannot build C++.
 missing_build_packages() {
     local missing=()
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     if ! command -v pkg-config >/dev/null || ! pkg-config --exists libsystemd; then
         missing+=(libsystemd-dev)
     fi
+    # A file, not a pipe: with pipefail a compiler that exits before reading all
+    # of stdin would fail the probe through SIGPIPE.
+    printf '#include <vector>\nint main() { return std::vector<int>().size(); }\n' \
+        >"$TMP_WORK/cxx-probe.cpp"
+    if ! command -v c++ >/dev/null ||
+        ! c++ "$TMP_WORK/cxx-probe.cpp" -o "$TMP_WORK/cxx-probe" >/dev/null 2>&1; then
+        missing+=(g++)
+    fi
     command -v cc >/dev/null || command -v gcc >/dev/null || missing+=(gcc)
     "$HELPER_PY" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
-        missing+=(python3-dev)
+        missing+=("$(python_package dev)")
+    if [ ! -x "$(staged "$APP_DIR/bin/python")" ] && ! "$HELPER_PY" -c 'import ensurepip' 2>/dev/null; then
+        missing+=("$(python_package venv)")
+    fi
     printf '%s\n' "${missing[*]:-}"
+}
+
+# Install the missing build packages with apt-get, or stop and name them.
+ensure_build_packages() {
+    local missing
+    missing=$(missing_build_packages)
+    [ -n "$missing" ] || return 0
+    if [ -n "$PREFIX" ] || ! command -v apt-get >/dev/null; then
+        die "building the environment needs the packages $missing (Debian/Ubuntu names; all of them: $APT_PACKAGES); install them and run install.sh again, or use --python"
+    fi
+    say "building the environment needs these packages: $missing"
+    system_act apt-get update ||
+        die "apt-get update failed (see its output above); install $missing by hand and run install.sh again"
+    # shellcheck disable=SC2086  # one word per package
+    system_act env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing ||
+        die "apt-get install $missing failed (see its output above); install them by hand and run install.sh again"
+}
+
+# Why pip failed, from its output in file $1: a compile error, a package the
+# index does not have, or the network, each with the lines that show it.
+explain_pip_failure() {
+    local log=$1 lines
+    lines=$(grep -E "fatal error|error: command|cannot execute|No such file or directory.*\.h|error: '|Failed building wheel|Failed to build" "$log" | head -n 8 || true)
+    if [ -n "$lines" ]; then
+        printf 'building a package from source failed; the compiler said:\n%s\n' "$lines"
+        printf 'it needs %s (installed by install.sh when apt-get exists)' "$APT_PACKAGES"
+        return 0
+    fi
+    lines=$(grep -E "No matching distribution|Could not find a version" "$log" | head -n 4 || true)
+    if [ -n "$lines" ]; then
+        printf 'pip found no suitable package:\n%s\n' "$lines"
+        printf "check the index (CROP_CLUSTERD_PIP_ARGS, e.g. '--no-index --find-links DIR') or use --python"
+        return 0
+    fi
+    lines=$(grep -E "NewConnectionError|Name or service not known|Temporary failure in name resolution|Network is unreachable|ConnectTimeout|ReadTimeout|ProxyError|SSLError|CERTIFICATE_VERIFY_FAILED" "$log" | head -n 4 || true)
+    if [ -n "$lines" ]; then
+        printf 'pip could not reach the package index:\n%s\n' "$lines"
+        printf "offline? set CROP_CLUSTERD_PIP_ARGS, e.g. '--no-index --find-links DIR', or use --python"
+        return 0
+    fi
+    printf 'its last lines:\n%s' "$(tail -n 8 "$log")"
 }
 
 ensure_environment() {
@@ -324,36 +398,40 @@ ensure_environment() {
     local venv venv_py
     venv=$(staged "$APP_DIR")
     venv_py=$venv/bin/python
-    if [ -x "$venv_py" ] && "$venv_py" -c 'import systemd.daemon' 2>/dev/null; then
-        say "systemd-python is already built in $venv"
+    if [ -x "$venv_py" ] && "$venv_py" -c 'import systemd.daemon, hnswlib' 2>/dev/null; then
+        say "systemd-python and hnswlib are already built in $venv"
     else
-        local missing
-        missing=$(missing_build_packages)
-        if [ -n "$missing" ]; then
-            if [ -z "$PREFIX" ] && command -v apt-get >/dev/null; then
-                say "systemd-python needs these packages to compile: $missing"
-                system_act apt-get update
-                # shellcheck disable=SC2086  # one word per package
-                system_act env DEBIAN_FRONTEND=noninteractive apt-get install -y $missing
-            else
-                die "systemd-python needs the packages $missing (Debian/Ubuntu names: $APT_PACKAGES); install them and run install.sh again"
-            fi
-        fi
+        ensure_build_packages
     fi
     if [ -x "$venv_py" ]; then
         say "venv exists: $venv"
     else
-        "$HELPER_PY" -c 'import ensurepip' 2>/dev/null ||
-            die "$HELPER_PY cannot create a venv (no ensurepip); install python3-venv"
-        act "$HELPER_PY" -m venv -- "$venv"
+        act "$HELPER_PY" -m venv -- "$venv" || die "$HELPER_PY -m venv $venv failed (see above)"
     fi
-    local pip_args=()
+    local pip_args=() pip_log=$TMP_WORK/pip.log
     # shellcheck disable=SC2206  # documented: split on spaces
     [ -z "${CROP_CLUSTERD_PIP_ARGS:-}" ] || pip_args=($CROP_CLUSTERD_PIP_ARGS)
-    act "$venv_py" -m pip install --upgrade "${pip_args[@]}" "$CHECKOUT[systemd]" ||
-        die "pip install of $CHECKOUT failed (offline? set CROP_CLUSTERD_PIP_ARGS, e.g. '--no-index --find-links DIR', or use --python)"
+    if ! act "$venv_py" -m pip install --upgrade "${pip_args[@]}" "${CHECKOUT}[systemd]" 2>&1 | tee "$pip_log"; then
+        die "pip install of $CHECKOUT failed: $(explain_pip_failure "$pip_log")"
+    fi
     if [ "$DRY_RUN" = 0 ] && [ ! -x "$venv/bin/crop-clusterd" ]; then
         die "pip finished but $venv/bin/crop-clusterd is missing"
+    fi
+}
+
+# `crop-clusterd status` on the PATH: a link in /usr/local/bin to the service's
+# script. A file there that is not such a link belongs to someone else: kept.
+link_command() {
+    say "== command"
+    local link target=$APP_DIR/bin/crop-clusterd
+    link=$(staged "$PATH_LINK")
+    if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
+        say "unchanged: $link -> $target"
+    elif [ -e "$link" ] && [ ! -L "$link" ]; then
+        say "warning: $link exists and is not a link; left alone (run $target instead)"
+    else
+        make_dir "$(dirname "$PATH_LINK")" 0755
+        act ln -sfn -- "$target" "$link"
     fi
 }
 
@@ -663,6 +741,7 @@ main() {
     if [ -n "$PREFIX" ]; then say "staging under $PREFIX (paths inside files name the real root)"; fi
     ensure_user
     ensure_environment
+    link_command
     stage_model
     install_config
     install_folders_and_unit

@@ -20,6 +20,7 @@ CONF = Path("etc/crop-clusterd/config.toml")
 UNIT = Path("etc/systemd/system") / UNIT_NAME
 DROP_IN = Path("etc/systemd/system") / f"{UNIT_NAME}.d" / "paths.conf"
 BIN = Path("opt/crop-clusterd/bin/crop-clusterd")
+PATH_LINK = Path("usr/local/bin/crop-clusterd")
 SCRIPT_NEXT_TO_PYTHON = Path(sys.executable).parent / "crop-clusterd"
 
 
@@ -131,6 +132,7 @@ def test_dry_run_lists_actions_and_changes_nothing(prefix: Path) -> None:
         f"would write: {prefix / UNIT}",
         f"would write: {prefix / DROP_IN}",
         f"would run: ln -sfn -- {SCRIPT_NEXT_TO_PYTHON} {prefix / BIN}",
+        f"would run: ln -sfn -- /opt/crop-clusterd/bin/crop-clusterd {prefix / PATH_LINK}",
         "would run: chown crop-clusterd:crop-clusterd -- /var/lib/crop-clusterd",
         "would run: systemctl enable crop-clusterd.service",
         "nothing was changed",
@@ -163,6 +165,8 @@ def test_install_creates_config_folders_unit_and_drop_in(prefix: Path) -> None:
         "ReadWritePaths": "/var/lib/crop-clusterd/output",
     }
     assert (prefix / BIN).resolve() == SCRIPT_NEXT_TO_PYTHON.resolve()
+    # `crop-clusterd status` on the PATH: the link names the real path, not the prefix.
+    assert os.readlink(prefix / PATH_LINK) == "/opt/crop-clusterd/bin/crop-clusterd"
     assert "skipped (--prefix), would run: systemctl daemon-reload" in result.stdout
 
 
@@ -283,6 +287,8 @@ def test_missing_build_packages_are_named(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "libsystemd-dev" in result.stderr
     assert "pkg-config" in result.stderr
+    # hnswlib compiles C++: a C compiler alone is not enough.
+    assert "g++" in result.stderr
     assert not (root / "opt").exists()
 
 
@@ -328,3 +334,139 @@ def test_hub_model_download_failure_is_explained(prefix: Path) -> None:
     assert "--model-dir" in result.stderr
     assert not (prefix / CONF).exists()
     assert not (prefix / "opt/crop-clusterd/models/facebook--dinov2-base").exists()
+
+
+def test_command_link_keeps_someone_elses_file(prefix: Path) -> None:
+    """A program already at /usr/local/bin/crop-clusterd is not replaced; a stale
+    link is repointed; a second run leaves the link alone."""
+    link = prefix / PATH_LINK
+    link.parent.mkdir(parents=True)
+    link.write_text("#!/bin/sh\necho mine\n")
+    kept = run_install(prefix)
+    assert kept.returncode == 0, kept.stderr
+    assert link.read_text() == "#!/bin/sh\necho mine\n"
+    assert "is not a link; left alone" in kept.stdout
+
+    link.unlink()
+    link.symlink_to("/old/venv/bin/crop-clusterd")
+    assert run_install(prefix).returncode == 0
+    assert os.readlink(link) == "/opt/crop-clusterd/bin/crop-clusterd"
+    again = run_install(prefix)
+    assert f"unchanged: {link} -> /opt/crop-clusterd/bin/crop-clusterd" in again.stdout
+
+
+def tool_dir(tmp_path: Path, fakes: dict[str, str]) -> Path:
+    """A bin folder with the basic tools install.sh uses, linked from this machine,
+    plus the given fake programs (name -> shell script body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = ["dirname", "mktemp", "rm", "id", "cat", "mkdir", "env", "wc", "cmp", "cp", "mv"]
+    tools += ["chmod", "stat", "readlink", "ln", "grep", "head", "tail", "tee", "sed", "basename"]
+    for tool in tools:
+        found = shutil.which(tool)
+        if found is None:
+            pytest.skip(f"{tool} not found")
+        (bin_dir / tool).symlink_to(found)
+    for name, body in fakes.items():
+        fake = bin_dir / name
+        fake.write_text(f"#!/bin/bash\n{body}\n")
+        fake.chmod(0o755)
+    return bin_dir
+
+
+def test_dry_run_installs_compilers_and_venv_with_apt(tmp_path: Path) -> None:
+    """On a bare Debian (no compilers, no pkg-config, no ensurepip) the install
+    would apt-get install every build package, python3-venv included, instead of
+    stopping."""
+    no_ensurepip = tmp_path / "shadow"
+    no_ensurepip.mkdir()
+    (no_ensurepip / "ensurepip.py").write_text("raise ImportError('python3-venv missing')\n")
+    bin_dir = tool_dir(
+        tmp_path,
+        {
+            "apt-get": "echo apt-get must not run in a dry run >&2; exit 99",
+            "python3": f'PYTHONPATH={no_ensurepip} exec {sys.executable} "$@"',
+        },
+    )
+    env = {"PATH": str(bin_dir), "TMPDIR": str(tmp_path), "HOME": str(tmp_path)}
+    result = run_install(None, "--dry-run", env=env, reuse=False)
+    assert result.returncode == 0, result.stderr
+    assert "would run: apt-get update" in result.stdout
+    line = next(
+        (x for x in result.stdout.splitlines() if "would run: env DEBIAN_FRONTEND" in x), ""
+    )
+    packages = line.split("--no-install-recommends")[-1].split()
+    for package in ("g++", "pkg-config", "libsystemd-dev", "python3-venv"):
+        assert package in packages, line
+    assert "would run: python3" not in result.stderr
+    assert "apt-get must not run" not in result.stderr
+    assert "would run: ln -sfn -- /opt/crop-clusterd/bin/crop-clusterd" in result.stdout
+
+
+FAKE_PYTHON = """\
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+    mkdir -p "$4/bin" && cp "$0" "$4/bin/python" && exit 0
+fi
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+    printf '%s\\n' "$FAKE_PIP_OUTPUT"
+    exit 1
+fi
+case "$*" in *Python.h*|*systemd.daemon*) exit 0 ;; esac
+exec {python} "$@"
+"""
+
+
+@pytest.mark.parametrize(
+    ("pip_output", "says", "not_says"),
+    [
+        (
+            "  gcc: fatal error: cannot execute 'cc1plus': No such file or directory\n"
+            "  error: command '/usr/bin/gcc' failed with exit code 1\n"
+            "  ERROR: Failed building wheel for hnswlib",
+            ["building a package from source failed", "cannot execute 'cc1plus'", "g++"],
+            ["offline", "reach"],
+        ),
+        (
+            "  src/hnsw.cpp:1:10: fatal error: Python.h: No such file or directory",
+            ["building a package from source failed", "Python.h", "python3-dev"],
+            ["offline", "reach"],
+        ),
+        (
+            "ERROR: Could not find a version that satisfies the requirement torch==2.13.0",
+            ["found no suitable package", "torch==2.13.0"],
+            ["compiler", "reach"],
+        ),
+        (
+            "WARNING: Retrying ... NewConnectionError('Failed to establish a new connection')",
+            ["could not reach the package index", "NewConnectionError", "offline?"],
+            ["compiler"],
+        ),
+    ],
+)
+def test_pip_failure_names_its_real_cause(
+    tmp_path: Path, pip_output: str, says: list[str], not_says: list[str]
+) -> None:
+    """A failed pip install is explained from pip's own output: a compile error is
+    shown as one (not blamed on the network), a missing package or no network as such."""
+    fake_python = FAKE_PYTHON.replace("{python}", sys.executable)
+    bin_dir = tool_dir(
+        tmp_path,
+        {"python3": fake_python, "c++": "exit 0", "cc": "exit 0", "pkg-config": "exit 0"},
+    )
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {
+        "PATH": str(bin_dir),
+        "TMPDIR": str(tmp_path),
+        "HOME": str(tmp_path),
+        "FAKE_PIP_OUTPUT": pip_output,
+    }
+    result = run_install(root, env=env, reuse=False)
+    assert result.returncode == 1, result.stderr
+    assert "pip install of" in result.stderr, result.stderr
+    error = result.stderr[result.stderr.index("pip install of") :]
+    for text in says:
+        assert text in error, error
+    for text in not_says:
+        assert text not in error, error
+    assert not (root / CONF).exists()

@@ -121,6 +121,16 @@ def test_sandbox_settings(unit: dict[str, list[str]]) -> None:
     assert "Service.ReadOnlyPaths" not in unit
 
 
+def test_shared_ipc_places_are_private(unit: dict[str, list[str]]) -> None:
+    """/dev/shm, /dev/mqueue and /run/lock: nothing the service makes there is seen
+    outside or outlives it (a real systemd showed all three exposed)."""
+    assert one(unit, "PrivateIPC") == "yes"  # own IPC namespace, own /dev/mqueue
+    mounts = [entry.split(":")[0] for entry in one(unit, "TemporaryFileSystem").split()]
+    assert sorted(mounts) == ["/dev/shm", "/run/lock"]
+    # PrivateTmp= gives /tmp and /var/tmp the same treatment.
+    assert one(unit, "PrivateTmp") == "yes"
+
+
 def test_devices_are_the_nvidia_nodes_only(unit: dict[str, list[str]]) -> None:
     """DeviceAllow= lists the CUDA device nodes and nothing else."""
     allowed = {value.split()[0] for value in unit["Service.DeviceAllow"]}
