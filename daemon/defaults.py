@@ -18,6 +18,12 @@ from typing import Final
 EMBEDDER_NAMES: Final = ("efficientnet-lite0", "dino", "hierarchical")
 DEFAULT_EMBEDDER: Final = EMBEDDER_NAMES[0]
 
+# How `dino` prepares a crop for its processor, recorded in a dino state folder:
+# since issue 9 (thin crops) every crop is padded to a square first, so a state
+# folder built before (centre-cropped embeddings) refuses to resume rather than
+# mix the two kinds of embedding.
+DINO_PREPROCESS: Final = "pad-square"
+
 # --- linking methods and thresholds -----------------------------------------------------
 
 METHODS: Final = ("cosine", "track")

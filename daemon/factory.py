@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import defaults
 from .config import Config
 from .defaults import default_threshold
 from .linking import Gating, HnswParams, Linker, Motion, make_linker
@@ -132,6 +133,9 @@ def state_settings(config: Config) -> dict[str, object]:
     }
     if spec.gating is not None:
         settings["link.gating"] = _gating_list(spec.gating)
+    if config.embed.model == "dino":
+        # Only dino's preparation changed; other state folders keep their keys.
+        settings["embed.preprocess"] = defaults.DINO_PREPROCESS
     if spec.method == "track":
         settings["link.track"] = [
             link.track_gap_s,

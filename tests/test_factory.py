@@ -98,6 +98,14 @@ def test_state_settings_keep_their_keys_and_values() -> None:
     assert track["link.threshold"] == 0.65
     assert track["link.track"] == [300.0, 150, 3, 300.0, 0.3]
     assert "link.gating" not in track
+    assert "embed.preprocess" not in track
+
+
+def test_a_dino_state_folder_records_its_square_padding() -> None:
+    # dino pads crops to a square since issue 9; a folder built before lacks the
+    # key, so it is refused instead of mixing centre-cropped and padded embeddings.
+    dino = state_settings(parse_config({"embed": {"model": "dino"}}))
+    assert dino["embed.preprocess"] == "pad-square"
 
 
 def test_spec_resolves_auto_threshold_and_motion() -> None:
