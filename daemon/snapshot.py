@@ -348,7 +348,11 @@ class SnapshotWriter:
                 last_id = self._merges[-1].id if self._merges else 0
                 new_merges = store.load_merges(last_id)
                 skipped = store.load_skipped()
-                self._retired = store.retired_seqs()
+                if n == 0:
+                    # Retiring bumps the paths version, which empties the cache: the
+                    # retired set can only change when the cache is read afresh, so
+                    # a snapshot does not scan the whole crops table each time.
+                    self._retired = store.retired_seqs()
         except sqlite3.Error as exc:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
         self._cols.append(
@@ -389,11 +393,11 @@ class SnapshotWriter:
             merges=self._merges,
             skipped=self._skipped,
             # Retired crops (rewritten since) keep their seq but leave the outputs.
-            live=np.array(
-                [i for i in range(len(self._cols)) if i not in self._retired], dtype=np.int64
-            )
-            if self._retired
-            else np.arange(len(self._cols), dtype=np.int64),
+            live=np.setdiff1d(
+                np.arange(len(self._cols), dtype=np.int64),
+                np.fromiter(self._retired, dtype=np.int64, count=len(self._retired)),
+                assume_unique=True,
+            ),
         )
         try:
             clusters = self._write_files(view)
