@@ -116,7 +116,9 @@ class CosineLinker(Linker):
         super().__init__(threshold, gating)
         self.hnsw = hnsw or HnswParams()
         self._uf = UnionFind()
-        self._search = NeighbourSearch(self._cols, threshold, self.hnsw, self._confirm)
+        self._search = NeighbourSearch(
+            self._cols, threshold, self.hnsw, self._confirm, lambda: self._retired
+        )
         # Sorted times of all timed crops, for the gating window.
         self._sorted_times: FloatArray = np.empty(0)
         self._sorted_seqs: IntArray = np.empty(0, dtype=np.int64)
@@ -134,6 +136,14 @@ class CosineLinker(Linker):
         else:
             self._link_gated(seqs)
         return AddResult(seqs, tuple(self._uf.merges))
+
+    def retire(self, seqs: IntArray) -> None:
+        """See :meth:`Linker.retire`; a retired crop that stood in the index for
+        bit-identical live copies hands that role to the first of them."""
+        seqs = np.unique(np.asarray(seqs, dtype=np.int64))
+        if len(seqs) and seqs[0] >= 0 and seqs[-1] < self._cols.n:
+            self._search.retiring(seqs, np.union1d(self._retired, seqs))
+        super().retire(seqs)
 
     def cluster_ids(self) -> IntArray:
         """Cluster id (smallest member's sequence number) of every crop."""
