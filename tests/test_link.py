@@ -106,6 +106,9 @@ def scenes(draw: st.DrawFn) -> tuple[LinkBatch, float, list[int]]:
     times[rng.random(n) < draw(st.sampled_from([0.0, 0.1]))] = np.nan
     centers = rng.uniform(0, 400, (n, 2))
     centers[rng.random(n) < 0.1] = np.nan
+    # Bit-identical copies (a stuck insect): some rows repeat earlier or later ones.
+    copies = rng.random(n) < draw(st.sampled_from([0.0, 0.0, 0.5]))
+    emb[copies] = emb[rng.integers(0, n, int(copies.sum()))]
     threshold = draw(st.floats(0.3, 0.995))
     cuts = draw(st.lists(st.integers(0, n), max_size=5))
     return batch_of(emb, times, centers), threshold, cuts
