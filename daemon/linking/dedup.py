@@ -21,18 +21,23 @@ import numpy.typing as npt
 
 from .base import IntArray
 
-_BLOCK = 65_536
+_BLOCK = 16_384
 
 
-def row_hashes(emb: npt.NDArray[np.float32], rows: IntArray) -> npt.NDArray[np.uint64]:
-    """A 64-bit hash of the bytes of each row (equal bytes, equal hash)."""
-    out = np.empty(len(rows), dtype=np.uint64)
-    dim = emb.shape[1]
-    weights = np.random.default_rng(20240).integers(1, 2**63, size=dim, dtype=np.uint64) | 1
+def row_hashes(emb: npt.NDArray[np.float32], rows: IntArray) -> list[int]:
+    """A hash of the bytes of each row (equal bytes, equal hash; this process only)."""
+    out: list[int] = []
     for start in range(0, len(rows), _BLOCK):
-        bits = emb[rows[start : start + _BLOCK]].view(np.uint32).astype(np.uint64)
-        bits ^= bits >> np.uint64(7)
-        out[start : start + _BLOCK] = (bits * weights).sum(axis=1, dtype=np.uint64)
+        out.extend(hash(row.tobytes()) for row in emb[rows[start : start + _BLOCK]])
+    return out
+
+
+def self_similarity(emb: npt.NDArray[np.float32], rows: IntArray) -> npt.NDArray[np.float64]:
+    """Each row's float64 dot with itself (its cosine with a bit-identical copy)."""
+    out = np.empty(len(rows))
+    for start in range(0, len(rows), _BLOCK):
+        part = emb[rows[start : start + _BLOCK]].astype(np.float64)
+        out[start : start + len(part)] = np.einsum("ij,ij->i", part, part)
     return out
 
 
@@ -72,14 +77,13 @@ class Duplicates:
             empty = np.empty(0, dtype=np.int64)
             return empty, empty
         self._grow(int(rows[-1]) + 1)
-        rows64 = emb[rows].astype(np.float64)
-        eligible = np.einsum("ij,ij->i", rows64, rows64) >= threshold
+        eligible = self_similarity(emb, rows) >= threshold
         hashes = row_hashes(emb, rows)
         gone = set(retired.tolist())
         dups: list[int] = []
         reps: list[int] = []
         first = self._first
-        for row, h, ok in zip(rows.tolist(), hashes.tolist(), eligible.tolist(), strict=True):
+        for row, h, ok in zip(rows.tolist(), hashes, eligible.tolist(), strict=True):
             rep = first.get(h) if ok else None
             if rep is not None and (rep in gone or not _same(emb, row, rep)):
                 rep = None
@@ -118,7 +122,7 @@ class Duplicates:
                 continue
             new = int(copies[0])
             rep_of[copies] = new
-            self._first[int(row_hashes(emb, np.array([new]))[0])] = new
+            self._first[row_hashes(emb, np.array([new]))[0]] = new
             promoted.append(new)
         return np.array(promoted, dtype=np.int64)
 
