@@ -47,12 +47,9 @@ SCHEMA_VERSION = 2
 DB_NAME = "state.sqlite3"
 INDEX_NAME = "index.hnsw"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS crops (
+# The crops table, written once: the schema creates it, the migration rebuilds it.
+_CROPS_TABLE = """
+crops (
     seq      INTEGER PRIMARY KEY,
     path     TEXT NOT NULL,
     size     INTEGER,
@@ -70,7 +67,14 @@ CREATE TABLE IF NOT EXISTS crops (
     added    REAL NOT NULL,
     vector   BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS merges (
+"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {_CROPS_TABLE}CREATE TABLE IF NOT EXISTS merges (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     at           REAL NOT NULL,
     batch        INTEGER NOT NULL,
@@ -102,26 +106,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS crops_live_path ON crops(path) WHERE retired =
 # among live rows, which needs the table rebuilt (SQLite cannot drop a UNIQUE);
 # skipped gains inode and content. Old rows get NULL hashes: a moved old crop is
 # then recognised by inode, size and mtime only.
-_MIGRATE_1_TO_2 = """
+_MIGRATE_1_TO_2 = f"""
 ALTER TABLE crops RENAME TO crops_v1;
-CREATE TABLE crops (
-    seq      INTEGER PRIMARY KEY,
-    path     TEXT NOT NULL,
-    size     INTEGER,
-    mtime_ns INTEGER,
-    inode    INTEGER,
-    content  TEXT,
-    retired  INTEGER NOT NULL DEFAULT 0,
-    frame    TEXT,
-    crop_index INTEGER,
-    time     REAL,
-    cx       REAL,
-    cy       REAL,
-    batch    INTEGER NOT NULL,
-    cluster  INTEGER NOT NULL,
-    added    REAL NOT NULL,
-    vector   BLOB NOT NULL
-);
+CREATE TABLE {_CROPS_TABLE}
 INSERT INTO crops(seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, batch, cluster,
                   added, vector)
     SELECT seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, batch, cluster,
