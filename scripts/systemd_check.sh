@@ -134,7 +134,10 @@ fi
 for b in "${BINDS[@]}"; do mkdir -p "$ROOT$(dirname "${b#--bind-ro=}")"; done
 
 say "booting (systemd-nspawn -b, pure cgroup2)"
+# systemd enforces DevicePolicy= with a BPF program on the unit's cgroup; nspawn
+# withholds CAP_BPF and filters bpf() unless asked, which a real PID 1 has.
 SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -b --register=no --keep-unit --console=passive \
+    --capability=CAP_BPF --system-call-filter=bpf \
     -D "$ROOT" -M "ccd-check-$$" "${BINDS[@]}" >"$WORK/boot.log" 2>&1 &
 NSPAWN_PID=$!
 for _ in $(seq 60); do
