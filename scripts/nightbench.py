@@ -1,0 +1,581 @@
+"""Simulated nights through the real daemon, measured from ``/proc``: shared by
+``bench_writes.py`` and ``endurance.py``.
+
+The daemon (:class:`crop_clusterd.supervisor.Daemon`) runs in this process, in a
+thread, with its JSON log going to an in-memory :class:`EventLog`. A night is a
+simulated flat-bug session (``crop_clusterd.simulate``, capture times from 22:00
+of its own date) that is generated and hard-linked into a staging folder BEFORE
+anything is measured; the measurement starts when the whole night is renamed into
+the watched folder (one ``rename``, no data written) and ends when the daemon has
+committed every crop, is idle, and a snapshot that read the last commit has been
+written (and, when the daemon has sessions, that night's session is closed).
+
+Bytes written come from ``/proc/self/io``, which sums every thread of the process:
+
+* ``wchar``: bytes passed to ``write()`` and friends (page cache or not);
+* ``write_bytes``: bytes of page cache this process dirtied, i.e. what it sent
+  towards the block device (charged when the page is dirtied, not when it is
+  flushed); ``os.sync()`` runs before each reading so that a window's pages are
+  flushed inside it;
+* ``cancelled_write_bytes``: dirty pages dropped before they were flushed (a file
+  replaced or deleted too soon); ``write_bytes - cancelled`` is what reached the
+  device. File system journal and metadata writes are charged to kernel
+  threads and are not counted.
+
+The work folder must be on a disk file system: tmpfs counts no ``write_bytes``.
+The embedder is ``projection-<dim>`` from ``tests/fakes.py``: an 8x8 thumbnail
+times a fixed random matrix, deterministic, ``dim`` floats, well under a
+millisecond per crop, so what is measured is the daemon around the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import io
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+
+NIGHT_START = datetime(2024, 7, 1, 22, 0, 0)
+"""Capture time of the first frame of night 0; night ``k`` starts ``k`` days later."""
+CROPS_PER_FRAME = 13.7  # the simulator's mean_present 14, less its 2% misses
+
+# Thresholds at which the projection embedder gives non-trivial partitions of a
+# simulated night (about 4x and 3x the individuals, ARI ~0.35 and ~0.4).
+PROJECTION_THRESHOLDS = {"cosine": 0.95, "track": 0.8}
+
+KEPT_EVENTS = frozenset(
+    {
+        "daemon_started",
+        "snapshot_written",
+        "batch_committed",
+        "session_opened",
+        "session_closed",
+        "state_restored",
+        "index_saved",
+    }
+)
+
+
+def register_projection(dim: int) -> str:
+    """Register the projection fake of width ``dim``; returns its embedder name."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from fakes import projection_embedder
+
+    from crop_clusterd.embed import EMBEDDERS, register
+
+    cls = projection_embedder(dim)
+    if EMBEDDERS.get(cls.name) is not cls:
+        register(cls)
+    return cls.name
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+@dataclass(frozen=True)
+class Io:
+    """Counters of ``/proc/self/io`` (bytes), or differences of two readings."""
+
+    wchar: int
+    write_bytes: int
+    cancelled: int
+
+    @classmethod
+    def read(cls) -> Io:
+        """The process's counters now (after ``os.sync()``, so its dirty pages are flushed)."""
+        os.sync()
+        fields: dict[str, int] = {}
+        for line in Path("/proc/self/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = int(value)
+        return cls(fields["wchar"], fields["write_bytes"], fields["cancelled_write_bytes"])
+
+    def __sub__(self, other: Io) -> Io:
+        return Io(
+            self.wchar - other.wchar,
+            self.write_bytes - other.write_bytes,
+            self.cancelled - other.cancelled,
+        )
+
+    def per_crop_kb(self, crops: int) -> dict[str, float]:
+        """KB (1000 bytes) per crop of each counter, and the net ``write_bytes - cancelled``."""
+        n = max(1, crops)
+        return {
+            "write_kb_per_crop": round(self.write_bytes / n / 1000, 2),
+            "net_write_kb_per_crop": round((self.write_bytes - self.cancelled) / n / 1000, 2),
+            "wchar_kb_per_crop": round(self.wchar / n / 1000, 2),
+        }
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """The RSS high-water mark of this process since :meth:`reset`, in MiB.
+
+    Uses ``VmHWM`` after resetting it (``5`` to ``/proc/self/clear_refs``);
+    where that is refused, a thread samples ``VmRSS`` every 20 ms instead.
+    """
+
+    def __init__(self) -> None:
+        self._sampled = 0
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._hwm = True
+
+    def reset(self) -> None:
+        """Free what can be freed, then start a new high-water mark from the RSS now."""
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self._hwm = False
+        self._sampled = _status_kib("VmRSS")
+        if not self._hwm and self._sampler is None:
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sampled = max(self._sampled, _status_kib("VmRSS"))
+
+    def peak_mib(self) -> float:
+        """The high-water mark since the last reset, MiB."""
+        kib = _status_kib("VmHWM") if self._hwm else max(self._sampled, _status_kib("VmRSS"))
+        return round(kib / 1024, 1)
+
+
+# --------------------------------------------------------------------------- the log
+
+
+class EventLog(io.TextIOBase):
+    """A stream for the daemon's JSON log lines that keeps the events benches read.
+
+    Each kept event is ``(monotonic time written, fields)``. Warnings and errors
+    are also echoed to stderr, so a fault during a run shows.
+    """
+
+    def __init__(self, keep: frozenset[str] = KEPT_EVENTS) -> None:
+        super().__init__()
+        self.keep = keep
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            text = self._partial + s
+            lines = text.split("\n")
+            self._partial = lines.pop()
+        for line in lines:
+            self._line(now, line)
+        return len(s)
+
+    def _line(self, now: float, line: str) -> None:
+        loud = '"level": "warning"' in line or '"level": "error"' in line
+        if not loud and not any(f'"{name}"' in line for name in self.keep):
+            return
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        if loud:
+            print(line, file=sys.stderr)
+        if event.get("event") in self.keep:
+            with self._lock:
+                self.events.append((now, event))
+
+    def named(
+        self, name: str, since: float = 0.0, until: float = float("inf")
+    ) -> list[dict[str, Any]]:
+        """The fields of each ``name`` event written in ``[since, until)``."""
+        with self._lock:
+            return [e for t, e in self.events if e.get("event") == name and since <= t < until]
+
+    def last_time(self, name: str, since: float = 0.0) -> float | None:
+        """When the last ``name`` event at or after ``since`` was written, else None."""
+        with self._lock:
+            times = [t for t, e in self.events if e.get("event") == name and t >= since]
+        return max(times, default=None)
+
+    def snapshot_after(self, moment: float) -> bool:
+        """Whether a snapshot began reading after ``moment`` and was written."""
+        with self._lock:
+            return any(
+                e.get("event") == "snapshot_written" and t - float(e.get("seconds", 0)) > moment
+                for t, e in self.events
+            )
+
+
+def capture_logs(level: str = "info") -> EventLog:
+    """Send the daemon's logs, as JSON, to a new :class:`EventLog` and return it."""
+    from crop_clusterd.log import configure_logging
+
+    events = EventLog()
+    configure_logging("json", level, stream=events)  # type: ignore[arg-type]
+    return events
+
+
+# --------------------------------------------------------------------------- nights
+
+
+@dataclass(frozen=True)
+class Night:
+    """A simulated night on disk: frame folders (flat-bug layout) under ``folder``."""
+
+    index: int
+    folder: Path
+    crops: int
+    start: datetime
+
+    @property
+    def name(self) -> str:
+        """``night-YYYY-MM-DD``: the date the night began."""
+        return f"night-{self.start:%Y-%m-%d}"
+
+    def frames(self) -> list[Path]:
+        """The frame folders, in time order."""
+        return sorted(p for p in self.folder.iterdir() if p.is_dir())
+
+
+def _crop_number(path: Path) -> int:
+    parts = path.stem.split("_")
+    return int(parts[parts.index("CROPNUMBER") + 1])
+
+
+def _trim(folder: Path, crops: int) -> int:
+    """Keep the first ``crops`` crops in time order (whole frames, then the last
+    frame's lowest crop numbers); returns how many there were."""
+    kept = 0
+    total = 0
+    for frame in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted((frame / "crops").glob("*.png"), key=_crop_number)
+        total += len(files)
+        if kept >= crops:
+            shutil.rmtree(frame)
+            continue
+        for extra in files[crops - kept :]:
+            extra.unlink()
+        kept += min(len(files), crops - kept)
+    return total
+
+
+def make_night(cache: Path, index: int, crops: int, seed: int = 0) -> Night:
+    """Night ``index`` of exactly ``crops`` crops, simulated into ``cache`` or reused.
+
+    Starts at 22:00 on ``NIGHT_START`` + ``index`` days; seed ``seed + index``,
+    so every night has other individuals. Takes about 12 ms per crop to draw.
+    """
+    from crop_clusterd.simulate import SimConfig, simulate
+
+    start = NIGHT_START + timedelta(days=index)
+    folder = cache / f"{start:%Y%m%d}-seed{seed + index}-{crops}"
+    night = Night(index, folder, crops, start)
+    if (folder / ".complete").exists():
+        return night
+    frames = int(crops / CROPS_PER_FRAME) + 2
+    while True:
+        if folder.exists():
+            shutil.rmtree(folder)
+        config = SimConfig(seed=seed + index, frames=frames, start=start, mean_present=14.0)
+        simulate(config, folder)
+        if _trim(folder, crops) >= crops:
+            break
+        frames = int(frames * 1.3) + 1  # fewer visitors than expected: a longer night
+    (folder / ".complete").write_text(f"{crops}\n")
+    return night
+
+
+def stage_night(night: Night, staging: Path) -> Path:
+    """Hard-link the night's frames into ``staging/<night name>`` (nothing is copied).
+
+    Returns the staged folder, ready to be renamed into a watched folder.
+    """
+    dest = staging / night.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    for frame in night.frames():
+        for src in frame.rglob("*"):
+            target = dest / frame.name / src.relative_to(frame)
+            if src.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, target)
+    return dest
+
+
+# --------------------------------------------------------------------------- config
+
+
+def sessions_supported(config: Any) -> bool:
+    """Whether this daemon has ``[session]`` (issue 10) and it splits the crops."""
+    session = getattr(config, "session", None)
+    return session is not None and getattr(session, "split", "none") != "none"
+
+
+def bench_config(
+    root: Path,
+    *,
+    method: str,
+    model: str,
+    threshold: float | None,
+    snapshot_s: float = 1.0,
+    close_after_s: float = 3.0,
+) -> Any:
+    """The daemon's config for a bench under ``root`` (watch/, state/, out/).
+
+    Defaults everywhere else, with metadata on and the given snapshot interval.
+    With sessions (``[session]`` in the config), nights are split by capture time
+    and a session closes after ``close_after_s`` of silence: between two nights,
+    as it would during the day beside a real trap.
+    """
+    from crop_clusterd.config import Config
+
+    c = Config()
+    config: Any = dataclasses.replace(
+        c,
+        input=dataclasses.replace(c.input, recursive=True),
+        embed=dataclasses.replace(c.embed, model=model),
+        link=dataclasses.replace(c.link, method=method, threshold=threshold),  # type: ignore[arg-type]
+        watch=dataclasses.replace(c.watch, folder=root / "watch"),
+        metadata=dataclasses.replace(c.metadata, enabled=True),
+        state=dataclasses.replace(c.state, folder=root / "state"),
+        output=dataclasses.replace(c.output, folder=root / "out"),
+        snapshot=dataclasses.replace(c.snapshot, interval_s=snapshot_s),
+    )
+    session = getattr(config, "session", None)
+    if session is not None:
+        session = dataclasses.replace(session, split="night", close_after_s=close_after_s)
+        config = dataclasses.replace(config, session=session)
+    config.watch.folder.mkdir(parents=True, exist_ok=True)
+    return config
+
+
+def committed(state: Path) -> int:
+    """Crops plus skipped files committed in a state folder (0 before its database exists)."""
+    db = state / "state.sqlite3"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        try:
+            # seq is the primary key: MAX is one index lookup, where COUNT(*) reads every row.
+            last = con.execute("SELECT MAX(seq) FROM crops").fetchone()[0]
+            skipped = con.execute("SELECT COUNT(*) FROM skipped").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0  # tables not created yet
+    return (0 if last is None else int(last) + 1) + int(skipped)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class RunningDaemon:
+    """A :class:`~crop_clusterd.supervisor.Daemon` running in a thread of this process."""
+
+    def __init__(self, config: Any, events: EventLog) -> None:
+        from crop_clusterd.supervisor import Daemon
+
+        self.config = config
+        self.events = events
+        self.began = time.monotonic()
+        self.daemon = Daemon(config)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="bench-daemon", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.daemon.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the daemon failed: {self.error}") from self.error
+        if not self.thread.is_alive():
+            raise RuntimeError("the daemon stopped by itself")
+
+    def _wait(self, condition: Callable[[], bool], what: str, timeout_s: float) -> float:
+        """Poll ``condition`` every 20 ms; returns seconds since the daemon was constructed."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            self._check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"daemon: {what} not reached in {timeout_s:.0f} s")
+            time.sleep(0.02)
+        return time.monotonic() - self.began
+
+    def wait_ready(self, timeout_s: float = 3600.0) -> float:
+        """Seconds from construction to ``daemon_started`` (the stages run, READY sent)."""
+        return self._wait(lambda: self.daemon.pipeline is not None, "start", timeout_s)
+
+    def idle(self) -> bool:
+        """First scan done, nothing queued, settling, decoding or being linked."""
+        p = self.daemon.pipeline
+        return (
+            p is not None
+            and p.intake.scans > 0
+            and not p.intake.backlog()
+            and not p.embed_inbox.qsize()
+            and not p.link_inbox.qsize()
+            and not self.daemon.progress.busy()
+        )
+
+    def wait_idle(self, timeout_s: float = 3600.0) -> float:
+        """Seconds from construction until :meth:`idle`."""
+        self.wait_ready(timeout_s)
+        return self._wait(self.idle, "idle", timeout_s)
+
+    def wait_done(self, expected: int, since: float, timeout_s: float = 3600.0) -> None:
+        """Until ``expected`` files are committed in all, the daemon is idle, a snapshot
+        read the last commit, and (with sessions) a session closed after it."""
+        state = self.config.state.folder
+        sessions = sessions_supported(self.config)
+
+        def done() -> bool:
+            if committed(state) < expected or not self.idle():
+                return False
+            last = self.events.last_time("batch_committed", since) or since
+            if not self.events.snapshot_after(last):
+                return False
+            return not sessions or self.events.last_time("session_closed", last) is not None
+
+        self._wait(done, f"{expected} files committed and written", timeout_s)
+
+    def stop(self, timeout_s: float = 3600.0) -> float:
+        """Stop cleanly (final snapshot included); returns the seconds it took."""
+        t0 = time.monotonic()
+        self.daemon.request_stop("bench")
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise TimeoutError(f"daemon did not stop in {timeout_s:.0f} s")
+        if self.error is not None:
+            raise RuntimeError(f"the daemon failed: {self.error}") from self.error
+        return time.monotonic() - t0
+
+
+@dataclass(frozen=True)
+class NightFigures:
+    """What one night cost: bytes, snapshots, memory (restart figures are separate)."""
+
+    crops: int
+    io: Io
+    snapshot_s: tuple[float, ...]
+    peak_mib: float
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        """JSON-ready figures (KB = 1000 bytes)."""
+        return {
+            "crops": self.crops,
+            **self.io.per_crop_kb(self.crops),
+            "write_bytes": self.io.write_bytes,
+            "cancelled_write_bytes": self.io.cancelled,
+            "wchar": self.io.wchar,
+            "snapshots": len(self.snapshot_s),
+            "snapshot_s_median": round(statistics.median(self.snapshot_s), 3)
+            if self.snapshot_s
+            else None,
+            "snapshot_s_max": round(max(self.snapshot_s), 3) if self.snapshot_s else None,
+            "peak_mib": self.peak_mib,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def run_night(
+    daemon: RunningDaemon, staged: Path, crops: int, memory: PeakMemory | None = None
+) -> NightFigures:
+    """Rename a staged night into the watched folder and measure until it is done.
+
+    The daemon must be idle. Returns the bytes written, the snapshot times and
+    (with ``memory``) the RSS high-water mark of the window.
+    """
+    if not daemon.idle():
+        raise RuntimeError("run_night: the daemon is not idle")
+    before = committed(daemon.config.state.folder)
+    if memory is not None:
+        memory.reset()
+    io_before = Io.read()
+    t0 = time.monotonic()
+    staged.rename(daemon.config.watch.folder / staged.name)
+    daemon.wait_done(before + crops, t0)
+    io_used = Io.read() - io_before
+    t1 = time.monotonic()
+    snaps = tuple(float(e["seconds"]) for e in daemon.events.named("snapshot_written", t0, t1))
+    return NightFigures(
+        crops=crops,
+        io=io_used,
+        snapshot_s=snaps,
+        peak_mib=memory.peak_mib() if memory is not None else 0.0,
+        seconds=t1 - t0,
+    )
+
+
+def fresh_folder(path: Path) -> Path:
+    """``path``, emptied (created when missing)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def check_disk(folder: Path) -> None:
+    """Refuse a tmpfs work folder, where ``write_bytes`` stays 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".io-probe"
+    before = Io.read()
+    probe.write_bytes(b"\0" * 65536)
+    after = Io.read()
+    probe.unlink()
+    if (after - before).write_bytes == 0:
+        raise SystemExit(
+            f"{folder}: writes there are not counted in /proc/self/io write_bytes "
+            "(tmpfs?); use --work on a disk file system"
+        )
+
+
+def fmt_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], left: int = 1
+) -> str:
+    """A plain text table: ``columns`` are (key, heading), the first ``left`` of them
+    left-aligned (text), the rest right-aligned; missing values print as -."""
+    cells = [[head for _, head in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else str(row[key]) for key, _ in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    )
