@@ -86,7 +86,7 @@ def run_method(
         try:
             daemon.wait_idle()
             for label, folder, crops in staged:
-                figures = nb.run_night(daemon, folder, crops)
+                figures = nb.run_night(daemon, folder, crops, rate=args.rate)
                 rows.append({"method": method, "scenario": label, **figures.row()})
                 print(nb.fmt_table(rows[-1:], COLUMNS, left=2).splitlines()[1], flush=True)
         finally:
@@ -123,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", help="a registered embedder instead of projection-<dim>")
     p.add_argument("--threshold", type=float, help="default: tuned for projection-<dim>")
     p.add_argument("--snapshot-s", type=float, default=1.0, help="snapshot.interval_s")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="feed each night frame by frame at this many crops/s (default: whole at once)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/var/tmp/crop-clusterd-bench-writes"))
     p.add_argument("--json", type=Path, help="also write the rows and ratios here")

@@ -91,6 +91,7 @@ def run_nights(
     events: nb.EventLog,
     phase: str,
     say: Callable[[str], None],
+    rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """One daemon through ``nights``, restarted after each; one row per night."""
     memory = nb.PeakMemory()
@@ -101,7 +102,7 @@ def run_nights(
     try:
         for i, night in enumerate(nights, start=1):
             staged = nb.stage_night(night, staging)
-            figures = nb.run_night(daemon, staged, night.crops, memory)
+            figures = nb.run_night(daemon, staged, night.crops, memory, rate)
             stop_s = daemon.stop()
             memory.reset()
             daemon = nb.RunningDaemon(config, events)
@@ -177,6 +178,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--snapshot-s", type=float, default=1.0, help="snapshot.interval_s")
     p.add_argument("--history", type=int, default=0, help="crops of synthetic history")
     p.add_argument("--history-nights", type=int, default=1, help="nights on top of it")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="feed each night frame by frame at this many crops/s (default: whole at once)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/var/tmp/crop-clusterd-endurance"))
     p.add_argument("--json", type=Path, help="also write the rows and ratios here")
@@ -192,48 +198,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the phases, print the table and the ratios; 0 unless something failed."""
-    args = parse_args(argv)
-    model = args.model or nb.register_projection(args.dim)
-    if args.make_history:
-        return make_history(args.make_history, args, model)
-    if not args.no_disk_check:
-        nb.check_disk(args.work)
-    say = print
+def phases(
+    args: argparse.Namespace, model: str, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Simulate the nights, then run the fresh phase and the history phase; all rows."""
     count = max(args.nights, args.history_nights if args.history else 0)
     say(f"simulating {count} nights of {args.crops_per_night} crops (cached in {args.work})")
-    nights = [
-        nb.make_night(args.work / "nights", i, args.crops_per_night, args.seed)
-        for i in range(count)
-    ]
+    cache = args.work / "nights"
+    nights = [nb.make_night(cache, i, args.crops_per_night, args.seed) for i in range(count)]
     events = nb.capture_logs()
-    rows: list[dict[str, Any]] = []
     say(nb.fmt_table([], COLUMNS))
-    if args.nights:
-        root = nb.fresh_folder(args.work / "fresh")
-        config = nb.bench_config(
+
+    def config(root: Path) -> Any:
+        return nb.bench_config(
             root,
             method=args.method,
             model=model,
             threshold=args.threshold,
             snapshot_s=args.snapshot_s,
         )
-        rows += run_nights(config, nights[: args.nights], events, "fresh", say)
+
+    rows: list[dict[str, Any]] = []
+    if args.nights:
+        root = nb.fresh_folder(args.work / "fresh")
+        rows += run_nights(config(root), nights[: args.nights], events, "fresh", say, args.rate)
     if args.history:
         cached = history_state(args, model)
         root = nb.fresh_folder(args.work / "on-history")
         for part in ("state", "out"):
             shutil.copytree(cached / part, root / part)
-        config = nb.bench_config(
-            root,
-            method=args.method,
-            model=model,
-            threshold=args.threshold,
-            snapshot_s=args.snapshot_s,
-        )
         phase = f"history {args.history:,}"
-        rows += run_nights(config, nights[: args.history_nights], events, phase, say)
+        rows += run_nights(
+            config(root), nights[: args.history_nights], events, phase, say, args.rate
+        )
+    return rows
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The issue's comparisons: last night over night 1, history over fresh."""
     fresh = [r for r in rows if r["phase"] == "fresh"]
     hist = [r for r in rows if r["phase"] != "fresh"]
     lines: list[str] = []
@@ -243,15 +245,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ratios(hist, fresh[0], f"history night {len(hist)} / fresh night 1")
     if len(hist) > 1:
         lines += ratios(hist, hist[0], f"history night {len(hist)} / history night 1")
-    say("")
-    say(nb.fmt_table(rows, COLUMNS))
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the phases, print the table and the ratios; 0 unless something failed."""
+    args = parse_args(argv)
+    model = args.model or nb.register_projection(args.dim)
+    if args.make_history:
+        return make_history(args.make_history, args, model)
+    if not args.no_disk_check:
+        nb.check_disk(args.work)
+    rows = phases(args, model, print)
+    lines = summary(rows)
+    print()
+    print(nb.fmt_table(rows, COLUMNS))
     for line in lines:
-        say(line)
+        print(line)
     if args.json:
         data = {
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "model": model,
-            "sessions": nb.sessions_supported(config) if rows else None,
             "rows": rows,
             "ratios": lines,
         }

@@ -82,9 +82,10 @@ def register_projection(dim: int) -> str:
     from crop_clusterd.embed import EMBEDDERS, register
 
     cls = projection_embedder(dim)
-    if EMBEDDERS.get(cls.name) is not cls:
+    name: str = cls.name
+    if EMBEDDERS.get(name) is not cls:
         register(cls)
-    return cls.name
+    return name
 
 
 # --------------------------------------------------------------------------- /proc
@@ -511,10 +512,32 @@ class NightFigures:
         }
 
 
+def feed(staged: Path, watch: Path, rate: float | None) -> None:
+    """Move a staged night into ``watch``: whole at once (``rate`` None), or frame by
+    frame at ``rate`` crops per second (renames only: nothing is copied)."""
+    if rate is None:
+        staged.rename(watch / staged.name)
+        return
+    dest = watch / staged.name
+    dest.mkdir()
+    due = time.monotonic()
+    for frame in sorted(staged.iterdir()):
+        time.sleep(max(0.0, due - time.monotonic()))
+        n = sum(1 for _ in (frame / "crops").iterdir())
+        frame.rename(dest / frame.name)
+        due += n / rate
+    staged.rmdir()
+
+
 def run_night(
-    daemon: RunningDaemon, staged: Path, crops: int, memory: PeakMemory | None = None
+    daemon: RunningDaemon,
+    staged: Path,
+    crops: int,
+    memory: PeakMemory | None = None,
+    rate: float | None = None,
 ) -> NightFigures:
-    """Rename a staged night into the watched folder and measure until it is done.
+    """Move a staged night into the watched folder (see :func:`feed`) and measure
+    until it is done.
 
     The daemon must be idle. Returns the bytes written, the snapshot times and
     (with ``memory``) the RSS high-water mark of the window.
@@ -526,7 +549,7 @@ def run_night(
         memory.reset()
     io_before = Io.read()
     t0 = time.monotonic()
-    staged.rename(daemon.config.watch.folder / staged.name)
+    feed(staged, daemon.config.watch.folder, rate)
     daemon.wait_done(before + crops, t0)
     io_used = Io.read() - io_before
     t1 = time.monotonic()

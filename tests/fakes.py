@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import ClassVar
 
@@ -78,10 +79,12 @@ class ProjectionEmbedder(Embedder):
         return batch.flatten(1) @ self._matrix
 
 
+@functools.cache
 def projection_embedder(dim: int) -> type[ProjectionEmbedder]:
     """The :class:`ProjectionEmbedder` of width ``dim``, named ``projection-<dim>``.
 
-    Not registered: pass it to :func:`crop_clusterd.embed.register`. The name
+    Not registered: pass it to :func:`crop_clusterd.embed.register`. One class per
+    width (cached), so registering it twice is harmless. The name
     carries the width, so a state folder made with one width refuses another.
     """
     if dim < 1:
