@@ -29,6 +29,7 @@ from .config import (
     LogFormat,
     LogLevel,
     OutputConfig,
+    SessionSplit,
     StateConfig,
     format_config,
     load_config,
@@ -65,6 +66,7 @@ CLUSTER_FLAGS: Final[Mapping[str, str]] = {
     "allow_download": "embed.allow_download",
     "log_format": "log.format",
     "log_level": "log.level",
+    "session_split": "session.split",
 }
 RUN_FLAGS: Final[Mapping[str, str]] = {
     "watch": "watch.folder",
@@ -82,12 +84,14 @@ RUN_FLAGS: Final[Mapping[str, str]] = {
     "gen_cluster_dirs": "output.gen_cluster_dirs",
     "log_format": "log.format",
     "log_level": "log.level",
+    "session_split": "session.split",
 }
 FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {"cluster": CLUSTER_FLAGS, "run": RUN_FLAGS}
 
 _INPUT, _EMBED, _OUTPUT = InputConfig(), EmbedConfig(), OutputConfig()
 _LOG, _STATE = LogConfig(), StateConfig()
 _LOG_FORMATS = typing.get_args(LogFormat)
+_SPLITS = typing.get_args(SessionSplit)
 _LOG_LEVELS = typing.get_args(LogLevel)
 
 
@@ -164,6 +168,9 @@ def _add_new_options(new: argparse._ArgumentGroup) -> None:
                      help="validate the configuration, print it and exit")  # fmt: skip
     new.add_argument("--recursive", action="store_true", default=None,
                      help="scan input directories recursively")  # fmt: skip
+    new.add_argument("--session-split", choices=_SPLITS,
+                     help="session.split: none (default: one result, as the old tool), night "
+                          "or gap (one output folder per session)")  # fmt: skip
     new.add_argument("--from-embeddings", type=Path, metavar="PKL",
                      help="re-cluster an embeddings.pkl instead of embedding images")  # fmt: skip
     new.add_argument("--labels", type=Path, metavar="CSV",
@@ -198,6 +205,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder for the snapshots (output.folder)")  # fmt: skip
     p.add_argument("-c", "--cluster", choices=defaults.METHODS, help="link.method")
     p.add_argument("-th", "--threshold", type=float, help="link.threshold")
+    p.add_argument("--session-split", choices=_SPLITS,
+                   help="session.split: one output folder per night (default), per run of "
+                        "activity (gap), or one for everything (none)")  # fmt: skip
     p.add_argument("-e", "--embed", metavar="NAME",
                    help=f"embed.model: {', '.join(defaults.EMBEDDER_NAMES)}")  # fmt: skip
     p.add_argument("-fp", "--from_pretrained", help="embed.from_pretrained")
