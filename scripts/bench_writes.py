@@ -80,6 +80,8 @@ def run_method(
             model=model,
             threshold=threshold,
             snapshot_s=args.snapshot_s,
+            split=args.split,
+            close_after_s=args.close_after_s,
         )
         staged = [(label, nb.stage_night(n, root / "staging"), n.crops) for label, n in sequence]
         daemon = nb.RunningDaemon(config, events)
@@ -123,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", help="a registered embedder instead of projection-<dim>")
     p.add_argument("--threshold", type=float, help="default: tuned for projection-<dim>")
     p.add_argument("--snapshot-s", type=float, default=1.0, help="snapshot.interval_s")
+    p.add_argument("--split", choices=nb.SPLITS, default="night", help="session.split")
+    p.add_argument(
+        "--close-after-s",
+        type=float,
+        default=3.0,
+        help="session.close_after_s: the silence that closes a night's session",
+    )
     p.add_argument(
         "--rate",
         type=float,

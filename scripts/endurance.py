@@ -128,7 +128,10 @@ def run_nights(
 def history_state(args: argparse.Namespace, model: str) -> Path:
     """The cached history folder (state/ and out/) for these options; built in a child
     process when missing, so this process never holds the history's memory."""
-    key = f"history-{args.method}-{model}-{args.history}-{args.crops_per_night}-seed{args.seed}"
+    key = (
+        f"history-{args.method}-{model}-{args.split}-{args.history}-"
+        f"{args.crops_per_night}-seed{args.seed}"
+    )
     folder: Path = args.work / key
     if not (folder / ".complete").exists():
         nb.fresh_folder(folder)
@@ -144,9 +147,15 @@ def make_history(folder: Path, args: argparse.Namespace, model: str) -> int:
     from crop_clusterd.log import configure_logging
 
     configure_logging("console", "warning")
-    config = nb.bench_config(folder, method=args.method, model=model, threshold=args.threshold)
+    config = nb.bench_config(
+        folder, method=args.method, model=model, threshold=args.threshold, split=args.split
+    )
     seconds = history.build_history(
-        config, args.history, crops_per_night=args.crops_per_night, seed=args.seed
+        config,
+        args.history,
+        dim=args.dim,
+        crops_per_night=args.crops_per_night,
+        seed=args.seed,
     )
     (folder / ".complete").write_text(f"{seconds:.1f}\n")
     print(f"history: {args.history:,} crops built in {seconds:.0f} s -> {folder}")
@@ -172,10 +181,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nights", type=int, default=7, help="nights on a fresh state (0: none)")
     p.add_argument("--crops-per-night", type=int, default=5000)
     p.add_argument("--method", choices=METHODS, default="track")
-    p.add_argument("--dim", type=int, default=1280, help="projection embedder width")
+    p.add_argument(
+        "--dim", type=int, default=1280, help="embedding width (projection; history vectors)"
+    )
     p.add_argument("--model", help="a registered embedder instead of projection-<dim>")
     p.add_argument("--threshold", type=float, help="default: tuned for projection-<dim>")
     p.add_argument("--snapshot-s", type=float, default=1.0, help="snapshot.interval_s")
+    p.add_argument("--split", choices=nb.SPLITS, default="night", help="session.split")
+    p.add_argument(
+        "--close-after-s",
+        type=float,
+        default=3.0,
+        help="session.close_after_s: the silence that closes a night's session",
+    )
     p.add_argument("--history", type=int, default=0, help="crops of synthetic history")
     p.add_argument("--history-nights", type=int, default=1, help="nights on top of it")
     p.add_argument(
@@ -216,6 +234,8 @@ def phases(
             model=model,
             threshold=args.threshold,
             snapshot_s=args.snapshot_s,
+            split=args.split,
+            close_after_s=args.close_after_s,
         )
 
     rows: list[dict[str, Any]] = []

@@ -154,33 +154,41 @@ def history_batches(
 
 
 def build_history(
-    config: Any, n: int, *, crops_per_night: int, seed: int, say: Callable[[str], None] = print
+    config: Any,
+    n: int,
+    *,
+    dim: int,
+    crops_per_night: int,
+    seed: int,
+    say: Callable[[str], None] = print,
 ) -> float:
-    """Commit ``n`` synthetic crops into ``config``'s (empty) state folder through the
-    link stage, save the index, write one snapshot; returns the seconds it took."""
+    """Commit ``n`` synthetic crops of ``dim`` floats into ``config``'s (empty) state
+    folder through the link stage, close the last session (as the day's silence
+    would), write one snapshot; returns the seconds it took."""
     from crop_clusterd.factory import linker_from_config, state_settings
     from crop_clusterd.link_stage import LinkStage
     from crop_clusterd.notify import Progress
+    from crop_clusterd.sessionbook import SessionBook
+    from crop_clusterd.sessions import session_rule
     from crop_clusterd.snapshot import SnapshotWriter
-    from crop_clusterd.store import StateStore, index_path
-    from crop_clusterd.supervisor import restore_linker
+    from crop_clusterd.store import StateStore
 
     t0 = time.monotonic()
     folder = config.state.folder
     store = StateStore(folder)
     store.check_settings(state_settings(config))
-    linker = linker_from_config(config)
-    if restore_linker(linker, store) != 0 or len(linker):
+    if store.next_seq():
         raise RuntimeError(f"{folder}: history needs an empty state folder")
-    dim = int(config.embed.model.rsplit("-", 1)[1])
+    book = SessionBook(
+        store, session_rule(config, "run"), lambda: linker_from_config(config), folder
+    )
+    book.resume(time.time())
     link = LinkStage(
-        linker,
-        store,
+        book,
         queue.Queue(),
         threading.Event(),
         Progress(1e9),
-        next_batch=0,
-        index_file=index_path(folder),
+        next_batch=store.last_batch() + 1,
         index_save_s=math.inf,
     )
     done = 0
@@ -196,7 +204,9 @@ def build_history(
         before, done = done, done + len(batch.embedded)
         if done // 100_000 > before // 100_000:
             say(f"  history: {done:,} crops committed, {time.monotonic() - t0:.0f} s")
-    link.finish()
+    link.save_index()
+    if not book.rule.single:
+        book.close(time.time(), reason="silence")
     store.close()
     SnapshotWriter(folder, config.output).write()
     return time.monotonic() - t0

@@ -60,6 +60,9 @@ CROPS_PER_FRAME = 13.7  # the simulator's mean_present 14, less its 2% misses
 # simulated night (about 4x and 3x the individuals, ARI ~0.35 and ~0.4).
 PROJECTION_THRESHOLDS = {"cosine": 0.95, "track": 0.8}
 
+SPLITS = ("night", "gap", "none")
+"""``session.split`` values (a daemon without sessions behaves as ``"none"``)."""
+
 KEPT_EVENTS = frozenset(
     {
         "daemon_started",
@@ -350,14 +353,15 @@ def bench_config(
     model: str,
     threshold: float | None,
     snapshot_s: float = 1.0,
+    split: str = "night",
     close_after_s: float = 3.0,
 ) -> Any:
     """The daemon's config for a bench under ``root`` (watch/, state/, out/).
 
     Defaults everywhere else, with metadata on and the given snapshot interval.
-    With sessions (``[session]`` in the config), nights are split by capture time
-    and a session closes after ``close_after_s`` of silence: between two nights,
-    as it would during the day beside a real trap.
+    With sessions (``[session]`` in the config), ``split`` is ``session.split`` and
+    a session closes after ``close_after_s`` of silence: between two nights, as it
+    would during the day beside a real trap. A daemon without sessions ignores both.
     """
     from crop_clusterd.config import Config
 
@@ -375,7 +379,7 @@ def bench_config(
     )
     session = getattr(config, "session", None)
     if session is not None:
-        session = dataclasses.replace(session, split="night", close_after_s=close_after_s)
+        session = dataclasses.replace(session, split=split, close_after_s=close_after_s)
         config = dataclasses.replace(config, session=session)
     config.watch.folder.mkdir(parents=True, exist_ok=True)
     return config
@@ -493,6 +497,7 @@ class NightFigures:
     snapshot_s: tuple[float, ...]
     peak_mib: float
     seconds: float
+    sessions_closed: int = 0
 
     def row(self) -> dict[str, Any]:
         """JSON-ready figures (KB = 1000 bytes)."""
@@ -509,6 +514,7 @@ class NightFigures:
             "snapshot_s_max": round(max(self.snapshot_s), 3) if self.snapshot_s else None,
             "peak_mib": self.peak_mib,
             "seconds": round(self.seconds, 1),
+            "sessions_closed": self.sessions_closed,
         }
 
 
@@ -560,6 +566,7 @@ def run_night(
         snapshot_s=snaps,
         peak_mib=memory.peak_mib() if memory is not None else 0.0,
         seconds=t1 - t0,
+        sessions_closed=len(daemon.events.named("session_closed", t0, t1)),
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,16 @@ def _run(script: str, work: Path, *args: str) -> tuple[str, dict[str, Any], bool
 
 
 def _crops_in_output(folder: Path) -> int:
-    return len(read_clusters_csv(folder / "out" / "clusters.csv"))
+    """Crops named in the output folder's clusters.csv files (one per session, if any)."""
+    names: set[str] = set()
+    for parent, _, files in os.walk(folder / "out"):  # not into the `current` link
+        if "clusters.csv" in files:
+            names |= {n for n, _ in read_clusters_csv(Path(parent) / "clusters.csv")}
+    return len(names)
+
+
+# With sessions, each night is one session, closed in its window.
+CLOSES = 1 if hasattr(Config(), "session") else 0
 
 
 @pytest.mark.slow
@@ -75,6 +85,7 @@ def test_bench_writes_measures_the_three_nights_of_each_method(tmp_path: Path) -
         ]
         for r in mine:
             assert r["wchar"] > 0 and r["snapshots"] >= 1
+            assert r["sessions_closed"] == CLOSES
             assert r["wchar_kb_per_crop"] == round(r["wchar"] / r["crops"] / 1000, 2)
             assert r["write_bytes"] > 0 or not counted
         after, fresh = mine[1], mine[2]
@@ -106,7 +117,7 @@ def test_endurance_prints_every_night_and_the_history_night(tmp_path: Path) -> N
     ]
     assert [r["date"] for r in rows] == ["2024-07-01", "2024-07-02", "2024-07-01"]
     for r in rows:
-        assert r["crops"] == 120
+        assert r["crops"] == 120 and r["sessions_closed"] == CLOSES
         assert r["wchar"] > 0 and (r["write_bytes"] > 0 or not counted)
         assert 0 < r["snapshot_s_median"] <= r["snapshot_s_max"]
         assert r["peak_mib"] > 0 and r["restart_peak_mib"] > 0
