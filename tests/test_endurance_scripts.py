@@ -48,6 +48,7 @@ def _run(script: str, work: Path, *args: str) -> tuple[str, dict[str, Any], bool
     counted = _writes_counted(work)
     extra = [] if counted else ["--no-disk-check"]
     cmd = [sys.executable, str(REPO / "scripts" / script), "--work", str(work)]
+    cmd += ["--close-after-s", "1"]  # sessions close a second after each night
     done = subprocess.run(
         [*cmd, *args, "--json", str(out), *extra], capture_output=True, text=True, timeout=300
     )
