@@ -41,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nightbench as nb
+import simnights as sn
 
 from crop_clusterd.defaults import METHODS
 
@@ -63,7 +64,7 @@ def run_method(
     args: argparse.Namespace,
     method: str,
     model: str,
-    nights: Sequence[nb.Night],
+    nights: Sequence[sn.Night],
     events: nb.EventLog,
 ) -> list[dict[str, Any]]:
     """The three measured nights of one method: big, small after it, small on fresh."""
@@ -73,7 +74,7 @@ def run_method(
         threshold = nb.PROJECTION_THRESHOLDS[method]
     rows: list[dict[str, Any]] = []
 
-    def measure(root: Path, sequence: Sequence[tuple[str, nb.Night]]) -> None:
+    def measure(root: Path, sequence: Sequence[tuple[str, sn.Night]]) -> None:
         config = nb.bench_config(
             nb.fresh_folder(root),
             method=method,
@@ -83,7 +84,7 @@ def run_method(
             split=args.split,
             close_after_s=args.close_after_s,
         )
-        staged = [(label, nb.stage_night(n, root / "staging"), n.crops) for label, n in sequence]
+        staged = [(label, sn.stage_night(n, root / "staging"), n.crops) for label, n in sequence]
         daemon = nb.RunningDaemon(config, events)
         try:
             daemon.wait_idle()
@@ -152,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nb.check_disk(args.work)
     print(f"simulating nights of {args.big} and {args.small} crops (cached in {args.work})")
     nights = [
-        nb.make_night(args.work / "nights", 0, args.big, args.seed),
-        nb.make_night(args.work / "nights", 1, args.small, args.seed),
+        sn.make_night(args.work / "nights", 0, args.big, args.seed),
+        sn.make_night(args.work / "nights", 1, args.small, args.seed),
     ]
     events = nb.capture_logs()
     print(nb.fmt_table([], COLUMNS, left=2), flush=True)

@@ -54,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nightbench as nb
+import simnights as sn
 
 from crop_clusterd.defaults import METHODS
 
@@ -87,7 +88,7 @@ COMPARED = (
 
 def run_nights(
     config: Any,
-    nights: Sequence[nb.Night],
+    nights: Sequence[sn.Night],
     events: nb.EventLog,
     phase: str,
     say: Callable[[str], None],
@@ -101,7 +102,7 @@ def run_nights(
     rows: list[dict[str, Any]] = []
     try:
         for i, night in enumerate(nights, start=1):
-            staged = nb.stage_night(night, staging)
+            staged = sn.stage_night(night, staging)
             figures = nb.run_night(daemon, staged, night.crops, memory, rate)
             stop_s = daemon.stop()
             memory.reset()
@@ -223,7 +224,7 @@ def phases(
     count = max(args.nights, args.history_nights if args.history else 0)
     say(f"simulating {count} nights of {args.crops_per_night} crops (cached in {args.work})")
     cache = args.work / "nights"
-    nights = [nb.make_night(cache, i, args.crops_per_night, args.seed) for i in range(count)]
+    nights = [sn.make_night(cache, i, args.crops_per_night, args.seed) for i in range(count)]
     events = nb.capture_logs()
     say(nb.fmt_table([], COLUMNS))
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from nightbench import NIGHT_START
+from simnights import NIGHT_START
 
 FRAME_S = 2.0
 PRESENT = 14.0  # mean individuals on the screen

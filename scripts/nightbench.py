@@ -3,12 +3,14 @@
 
 The daemon (:class:`crop_clusterd.supervisor.Daemon`) runs in this process, in a
 thread, with its JSON log going to an in-memory :class:`EventLog`. A night is a
-simulated flat-bug session (``crop_clusterd.simulate``, capture times from 22:00
-of its own date) that is generated and hard-linked into a staging folder BEFORE
-anything is measured; the measurement starts when the whole night is renamed into
-the watched folder (one ``rename``, no data written) and ends when the daemon has
-committed every crop, is idle, and a snapshot that read the last commit has been
-written (and, when the daemon has sessions, that night's session is closed).
+simulated flat-bug session (``simnights.py``: ``crop_clusterd.simulate``, capture
+times from 22:00 of its own date) that is generated and hard-linked into a staging
+folder BEFORE anything is measured; the measurement starts when the night is
+renamed into the watched folder (whole, or frame by frame at a set rate: renames
+only, no data written) and ends when the daemon has committed every crop, is idle,
+and a snapshot that read the last commit has been written; with sessions, also
+once that night's session is closed and, where the daemon writes one, its
+``summary.json`` (written last of its final files) exists.
 
 Bytes written come from ``/proc/self/io``, which sums every thread of the process:
 
@@ -45,16 +47,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from simnights import feed
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 
-NIGHT_START = datetime(2024, 7, 1, 22, 0, 0)
-"""Capture time of the first frame of night 0; night ``k`` starts ``k`` days later."""
-CROPS_PER_FRAME = 13.7  # the simulator's mean_present 14, less its 2% misses
 
 # Thresholds at which the projection embedder gives non-trivial partitions of a
 # simulated night (about 4x and 3x the individuals, ARI ~0.35 and ~0.4).
@@ -248,95 +248,6 @@ def capture_logs(level: str = "info") -> EventLog:
     return events
 
 
-# --------------------------------------------------------------------------- nights
-
-
-@dataclass(frozen=True)
-class Night:
-    """A simulated night on disk: frame folders (flat-bug layout) under ``folder``."""
-
-    index: int
-    folder: Path
-    crops: int
-    start: datetime
-
-    @property
-    def name(self) -> str:
-        """``night-YYYY-MM-DD``: the date the night began."""
-        return f"night-{self.start:%Y-%m-%d}"
-
-    def frames(self) -> list[Path]:
-        """The frame folders, in time order."""
-        return sorted(p for p in self.folder.iterdir() if p.is_dir())
-
-
-def _crop_number(path: Path) -> int:
-    parts = path.stem.split("_")
-    return int(parts[parts.index("CROPNUMBER") + 1])
-
-
-def _trim(folder: Path, crops: int) -> int:
-    """Keep the first ``crops`` crops in time order (whole frames, then the last
-    frame's lowest crop numbers); returns how many there were."""
-    kept = 0
-    total = 0
-    for frame in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted((frame / "crops").glob("*.png"), key=_crop_number)
-        total += len(files)
-        if kept >= crops:
-            shutil.rmtree(frame)
-            continue
-        for extra in files[crops - kept :]:
-            extra.unlink()
-        kept += min(len(files), crops - kept)
-    return total
-
-
-def make_night(cache: Path, index: int, crops: int, seed: int = 0) -> Night:
-    """Night ``index`` of exactly ``crops`` crops, simulated into ``cache`` or reused.
-
-    Starts at 22:00 on ``NIGHT_START`` + ``index`` days; seed ``seed + index``,
-    so every night has other individuals. Takes about 12 ms per crop to draw.
-    """
-    from crop_clusterd.simulate import SimConfig, simulate
-
-    start = NIGHT_START + timedelta(days=index)
-    folder = cache / f"{start:%Y%m%d}-seed{seed + index}-{crops}"
-    night = Night(index, folder, crops, start)
-    if (folder / ".complete").exists():
-        return night
-    frames = int(crops / CROPS_PER_FRAME) + 2
-    while True:
-        if folder.exists():
-            shutil.rmtree(folder)
-        config = SimConfig(seed=seed + index, frames=frames, start=start, mean_present=14.0)
-        simulate(config, folder)
-        if _trim(folder, crops) >= crops:
-            break
-        frames = int(frames * 1.3) + 1  # fewer visitors than expected: a longer night
-    (folder / ".complete").write_text(f"{crops}\n")
-    return night
-
-
-def stage_night(night: Night, staging: Path) -> Path:
-    """Hard-link the night's frames into ``staging/<night name>`` (nothing is copied).
-
-    Returns the staged folder, ready to be renamed into a watched folder.
-    """
-    dest = staging / night.name
-    if dest.exists():
-        shutil.rmtree(dest)
-    for frame in night.frames():
-        for src in frame.rglob("*"):
-            target = dest / frame.name / src.relative_to(frame)
-            if src.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(src, target)
-    return dest
-
-
 # --------------------------------------------------------------------------- config
 
 
@@ -383,6 +294,22 @@ def bench_config(
         config = dataclasses.replace(config, session=session)
     config.watch.folder.mkdir(parents=True, exist_ok=True)
     return config
+
+
+SUMMARY = "summary.json"
+
+
+def writes_summaries() -> bool:
+    """Whether this daemon writes a closed session's final files and ``summary.json``.
+
+    Read from its source (no module or flag announces it), so that a window waits
+    for the final files of the night's session where they exist, and not in vain
+    where they do not.
+    """
+    import crop_clusterd
+
+    package = Path(crop_clusterd.__file__).parent
+    return any(f'"{SUMMARY}"' in p.read_text() for p in package.glob("*.py"))
 
 
 def committed(state: Path) -> int:
@@ -462,9 +389,11 @@ class RunningDaemon:
 
     def wait_done(self, expected: int, since: float, timeout_s: float = 3600.0) -> None:
         """Until ``expected`` files are committed in all, the daemon is idle, a snapshot
-        read the last commit, and (with sessions) a session closed after it."""
+        read the last commit, and (with sessions) a session closed after it, whose
+        ``summary.json`` exists where the daemon writes one."""
         state = self.config.state.folder
         sessions = sessions_supported(self.config)
+        summaries = sessions and writes_summaries()
 
         def done() -> bool:
             if committed(state) < expected or not self.idle():
@@ -472,7 +401,14 @@ class RunningDaemon:
             last = self.events.last_time("batch_committed", since) or since
             if not self.events.snapshot_after(last):
                 return False
-            return not sessions or self.events.last_time("session_closed", last) is not None
+            if not sessions:
+                return True
+            closed = self.events.named("session_closed", last)
+            if not closed or not summaries:
+                return bool(closed)
+            # Closing writes the session's final files, summary.json last.
+            out = self.config.output.folder
+            return all((out / str(e.get("session")) / SUMMARY).exists() for e in closed)
 
         self._wait(done, f"{expected} files committed and written", timeout_s)
 
@@ -516,23 +452,6 @@ class NightFigures:
             "seconds": round(self.seconds, 1),
             "sessions_closed": self.sessions_closed,
         }
-
-
-def feed(staged: Path, watch: Path, rate: float | None) -> None:
-    """Move a staged night into ``watch``: whole at once (``rate`` None), or frame by
-    frame at ``rate`` crops per second (renames only: nothing is copied)."""
-    if rate is None:
-        staged.rename(watch / staged.name)
-        return
-    dest = watch / staged.name
-    dest.mkdir()
-    due = time.monotonic()
-    for frame in sorted(staged.iterdir()):
-        time.sleep(max(0.0, due - time.monotonic()))
-        n = sum(1 for _ in (frame / "crops").iterdir())
-        frame.rename(dest / frame.name)
-        due += n / rate
-    staged.rmdir()
 
 
 def run_night(
