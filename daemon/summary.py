@@ -54,7 +54,9 @@ class SessionSummary:
     ``first_time``/``last_time`` are ISO local capture times (None when no crop
     has one). ``per_hour`` lists the hours that have crops, in time order; a
     cluster is new in the hour of its earliest capture time. ``untimed`` counts
-    crops without a capture time (in no hour).
+    crops without a capture time (in no hour). ``closed`` is the wall-clock time
+    (POSIX seconds) the session was closed, which tells a summary of an earlier
+    close of a reopened session from the current one.
     """
 
     session: str
@@ -66,6 +68,7 @@ class SessionSummary:
     last_time: str | None
     untimed: int
     per_hour: tuple[HourFigures, ...]
+    closed: float | None = None
 
     def to_json(self) -> dict[str, object]:
         """The summary as plain JSON values."""
@@ -83,6 +86,8 @@ def summarize(
     session: str,
     clusters: npt.NDArray[np.int64],
     times: npt.NDArray[np.float64],
+    *,
+    closed: float | None = None,
 ) -> SessionSummary:
     """The summary of a session from its live crops' columns.
 
@@ -128,6 +133,7 @@ def summarize(
         last_time=last_time,
         untimed=int((~timed).sum()),
         per_hour=tuple(per_hour),
+        closed=closed,
     )
 
 
@@ -159,6 +165,7 @@ def read_summary(path: Path) -> SessionSummary:
             last_time=raw["last_time"],
             untimed=int(raw["untimed"]),
             per_hour=hours,
+            closed=None if raw.get("closed") is None else float(raw["closed"]),
         )
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(f"{path}: not a session summary: {exc}") from None
