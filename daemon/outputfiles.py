@@ -196,12 +196,13 @@ class FolderWriter:
         target = folder / SUMMARY_JSON
         self.step(target, lambda: self.files.summary(target, summary))
 
-    def withdraw_summary(self, folder: Path, session: str) -> None:
-        """Remove ``summary.json`` of a session open again (a late crop reopened it)."""
-        target = folder / SUMMARY_JSON
+    def withdraw(self, folder: Path, name: str, session: str) -> None:
+        """Remove a file that no longer describes an open session: its ``summary.json``
+        (a late crop reopened it) or its ``embeddings.pkl`` (crops came after it)."""
+        target = folder / name
         if target.exists():
             self.step(target, target.unlink)
-            log.info("session_summary_withdrawn", session=session, file=str(target))
+            log.info("session_file_withdrawn", session=session, file=str(target))
 
     def link(self, link: Path, target: str) -> None:
         """Point the symlink ``link`` at ``target`` (a relative name)."""

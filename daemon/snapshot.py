@@ -41,6 +41,7 @@ from .atomic import remove_stale_temp_files
 from .config import OutputConfig
 from .csvfiles import CLUSTERS_CSV
 from .defaults import ALL_SESSION
+from .embfile import EMBEDDINGS_PKL
 from .log import get_logger
 from .outputfiles import FolderWriter, Listing, OutputFiles, SnapshotError
 from .sessionfiles import CURRENT_LINK, check_locals, live_current, read_session, session_folder
@@ -447,13 +448,16 @@ class SnapshotWriter:
         """
         w = self._folders
         folder = w.prepare(cache.folder)
-        w.withdraw_summary(folder, cache.id)
+        w.withdraw(folder, SUMMARY_JSON, cache.id)
         n = len(cache)
         if self.save_embeddings:
             if cache.parts_last is None:
                 cache.parts_last = w.parts_start(folder, n) - 1
             if cache.parts_last < n - 1:
                 self._append_open(store, cache)
+                if not final:
+                    # Written at the last stop or close; it lacks the new crops now.
+                    w.withdraw(folder, EMBEDDINGS_PKL, cache.id)
         live, current = live_current(cache.stored, cache.merges, cache.retired)
         vectors = None
         if self.dedup or (final and self.save_embeddings):
