@@ -7,6 +7,7 @@ order, so a crop's sequence number is its rank in that order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from .linking import LinkBatch
 from .linktree import SyncStats, sync_link_tree
 from .log import get_logger
 from .records import Assignment, Crop, FrameId, Skipped
+from .sessions import SessionAssigner, SessionRule, capture_seconds, session_rule
 
 log = get_logger(__name__)
 
@@ -80,6 +82,18 @@ class _Embeddings:
     # Without crops (a pickle, no metadata, not track): each name's frame, for its trap.
     frames: tuple[FrameId | None, ...] | None = None
 
+    def rows(self, rows: npt.NDArray[np.int64]) -> _Embeddings:
+        """The given rows only, in that order."""
+        picked = rows.tolist()
+        return _Embeddings(
+            names=tuple(self.names[i] for i in picked),
+            paths=tuple(self.paths[i] for i in picked),
+            vectors=self.vectors[rows],
+            crops=tuple(self.crops[i] for i in picked) if self.crops else (),
+            labels=None if self.labels is None else tuple(self.labels[i] for i in picked),
+            frames=None if self.frames is None else tuple(self.frames[i] for i in picked),
+        )
+
 
 def run_batch(request: BatchRequest) -> BatchResult:
     """Cluster the requested crops (or embeddings) and write every output.
@@ -104,7 +118,8 @@ def run_batch(request: BatchRequest) -> BatchResult:
     timings["embed_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ids = _cluster(config, data)
+    sessions = _sessions(data, session_rule(config, "cluster"))
+    ids = _cluster_sessions(config, data, sessions)
     timings["cluster_s"] = time.perf_counter() - t0
     sizes = np.bincount(ids, minlength=len(ids)) if len(ids) else np.zeros(0, dtype=np.int64)
     n_clusters = int(np.count_nonzero(sizes))
@@ -123,7 +138,16 @@ def run_batch(request: BatchRequest) -> BatchResult:
 
     labels = _labels(request, data)
     t0 = time.perf_counter()
-    _write_outputs(request, data, ids, labels, skipped)
+    if sessions is None:
+        _write_outputs(request, data, ids, labels, skipped, out)
+    else:
+        write_errors_csv(out / ERRORS_CSV, skipped)
+        for session, rows in sessions.items():
+            part = data.rows(rows)
+            local = np.searchsorted(rows, ids[rows])  # back to the session's own numbering
+            sub_labels = None if labels is None else tuple(labels[i] for i in rows)
+            _write_outputs(request, part, local, sub_labels, skipped=(), out=out / session)
+        log.info("sessions_written", sessions=len(sessions), folder=str(out))
     timings["write_s"] = time.perf_counter() - t0
 
     evaluation = None
@@ -146,6 +170,49 @@ def run_batch(request: BatchRequest) -> BatchResult:
     )
 
 
+def _sessions(data: _Embeddings, rule: SessionRule) -> dict[str, npt.NDArray[np.int64]] | None:
+    """Each session's rows of ``data`` (ascending), sessions in id order; None for ``none``.
+
+    Crops are assigned in capture-time order (``gap`` depends on it), the order
+    the daemon sees them in when they arrive as they are taken.
+    """
+    if rule.single:
+        return None
+    times = np.array([_capture(data, i) for i in range(len(data.names))], dtype=np.float64)
+    assigner = SessionAssigner(rule)
+    rows: dict[str, list[int]] = {}
+    for i in np.argsort(times, kind="stable").tolist():
+        rows.setdefault(assigner.assign(float(times[i])), []).append(i)
+    return {s: np.array(sorted(r), dtype=np.int64) for s, r in sorted(rows.items())}
+
+
+def _capture(data: _Embeddings, i: int) -> float:
+    """Row ``i``'s capture time as the daemon reads it (:func:`capture_seconds`)."""
+    if data.crops:
+        crop = data.crops[i]
+        if crop.time is None and crop.mtime_ns is None and crop.path is not None:
+            with contextlib.suppress(OSError):
+                crop = replace(crop, mtime_ns=crop.path.stat().st_mtime_ns)
+        return capture_seconds(crop)
+    return float("nan")
+
+
+def _cluster_sessions(
+    config: Config, data: _Embeddings, sessions: dict[str, npt.NDArray[np.int64]] | None
+) -> npt.NDArray[np.int64]:
+    """Every crop's cluster id, in ``data`` order; sessions are linked apart.
+
+    A cluster id is its smallest member's row, so ids of different sessions
+    never collide (evaluation sees them as one clustering).
+    """
+    if sessions is None:
+        return _cluster(config, data)
+    ids = np.empty(len(data.names), dtype=np.int64)
+    for rows in sessions.values():
+        ids[rows] = rows[_cluster(config, data.rows(rows))]
+    return ids
+
+
 def _cluster(config: Config, data: _Embeddings) -> npt.NDArray[np.int64]:
     """Link every crop in one batch; each crop's cluster id, in ``data`` order."""
     linker = linker_from_config(config)
@@ -161,10 +228,11 @@ def _write_outputs(
     ids: npt.NDArray[np.int64],
     labels: tuple[str | None, ...] | None,
     skipped: Sequence[Skipped],
+    out: Path,
 ) -> None:
-    """clusters.csv, errors.csv, embeddings.pkl and the cluster/dedup folders."""
+    """clusters.csv, errors.csv, embeddings.pkl and the cluster/dedup folders in ``out``."""
     config = request.config
-    out = config.output.folder
+    out.mkdir(parents=True, exist_ok=True)
     assignments = [
         Assignment(seq=i, name=name, cluster=int(c))
         for i, (name, c) in enumerate(zip(data.names, ids.tolist(), strict=True))

@@ -30,6 +30,7 @@ from .config import (
     LogFormat,
     LogLevel,
     OutputConfig,
+    SessionSplit,
     StateConfig,
     format_config,
     load_config,
@@ -66,6 +67,7 @@ CLUSTER_FLAGS: Final[Mapping[str, str]] = {
     "allow_download": "embed.allow_download",
     "log_format": "log.format",
     "log_level": "log.level",
+    "session_split": "session.split",
 }
 RUN_FLAGS: Final[Mapping[str, str]] = {
     "watch": "watch.folder",
@@ -83,6 +85,7 @@ RUN_FLAGS: Final[Mapping[str, str]] = {
     "gen_cluster_dirs": "output.gen_cluster_dirs",
     "log_format": "log.format",
     "log_level": "log.level",
+    "session_split": "session.split",
 }
 EXPORT_FLAGS: Final[Mapping[str, str]] = {"state": "state.folder"}
 FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {
@@ -94,6 +97,7 @@ FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {
 _INPUT, _EMBED, _OUTPUT = InputConfig(), EmbedConfig(), OutputConfig()
 _LOG, _STATE = LogConfig(), StateConfig()
 _LOG_FORMATS = typing.get_args(LogFormat)
+_SPLITS = typing.get_args(SessionSplit)
 _LOG_LEVELS = typing.get_args(LogLevel)
 
 
@@ -170,6 +174,9 @@ def _add_new_options(new: argparse._ArgumentGroup) -> None:
                      help="validate the configuration, print it and exit")  # fmt: skip
     new.add_argument("--recursive", action="store_true", default=None,
                      help="scan input directories recursively")  # fmt: skip
+    new.add_argument("--session-split", choices=_SPLITS,
+                     help="session.split: none (default: one result, as the old tool), night "
+                          "or gap (one output folder per session)")  # fmt: skip
     new.add_argument("--from-embeddings", type=Path, metavar="PKL",
                      help="re-cluster an embeddings.pkl instead of embedding images")  # fmt: skip
     new.add_argument("--labels", type=Path, metavar="CSV",
@@ -204,6 +211,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder for the snapshots (output.folder)")  # fmt: skip
     p.add_argument("-c", "--cluster", choices=defaults.METHODS, help="link.method")
     p.add_argument("-th", "--threshold", type=float, help="link.threshold")
+    p.add_argument("--session-split", choices=_SPLITS,
+                   help="session.split: one output folder per night (default), per run of "
+                        "activity (gap), or one for everything (none)")  # fmt: skip
     p.add_argument("-e", "--embed", metavar="NAME",
                    help=f"embed.model: {', '.join(defaults.EMBEDDER_NAMES)}")  # fmt: skip
     p.add_argument("-fp", "--from_pretrained", help="embed.from_pretrained")

@@ -48,6 +48,7 @@ __all__ = [
     "MetadataConfig",
     "OutputConfig",
     "ServiceConfig",
+    "SessionConfig",
     "SnapshotConfig",
     "StateConfig",
     "WatchConfig",
@@ -69,6 +70,7 @@ __all__ = [
 LogFormat = Literal["auto", "console", "json", "journald"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LinkMethod = Literal["cosine", "track"]
+SessionSplit = Literal["night", "gap", "none"]
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
@@ -396,6 +398,43 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class SessionConfig:
+    """Sessions: the unit of the outputs (a night, by default). Clusters never span two."""
+
+    split: SessionSplit | None = field(
+        default=None,
+        metadata=_meta(
+            'night | gap | none; "auto" = night for run, none for cluster '
+            "(old command lines give old results)",
+            none="auto",
+        ),
+    )
+    night_starts_h: float = field(
+        default=defaults.NIGHT_STARTS_H,
+        metadata=_meta(
+            "night: a night runs from this local hour of the frames' capture time to the "
+            "same hour the next day, hours",
+            check=within(0.0, 23.999),
+        ),
+    )
+    gap_s: float = field(
+        default=defaults.SESSION_GAP_S,
+        metadata=_meta(
+            "gap: a new session starts after this long without crops (capture time), seconds",
+            check=above(0),
+        ),
+    )
+    close_after_s: float = field(
+        default=defaults.SESSION_CLOSE_AFTER_S,
+        metadata=_meta(
+            "run: the open session is closed (final files, summary.json) after this long "
+            "without new crops, seconds",
+            check=above(0),
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """run: health checks for systemd."""
 
@@ -423,6 +462,7 @@ class Config:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     state: StateConfig = field(default_factory=StateConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
 
     @property
     def with_metadata(self) -> bool:

@@ -77,3 +77,18 @@ def default_threshold(method: str, embedder: str) -> float:
     if method == "track":
         return TRACK_THRESHOLDS.get(embedder, COSINE_THRESHOLD)
     return COSINE_THRESHOLD
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+# A trap's night straddles midnight; noon is the hour no light trap runs, so a night
+# never splits (issue 10). Local hour of the frames' capture time.
+NIGHT_STARTS_H: Final = 12.0
+# "gap" sessions: an hour without crops ends one (a trap's breaks within a night,
+# such as rain or a full card, are shorter).
+SESSION_GAP_S: Final = 3600.0
+# The open session closes after 6 h without crops: past the end of any night's
+# activity, before the next evening's.
+SESSION_CLOSE_AFTER_S: Final = 21600.0
+# The id of the one session of split = "none".
+ALL_SESSION: Final = "all"

@@ -16,6 +16,7 @@ from .config import Config
 from .defaults import default_threshold
 from .linking import Gating, HnswParams, Linker, Motion, make_linker
 from .log import get_logger
+from .sessions import session_rule
 
 if TYPE_CHECKING:
     from .embed import Embedder
@@ -133,6 +134,14 @@ def state_settings(config: Config) -> dict[str, object]:
     }
     if spec.gating is not None:
         settings["link.gating"] = _gating_list(spec.gating)
+    rule = session_rule(config, "run")
+    # Where sessions split decides every id in the state; a state from before
+    # sessions reads as "none" (StateStore.check_settings).
+    settings["session.split"] = rule.split
+    if rule.split == "night":
+        settings["session.night_starts_h"] = rule.night_starts_h
+    elif rule.split == "gap":
+        settings["session.gap_s"] = rule.gap_s
     if config.embed.model == "dino":
         # Only dino's preparation changed; other state folders keep their keys.
         settings["embed.preprocess"] = defaults.DINO_PREPROCESS

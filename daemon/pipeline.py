@@ -20,7 +20,6 @@ from .embed_stage import EmbedStage
 from .flatbug import TimeFormat
 from .intake import IntakeOptions, IntakeStage
 from .link_stage import LinkStage
-from .linking import Linker
 from .notify import WatchdogPinger
 from .records import IntakeUnit, MicroBatch
 from .snapshot import SnapshotWriter
@@ -46,7 +45,6 @@ class Pipeline:
 
     store: StateStore
     runtime: StateStore
-    linker: Linker
     intake: IntakeStage
     embed: EmbedStage
     link: LinkStage

@@ -208,19 +208,23 @@ class MicroBatch:
 @dataclass(frozen=True, slots=True)
 class CommittedCrop:
     """One crop as a micro-batch commits it: the embedded crop, its sequence
-    number and its cluster id at that moment."""
+    number (over all sessions), its cluster id at that moment and its number
+    within its session (``local``; None: the same as ``seq``, one session).
+    Cluster ids are local numbers."""
 
     item: Embedded
     seq: int
     cluster: int
+    local: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class BatchCommitted:
     """What the link stage reports after each commit (for STATUS and tests).
 
-    ``crops``, ``skipped`` and ``merges`` count this batch; ``total_crops`` is
-    the linker's size after it; ``latency_ms_max`` the longest time from a
+    ``crops``, ``skipped``, ``merges`` and ``new_clusters`` count this batch;
+    ``total_crops`` is every session's crops after it, ``session_crops`` its
+    session's; ``latency_ms_max`` the longest time from a
     file found ready to its commit, in milliseconds.
     """
 
@@ -230,3 +234,6 @@ class BatchCommitted:
     merges: int
     total_crops: int
     latency_ms_max: float
+    session: str = "all"
+    session_crops: int = 0
+    new_clusters: int = 0

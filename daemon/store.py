@@ -37,13 +37,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .defaults import ALL_SESSION
 from .identity import EntryKind, Fingerprint
 from .log import get_logger
 from .records import CommittedCrop, DecodeFailure, Merge, Moved
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "state.sqlite3"
 INDEX_NAME = "index.hnsw"
 
@@ -96,10 +97,12 @@ CREATE TABLE IF NOT EXISTS runtime (
 );
 """
 
-# Created after the migration: on a version 1 database these columns do not exist yet.
+# Created after the migrations: on an older database these columns do not exist yet.
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
 CREATE UNIQUE INDEX IF NOT EXISTS crops_live_path ON crops(path) WHERE retired = 0;
+CREATE UNIQUE INDEX IF NOT EXISTS crops_session_local ON crops(session, local);
+CREATE INDEX IF NOT EXISTS merges_session ON merges(session, id);
 """
 
 # Version 1 -> 2: crops gain inode, content and retired, and a path is unique only
@@ -120,6 +123,28 @@ ALTER TABLE skipped ADD COLUMN content TEXT;
 UPDATE meta SET value = '2' WHERE key = 'schema';
 """
 
+# Version 2 -> 3: sessions (issue 10). Every row gets a session and crops a number
+# within it (``local``); cluster ids and merges are local to their session. A state
+# from before sessions is one session, "all", whose local numbers are the global
+# ones, so its ids are unchanged. A new database is created at version 2 and
+# migrated too: one definition of every table.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE crops ADD COLUMN session TEXT NOT NULL DEFAULT 'all';
+ALTER TABLE crops ADD COLUMN local INTEGER;
+UPDATE crops SET local = seq;
+ALTER TABLE merges ADD COLUMN session TEXT NOT NULL DEFAULT 'all';
+ALTER TABLE skipped ADD COLUMN session TEXT NOT NULL DEFAULT 'all';
+CREATE TABLE sessions (
+    id              TEXT PRIMARY KEY,
+    opened          REAL NOT NULL,
+    closed          REAL,
+    vectors_dropped INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO sessions(id, opened) SELECT 'all', min(added) FROM crops HAVING count(*) > 0;
+UPDATE meta SET value = '3' WHERE key = 'schema';
+"""
+_MIGRATIONS = {"1": _MIGRATE_1_TO_2, "2": _MIGRATE_2_TO_3}
+
 
 class StateError(Exception):
     """The state folder cannot be used (locked, corrupt, or built with other settings)."""
@@ -130,6 +155,7 @@ class StoredCrops:
     """Columns of stored crops in sequence order (see :meth:`StateStore.load_crops`)."""
 
     seqs: npt.NDArray[np.int64]
+    locals: npt.NDArray[np.int64]
     paths: tuple[str, ...]
     frames: tuple[str | None, ...]
     crop_indexes: tuple[int | None, ...]
@@ -151,6 +177,20 @@ class StoredMerge:
     at: float
     batch: int
     merge: Merge
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """One row of the sessions table; ``opened`` and ``closed`` are wall-clock seconds.
+
+    ``closed`` is None while the session is open; ``vectors_dropped`` when
+    ``state.keep_sessions`` removed its stored embeddings (its outputs stay).
+    """
+
+    id: str
+    opened: float
+    closed: float | None
+    vectors_dropped: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,17 +286,20 @@ class StateStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
             with self._db:
-                self._db.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-                )
-        elif row[0] == "1":
+                self._db.execute("INSERT INTO meta(key, value) VALUES ('schema', '2')")
+            version, fresh = "2", True
+        else:
+            version, fresh = str(row[0]), False
+        while version in _MIGRATIONS:
             # executescript commits first and runs the script in one transaction of
-            # its own, so a crash mid-migration leaves the version 1 database intact.
-            self._db.executescript(f"BEGIN;{_MIGRATE_1_TO_2}COMMIT;")
-            log.info("state_migrated", path=str(self.path), schema=SCHEMA_VERSION)
-        elif row[0] != str(SCHEMA_VERSION):
+            # its own, so a crash mid-migration leaves the older database intact.
+            self._db.executescript(f"BEGIN;{_MIGRATIONS[version]}COMMIT;")
+            version = str(int(version) + 1)
+            if not fresh:
+                log.info("state_migrated", path=str(self.path), schema=version)
+        if version != str(SCHEMA_VERSION):
             raise StateError(
-                f"state database {self.path} has schema version {row[0]}, "
+                f"state database {self.path} has schema version {version}, "
                 f"this crop-clusterd uses {SCHEMA_VERSION}"
             )
 
@@ -284,15 +327,24 @@ class StateStore:
                 self._db.execute("INSERT INTO meta(key, value) VALUES ('settings', ?)", (wanted,))
             return
         stored = json.loads(row[0])
+        # A state from before sessions is one session for everything.
+        stored.setdefault("session.split", "none")
         changed = [
             f"{key}: state has {stored.get(key)!r}, config says {value!r}"
             for key, value in sorted(settings.items())
             if stored.get(key) != value
         ]
         if changed:
+            hint = ""
+            if stored.get("session.split") != settings.get("session.split", "none"):
+                hint = (
+                    f"\nTo keep using this state, set session.split = "
+                    f'"{stored["session.split"]}" in the config (or --session-split).'
+                )
             raise StateError(
                 f"the state in {self.folder} was built with other settings:\n  "
                 + "\n  ".join(changed)
+                + hint
                 + "\nUse another state folder (state.folder / --state) for the new settings, "
                 "or move this one away to start over."
             )
@@ -322,8 +374,12 @@ class StateStore:
         *,
         moved: Sequence[Moved] = (),
         now: float | None = None,
+        session: str = ALL_SESSION,
     ) -> None:
         """Commit one micro-batch atomically: its crops, its merges, its skips, its moves.
+
+        Crops, merges and skips belong to ``session``, which is opened (or
+        reopened) in the same transaction.
 
         A path that gets a new crop, a skip or a moved file is vacated first: a
         live crop row there is retired (its file was rewritten) and a skip row
@@ -331,7 +387,7 @@ class StateStore:
         A move with ``old == new`` only refreshes the stat of unchanged bytes.
         """
         at = time.time() if now is None else now
-        rows = [_crop_row(c, batch, at) for c in crops]
+        rows = [_crop_row(c, batch, at, session) for c in crops]
         targets = [c.item.crop.name for c in crops] + [s.name for s in skipped]
         with self._db:
             # Moves first: a moved-and-rewritten row moves, then its new content retires it.
@@ -344,20 +400,30 @@ class StateStore:
                     (m.new, m.size, m.mtime_ns, m.inode, m.content, m.old),
                 )
             retired += self._vacate(targets)
+            if crops or merges:
+                self._db.execute(
+                    "INSERT INTO sessions(id, opened) VALUES (?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET closed = NULL",
+                    (session, at),
+                )
             self._db.executemany(
                 "INSERT INTO crops(seq, path, size, mtime_ns, inode, content, frame, crop_index, "
-                "time, cx, cy, batch, cluster, added, vector) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "time, cx, cy, batch, cluster, added, vector, session, local) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             self._db.executemany(
-                "INSERT INTO merges(at, batch, from_cluster, into_cluster) VALUES (?,?,?,?)",
-                [(at, batch, m.from_cluster, m.into_cluster) for m in merges],
+                "INSERT INTO merges(at, batch, from_cluster, into_cluster, session) "
+                "VALUES (?,?,?,?,?)",
+                [(at, batch, m.from_cluster, m.into_cluster, session) for m in merges],
             )
             self._db.executemany(
-                "INSERT INTO skipped(path, reason, size, mtime_ns, at, inode, content) "
-                "VALUES (?,?,?,?,?,?,?)",
-                [(s.name, s.reason, s.size, s.mtime_ns, at, s.inode, s.content) for s in skipped],
+                "INSERT INTO skipped(path, reason, size, mtime_ns, at, inode, content, session) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (s.name, s.reason, s.size, s.mtime_ns, at, s.inode, s.content, session)
+                    for s in skipped
+                ],
             )
             if retired or any(m.old != m.new for m in moved):
                 self._db.execute(
@@ -427,23 +493,31 @@ class StateStore:
         """Paths that are done: clustered (live) or recorded as skipped."""
         return {row[0] for row in self.registry_rows()}
 
-    def live_seqs(self, paths: Sequence[str]) -> list[int]:
-        """Sequence numbers of the live crops at ``paths`` (the rows a commit would retire)."""
-        seqs: list[int] = []
+    def live_crops(self, paths: Sequence[str]) -> list[tuple[str, int]]:
+        """(session, local number) of the live crops at ``paths`` (rows a commit would retire)."""
+        found: list[tuple[str, int]] = []
         for start in range(0, len(paths), 500):
             chunk = list(paths[start : start + 500])
             marks = ",".join("?" * len(chunk))
-            seqs.extend(
-                int(r[0])
+            found.extend(
+                (str(r[0]), int(r[1]))
                 for r in self._db.execute(
-                    f"SELECT seq FROM crops WHERE retired = 0 AND path IN ({marks})", chunk
+                    f"SELECT session, local FROM crops WHERE retired = 0 AND path IN ({marks})",
+                    chunk,
                 )
             )
-        return seqs
+        return found
 
     def retired_seqs(self) -> frozenset[int]:
         """Sequence numbers of retired crops (rewritten since; not in the outputs)."""
         rows = self._db.execute("SELECT seq FROM crops WHERE retired = 1").fetchall()
+        return frozenset(int(r[0]) for r in rows)
+
+    def retired_locals(self, session: str) -> frozenset[int]:
+        """Local numbers of the retired crops of ``session``."""
+        rows = self._db.execute(
+            "SELECT local FROM crops WHERE retired = 1 AND session = ?", (session,)
+        ).fetchall()
         return frozenset(int(r[0]) for r in rows)
 
     def paths_version(self) -> int:
@@ -474,79 +548,186 @@ class StateStore:
         (n,) = self._db.execute("SELECT count(*) FROM crops WHERE added >= ?", (t,)).fetchone()
         return int(n)
 
-    def load_crops(self, since_seq: int = 0, *, dim: int | None = None) -> StoredCrops:
+    def load_crops(
+        self, since_seq: int = 0, *, session: str | None = None, dim: int | None = None
+    ) -> StoredCrops:
         """Stored crops with ``seq >= since_seq`` in sequence order, as columns.
 
-        Rows are streamed into preallocated arrays, so the embeddings are held
-        once (not once as blobs and again as an array). ``dim`` sizes the
-        vectors of an empty result.
+        ``session``: that session's crops only (None: all). Rows are streamed
+        into preallocated arrays, so the embeddings are held once (not once as
+        blobs and again as an array). ``dim`` sizes the vectors of an empty
+        result. Raises :class:`StateError` when the session's vectors were
+        dropped (``state.keep_sessions``) or a vector has the wrong size.
         """
+        where, args = _session_filter("seq >= ?", since_seq, session)
+        if session is not None and self._vectors_dropped(session):
+            raise StateError(
+                f"the embeddings of session {session} were dropped from {self.path} "
+                "(state.keep_sessions); its output folder keeps them"
+            )
         n, dim_bytes = self._db.execute(
-            "SELECT count(*), max(length(vector)) FROM crops WHERE seq >= ?", (since_seq,)
+            f"SELECT count(*), max(length(vector)) FROM crops WHERE {where}", args
         ).fetchone()
         n = int(n)
         dim = int(dim_bytes) // 4 if dim_bytes else (dim or 0)
         vectors = np.empty((n, dim), dtype=np.float32)
         scalars: list[tuple[Any, ...]] = []
         cursor = self._db.execute(
-            "SELECT seq, path, frame, crop_index, time, cx, cy, batch, cluster, vector "
-            "FROM crops WHERE seq >= ? ORDER BY seq",
-            (since_seq,),
+            "SELECT seq, local, path, frame, crop_index, time, cx, cy, batch, cluster, vector "
+            f"FROM crops WHERE {where} ORDER BY seq",
+            args,
         )
         for i, row in enumerate(cursor):
-            blob = row[9]
+            blob = row[10]
             if i >= n or len(blob) != 4 * dim:
                 raise StateError(
-                    f"crop {row[1]!r} (seq {row[0]}) has a {len(blob) // 4}-d embedding, "
+                    f"crop {row[2]!r} (seq {row[0]}) has a {len(blob) // 4}-d embedding, "
                     f"expected {dim}"
                 )
             vectors[i] = np.frombuffer(blob, dtype=np.float32)
-            scalars.append(row[:9])
+            scalars.append(row[:10])
         if len(scalars) != n:
             raise StateError(f"state database {self.path} changed while it was read")
-        nan = float("nan")
-        return StoredCrops(
-            seqs=np.array([r[0] for r in scalars], dtype=np.int64),
-            paths=tuple(r[1] for r in scalars),
-            frames=tuple(r[2] for r in scalars),
-            crop_indexes=tuple(r[3] for r in scalars),
-            times=np.array([nan if r[4] is None else r[4] for r in scalars], dtype=np.float64),
-            centers=np.array(
-                [(nan, nan) if r[5] is None else (r[5], r[6]) for r in scalars], dtype=np.float64
-            ).reshape(n, 2),
-            batches=np.array([r[7] for r in scalars], dtype=np.int64),
-            clusters=np.array([r[8] for r in scalars], dtype=np.int64),
-            vectors=vectors,
-        )
+        return _stored_crops(scalars, vectors)
 
-    def load_cluster_column(self) -> npt.NDArray[np.int64]:
-        """Every crop's cluster id at commit, indexed by seq (no embeddings read)."""
-        rows = self._db.execute("SELECT cluster FROM crops ORDER BY seq").fetchall()
+    def load_cluster_column(self, session: str | None = None) -> npt.NDArray[np.int64]:
+        """Every crop's cluster id at commit, in seq order (no embeddings read).
+
+        With ``session``, that session's crops, indexed by local number.
+        """
+        where, args = _session_filter("1", None, session)
+        rows = self._db.execute(f"SELECT cluster FROM crops WHERE {where} ORDER BY seq", args)
         return np.array([r[0] for r in rows], dtype=np.int64)
 
-    def load_merges(self, since_id: int = 0) -> list[StoredMerge]:
-        """Merges with ``id > since_id`` in the order they happened."""
+    def load_merges(self, since_id: int = 0, *, session: str | None = None) -> list[StoredMerge]:
+        """Merges with ``id > since_id`` in the order they happened (of ``session`` only)."""
+        where, args = _session_filter("id > ?", since_id, session)
         rows = self._db.execute(
-            "SELECT id, at, batch, from_cluster, into_cluster FROM merges WHERE id > ? ORDER BY id",
-            (since_id,),
+            f"SELECT id, at, batch, from_cluster, into_cluster FROM merges WHERE {where} "
+            "ORDER BY id",
+            args,
         ).fetchall()
         return [
             StoredMerge(int(r[0]), float(r[1]), int(r[2]), Merge(int(r[3]), int(r[4])))
             for r in rows
         ]
 
-    def load_skipped(self) -> list[StoredSkip]:
-        """Every skipped file, in path order."""
-        rows = self._db.execute("SELECT path, reason, at FROM skipped ORDER BY path").fetchall()
+    def load_skipped(self, *, session: str | None = None) -> list[StoredSkip]:
+        """Every skipped file (of ``session`` only), in path order."""
+        where, args = _session_filter("1", None, session)
+        rows = self._db.execute(
+            f"SELECT path, reason, at FROM skipped WHERE {where} ORDER BY path", args
+        ).fetchall()
         return [StoredSkip(str(r[0]), str(r[1]), float(r[2])) for r in rows]
 
+    # -- sessions ----------------------------------------------------------------------
 
-def index_path(folder: Path) -> Path:
-    """Where the HNSW index is saved inside a state folder."""
-    return folder / INDEX_NAME
+    def sessions(self) -> list[StoredSession]:
+        """Every session, in id order (ids sort by time)."""
+        rows = self._db.execute(
+            "SELECT id, opened, closed, vectors_dropped FROM sessions ORDER BY id"
+        ).fetchall()
+        return [StoredSession(str(r[0]), float(r[1]), r[2], bool(r[3])) for r in rows]
+
+    def session(self, session: str) -> StoredSession | None:
+        """One session's row, or None when no crop was ever committed to it."""
+        found = [s for s in self.sessions() if s.id == session]
+        return found[0] if found else None
+
+    def open_sessions(self) -> list[StoredSession]:
+        """Sessions not closed yet (one, except after a crash while one was closing)."""
+        return [s for s in self.sessions() if s.closed is None]
+
+    def capture_span(self, session: str) -> tuple[float, float]:
+        """Earliest and latest capture time (seconds) of the session's live crops; NaN if none."""
+        row = self._db.execute(
+            "SELECT min(time), max(time) FROM crops WHERE session = ? AND retired = 0", (session,)
+        ).fetchone()
+        return (
+            float("nan") if row[0] is None else float(row[0]),
+            float("nan") if row[1] is None else float(row[1]),
+        )
+
+    def next_seq(self) -> int:
+        """The sequence number the next committed crop gets."""
+        (n,) = self._db.execute("SELECT coalesce(max(seq) + 1, 0) FROM crops").fetchone()
+        return int(n)
+
+    def close_session(self, session: str, now: float) -> None:
+        """Mark ``session`` closed at wall-clock ``now`` (its own transaction)."""
+        with self._db:
+            self._db.execute(
+                "UPDATE sessions SET closed = ? WHERE id = ? AND closed IS NULL", (now, session)
+            )
+
+    def drop_vectors(self, session: str) -> int:
+        """Drop the stored embeddings of a closed session; returns how many crops had them.
+
+        Raises :class:`StateError` for an open session (its linker still needs them).
+        """
+        row = self.session(session)
+        if row is None or row.closed is None:
+            raise StateError(f"session {session} is open or unknown; only closed ones drop vectors")
+        with self._db:
+            n = self._db.execute(
+                "UPDATE crops SET vector = X'' WHERE session = ? AND length(vector) > 0", (session,)
+            ).rowcount
+            self._db.execute("UPDATE sessions SET vectors_dropped = 1 WHERE id = ?", (session,))
+        return int(n)
+
+    def _vectors_dropped(self, session: str) -> bool:
+        row = self._db.execute(
+            "SELECT vectors_dropped FROM sessions WHERE id = ?", (session,)
+        ).fetchone()
+        return bool(row and row[0])
 
 
-def _crop_row(c: CommittedCrop, batch: int, at: float) -> tuple[object, ...]:
+def _session_filter(
+    condition: str, value: object, session: str | None
+) -> tuple[str, tuple[object, ...]]:
+    """A WHERE clause of ``condition`` (with ``value`` for its ``?``), of one session or all."""
+    args: tuple[object, ...] = () if value is None else (value,)
+    if session is None:
+        return condition, args
+    return f"{condition} AND session = ?", (*args, session)
+
+
+def _stored_crops(scalars: list[tuple[Any, ...]], vectors: npt.NDArray[np.float32]) -> StoredCrops:
+    """Columns of the rows read by :meth:`StateStore.load_crops` (see its SELECT)."""
+    n = len(scalars)
+    nan = float("nan")
+    return StoredCrops(
+        seqs=np.array([r[0] for r in scalars], dtype=np.int64),
+        locals=np.array([r[1] for r in scalars], dtype=np.int64),
+        paths=tuple(r[2] for r in scalars),
+        frames=tuple(r[3] for r in scalars),
+        crop_indexes=tuple(r[4] for r in scalars),
+        times=np.array([nan if r[5] is None else r[5] for r in scalars], dtype=np.float64),
+        centers=np.array(
+            [(nan, nan) if r[6] is None else (r[6], r[7]) for r in scalars], dtype=np.float64
+        ).reshape(n, 2),
+        batches=np.array([r[8] for r in scalars], dtype=np.int64),
+        clusters=np.array([r[9] for r in scalars], dtype=np.int64),
+        vectors=vectors,
+    )
+
+
+def index_path(folder: Path, session: str = ALL_SESSION) -> Path:
+    """Where a session's saved index (or ``track`` checkpoint) lives in a state folder.
+
+    The one session of ``split = "none"`` keeps the name from before sessions.
+    """
+    if session == ALL_SESSION:
+        return folder / INDEX_NAME
+    return folder / f"index-{session}.hnsw"
+
+
+def index_covers_key(session: str) -> str:
+    """The meta key holding how many crops a session's saved index covers."""
+    return "index_covers" if session == ALL_SESSION else f"index_covers:{session}"
+
+
+def _crop_row(c: CommittedCrop, batch: int, at: float, session: str) -> tuple[object, ...]:
     """One crops-table row of a committed crop (see the INSERT in ``commit_batch``)."""
     crop = c.item.crop
     center = crop.center if crop.center is not None else (None, None)
@@ -566,4 +747,6 @@ def _crop_row(c: CommittedCrop, batch: int, at: float) -> tuple[object, ...]:
         c.cluster,
         at,
         np.ascontiguousarray(c.item.vector, dtype=np.float32).tobytes(),
+        session,
+        c.seq if c.local is None else c.local,
     )

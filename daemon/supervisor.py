@@ -32,19 +32,19 @@ from .config import Config
 from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
-from .flatbug import frame_of_path
 from .identity import Registry, registry_from
 from .intake import IntakeStage
 from .link_stage import LinkStage
-from .linking import LinkBatch, Linker, StoredLinks
 from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import EMBED_INBOX_SIZE, LINK_INBOX_SIZE, Pipeline, intake_options
 from .records import BatchCommitted, IntakeUnit, MicroBatch
+from .sessionbook import SessionBook, session_cluster_sizes
+from .sessions import session_rule
 from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .stage import Stop
 from .statelock import StateLock
-from .store import StateError, StateStore, current_clusters, index_path
+from .store import StateError, StateStore
 from .watch import ObserverFactory, Watcher
 
 log = get_logger(__name__)
@@ -52,7 +52,12 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run of the daemon did, for the exit summary."""
+    """What a run of the daemon did, for the exit summary.
+
+    ``crops``, ``clusters`` and ``singletons`` count the live crops of the
+    ``sessions`` this run committed to (and the one open when it started);
+    ``new_crops`` the crops it committed; ``seconds`` its run time.
+    """
 
     crops: int
     clusters: int
@@ -60,54 +65,7 @@ class RunSummary:
     skipped: int
     new_crops: int
     seconds: float
-
-
-def restore_linker(linker: Linker, store: StateStore) -> int:
-    """Bring a fresh linker to the stored state; return the next batch number.
-
-    ``cosine`` takes the stored cluster ids plus the merges, and its saved
-    HNSW index (new crops are added to it; nothing is linked again). ``track``
-    replays the stored micro-batches in order, which reproduces its state
-    exactly; the replayed ids are checked against the stored ones.
-    """
-    stored = store.load_crops()
-    n = len(stored)
-    if n and not np.array_equal(stored.seqs, np.arange(n)):
-        raise RuntimeError(f"state database {store.path}: crop sequence numbers have gaps")
-    next_batch = store.last_batch() + 1
-    if n == 0:
-        return next_batch
-    t0 = time.perf_counter()
-    merges = [m.merge for m in store.load_merges()]
-    ids = current_clusters(stored.clusters, merges)
-    used_index = linker.restore(
-        StoredLinks(
-            batch=LinkBatch(
-                stored.vectors,
-                stored.times,
-                stored.centers,
-                # The frame (name, identifier, trap folder) is derived from the stored
-                # path the same way as at intake, so state folders written before
-                # frames had a trap resume unchanged.
-                tuple(frame_of_path(Path(p)) for p in stored.paths),
-            ),
-            cluster_ids=ids,
-            batch_numbers=stored.batches,
-            index_file=index_path(store.folder),
-            index_covers=int(store.get_meta("index_covers") or 0),
-        )
-    )
-    # After the restore: track's replay must see the embeddings its stored ids came from.
-    linker.retire(np.array(sorted(store.retired_seqs()), dtype=np.int64))
-    log.info(
-        "state_restored",
-        crops=n,
-        clusters=len(np.unique(ids)),
-        merges=len(merges),
-        saved_index=used_index,
-        seconds=round(time.perf_counter() - t0, 2),
-    )
-    return next_batch
+    sessions: tuple[str, ...] = ()
 
 
 class Daemon:
@@ -147,6 +105,8 @@ class Daemon:
         self._commits: deque[tuple[float, int]] = deque()
         self._last_commit_at = -math.inf
         self._total = 0
+        # Sessions this run committed to (and the one open at start): the summary's scope.
+        self._sessions_touched: set[str] = set()
         self._lock = threading.Lock()
         self._snapshot_error: str | None = None
         self._last_snapshot: float | None = None
@@ -208,7 +168,6 @@ class Daemon:
         config = self.config
         store = self._state_store(config.state.folder)
         runtime = StateStore(config.state.folder)
-        linker = linker_from_config(config)
         store.check_settings(state_settings(config))
         runtime.set_runtime(
             {
@@ -223,10 +182,19 @@ class Daemon:
                 "watch_mode": None,
             }
         )
-        next_batch = restore_linker(linker, store)
+        book = SessionBook(
+            store,
+            session_rule(config, "run"),
+            lambda: linker_from_config(config),
+            config.state.folder,
+        )
+        resumed = book.resume(self.wall())
+        if resumed is not None:
+            self._sessions_touched.add(resumed.id)
+        next_batch = store.last_batch() + 1
         known = registry_from(store.registry_rows())
         with self._lock:
-            self._total = len(linker)
+            self._total = store.next_seq()
         embedder = self._embedder or embedder_from_config(config)
         self.notifier.status("loading model")
         t0 = time.perf_counter()
@@ -234,7 +202,7 @@ class Daemon:
         log.info(
             "model_loaded", model=embedder.describe(), seconds=round(time.perf_counter() - t0, 2)
         )
-        pipeline = self._build(store, runtime, linker, embedder, next_batch, known)
+        pipeline = self._build(store, runtime, book, embedder, next_batch, known)
         for stage in (pipeline.link, pipeline.embed, pipeline.intake):
             stage.start()
         pipeline.watcher.start()
@@ -247,7 +215,8 @@ class Daemon:
             output=str(config.output.folder),
             crops=pipeline.crops_at_start,
             method=config.link.method,
-            threshold=pipeline.link.linker.threshold,
+            session=book.current.id if book.current else None,
+            split=book.rule.split,
         )
         self.notifier.ready(self._status_line(pipeline))
         return pipeline
@@ -256,7 +225,7 @@ class Daemon:
         self,
         store: StateStore,
         runtime: StateStore,
-        linker: Linker,
+        book: SessionBook,
         embedder: Embedder,
         next_batch: int,
         known: Registry,
@@ -285,13 +254,11 @@ class Daemon:
             clock=self.clock,
         )
         link = LinkStage(
-            linker,
-            store,
+            book,
             link_inbox,
             failed,
             self.progress,
             next_batch=next_batch,
-            index_file=index_path(config.state.folder),
             index_save_s=config.state.index_save_s,
             on_commit=self._on_commit,
             shutdown=self.stopping,
@@ -301,7 +268,6 @@ class Daemon:
         return Pipeline(
             store=store,
             runtime=runtime,
-            linker=linker,
             intake=intake,
             embed=embed,
             link=link,
@@ -325,7 +291,7 @@ class Daemon:
                 stalled=self.progress.stalled,
             ),
             failed=failed,
-            crops_at_start=len(linker),
+            crops_at_start=store.next_seq(),
         )
 
     # -- running -----------------------------------------------------------------------
@@ -404,17 +370,26 @@ class Daemon:
         for stage in (p.intake, p.embed, p.link):
             if stage.error is not None:
                 raise RuntimeError(f"the {stage.name} stage failed: {stage.error}") from stage.error
-        ids = p.linker.cluster_ids()
-        sizes = np.bincount(ids) if len(ids) else np.zeros(0, dtype=np.int64)
         for line in p.intake.tally.summary_lines():
             log.warning("crop_problems", summary=line)
+        with self._lock:
+            touched = sorted(self._sessions_touched)
+        crops = clusters = singletons = 0
+        with StateStore(self.config.state.folder, readonly=True) as store:
+            for session in touched:
+                sizes = session_cluster_sizes(store, session)
+                crops += int(sizes.sum())
+                clusters += len(sizes)
+                singletons += int(np.count_nonzero(sizes == 1))
+            total = store.next_seq()
         return RunSummary(
-            crops=len(ids),
-            clusters=int(np.count_nonzero(sizes)),
-            singletons=int(np.count_nonzero(sizes == 1)),
+            crops=crops,
+            clusters=clusters,
+            singletons=singletons,
             skipped=skipped,
-            new_crops=len(ids) - p.crops_at_start,
+            new_crops=total - p.crops_at_start,
             seconds=self.clock() - started,
+            sessions=tuple(touched),
         )
 
     # -- helpers -----------------------------------------------------------------------
@@ -424,6 +399,7 @@ class Daemon:
         with self._lock:
             self._last_commit_at = now
             self._total = report.total_crops
+            self._sessions_touched.add(report.session)
             self._commits.append((now, report.crops))
             while self._commits and now - self._commits[0][0] > 60:
                 self._commits.popleft()

@@ -179,7 +179,7 @@ def downgrade_to_v1(state: Path) -> None:
     con.executescript(
         "INSERT INTO crops SELECT seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, "
         "batch, cluster, added, vector FROM v2.crops;"
-        "INSERT INTO merges SELECT * FROM v2.merges;"
+        "INSERT INTO merges SELECT id, at, batch, from_cluster, into_cluster FROM v2.merges;"
         "INSERT INTO skipped SELECT path, reason, size, mtime_ns, at FROM v2.skipped;"
         "INSERT INTO meta SELECT * FROM v2.meta WHERE key != 'schema';"
     )
