@@ -318,8 +318,9 @@ class SnapshotWriter:
         sessions = self._sessions(store)
         pending = [s for s in sessions if s.closed is not None and not self._is_final(s)]
         opened = [s for s in sessions if s.closed is None]
-        # After a crash while one was closing two may be open; the newest is written.
-        open_ = max(opened, key=lambda s: (s.opened, s.id)) if opened else None
+        # After a crash while one was closing two may be open; the link stage resumes
+        # the last by id (and closes the others), so that is the one written.
+        open_ = opened[-1] if opened else None
         cache = self._read_open(store, open_) if open_ is not None else None
         key = (
             None

@@ -31,7 +31,7 @@ from crop_clusterd.sessionfiles import CURRENT_LINK, ExportError, export_session
 from crop_clusterd.sessions import SessionRule
 from crop_clusterd.snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from crop_clusterd.store import StateStore
-from crop_clusterd.summary import SUMMARY_JSON, HourFigures, read_summary
+from crop_clusterd.summary import SUMMARY_JSON, HourFigures, SessionSummary, read_summary
 
 DIM = 8
 T0 = 1_717_000_000.0  # wall clock of the first commit
@@ -70,7 +70,7 @@ class Nights:
         start = len(names)
         raw = self.rng.normal(size=(len(clusters), DIM)).astype(np.float32)
         vectors = raw / np.linalg.norm(raw, axis=1, keepdims=True)
-        day = int(session[-2:])
+        day = int(session[-2:]) if session[-2:].isdigit() else 1
         crops = []
         for i, cluster in enumerate(clusters):
             local = start + i
@@ -184,9 +184,11 @@ def test_a_late_crop_reopens_a_closed_session_and_it_is_finalised_again(
     first = read_summary(out / A / SUMMARY_JSON)
     assert first.crops == 2
 
-    nights.commit(A, [0])  # a late file of night A: the store reopens A
+    # A late file of night A: the link stage closes B and the commit reopens A.
+    nights.close(B)
+    nights.commit(A, [0])
     report = w.write_if_changed(now=T0 + 1)
-    assert report is not None and report.session == A
+    assert report is not None and report.session == A and report.closed == (B,)
     assert not (out / A / SUMMARY_JSON).exists()  # not final any more
     assert len(read_clusters_csv(out / A / "clusters.csv")) == 3
     assert os.readlink(out / CURRENT_LINK) == B  # the newest session is still B
@@ -325,9 +327,9 @@ class FailingFiles(OutputFiles):
             self.fail = ""
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def summary(self, path: Path, summary: object) -> None:  # type: ignore[override]
+    def summary(self, path: Path, summary: SessionSummary) -> None:
         self._maybe("summary")
-        super().summary(path, summary)  # type: ignore[arg-type]
+        super().summary(path, summary)
 
     def clusters(self, path: Path, rows: Iterable[Assignment]) -> None:
         self._maybe("clusters")
@@ -339,7 +341,7 @@ def test_a_failed_close_is_finished_by_the_next_snapshot(tmp_path: Path, nights:
     w = writer(tmp_path, FailingFiles("summary"))
     nights.commit(A, [0, 0, 2])
     nights.close(A)
-    with pytest.raises(SnapshotError, match="summary.json"):
+    with pytest.raises(SnapshotError, match=r"summary\.json"):
         w.write_if_changed(now=T0)
     assert not (out / A / SUMMARY_JSON).exists()  # not final: it will be written again
     report = w.write_if_changed(now=T0 + 1)
