@@ -266,7 +266,7 @@ class SnapshotWriter:
             sessions = store.sessions()
         except sqlite3.Error as exc:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
-        if self.single and not any(s.id == ALL_SESSION for s in sessions):
+        if self.single and not sessions:
             # Before the first crop: the one session still gets its (empty) files.
             sessions.append(StoredSession(ALL_SESSION, 0.0, None, False))
         return sessions

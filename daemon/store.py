@@ -584,9 +584,13 @@ class StateStore:
         dim = dim or 0
         matrix = np.empty((n, dim), dtype=np.float32)
         scalars: list[tuple[Any, ...]] = []
+        # Within a session local order is seq order; ordering by it walks the
+        # (session, local) index, where ORDER BY seq would sort every row, blobs
+        # and all, through a temporary file (as many bytes written as read).
+        order = "seq" if session is None else "local"
         cursor = self._db.execute(
             "SELECT seq, local, path, frame, crop_index, time, cx, cy, batch, cluster, "
-            f"{blob_column} FROM crops WHERE {where} ORDER BY seq",
+            f"{blob_column} FROM crops WHERE {where} ORDER BY {order}",
             args,
         )
         for i, row in enumerate(cursor):
