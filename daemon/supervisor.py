@@ -274,7 +274,10 @@ class Daemon:
             embed_inbox=embed_inbox,
             link_inbox=link_inbox,
             snapshots=SnapshotWriter(
-                config.state.folder, config.output, files=self._snapshot_files
+                config.state.folder,
+                config.output,
+                session=book.rule,
+                files=self._snapshot_files,
             ),
             watcher=Watcher(
                 config.watch.folder,
