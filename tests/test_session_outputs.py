@@ -461,3 +461,35 @@ def test_export_command(
     assert main(["export", A, "--config", str(config), "-o", str(tmp_path / "c.pkl")]) == 0
     config.write_text("[state]\nfolder = 3\n", encoding="utf-8")
     assert main(["export", A, "--config", str(config)]) == 2
+
+
+def _wchar() -> int:
+    with open("/proc/self/io", encoding="ascii") as io:
+        return int(next(line for line in io if line.startswith("wchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_reading_a_session_writes_nothing(tmp_path: Path) -> None:
+    """Reading a session's rows in order must not sort the vectors through a temp file."""
+    nights = Nights(tmp_path / "state")
+    nights.rng = np.random.default_rng(5)
+    big = 1536  # 1200 crops x 6 KB: more than SQLite sorts in memory
+    store = nights.store
+    crops = []
+    raw = nights.rng.normal(size=(1200, big)).astype(np.float32)
+    for i in range(1200):
+        crop = Crop(path=Path(f"c{i}.png"), name=f"c{i}.png", time=at(1, 22))
+        crops.append(CommittedCrop(Embedded(crop, raw[i]), i, i, i))
+    store.commit_batch(0, crops, [], [], now=T0, session=A)
+    with StateStore(tmp_path / "state", readonly=True) as reader:
+        before = _wchar()
+        rows = reader.load_crops(0, session=A)
+        assert _wchar() - before < 64 * 1024
+        np.testing.assert_array_equal(rows.vectors, raw)
+        names_only = reader.load_crops(600, session=A, vectors=False)
+    assert names_only.vectors.shape == (600, 0)
+    assert names_only.locals.tolist() == list(range(600, 1200))
+    # Names stay readable once the vectors are dropped (the snapshot writer lists them).
+    store.close_session(A, T0 + 1)
+    store.drop_vectors(A)
+    assert len(store.load_crops(0, session=A, vectors=False)) == 1200
