@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
 from .flatbug import frame_of_path
 from .linking import LinkBatch, Linker, StoredLinks
@@ -29,7 +28,7 @@ from .log import get_logger
 from .sessions import SessionAssigner, SessionRule
 from .store import StateStore, current_clusters, index_covers_key, index_path
 
-__all__ = ["OpenSession", "SessionBook", "restore_linker", "session_cluster_sizes"]
+__all__ = ["OpenSession", "SessionBook", "restore_linker"]
 
 log = get_logger(__name__)
 
@@ -96,21 +95,6 @@ def restore_linker(linker: Linker, store: StateStore, session: str) -> int:
         seconds=round(time.perf_counter() - t0, 2),
     )
     return n
-
-
-def session_cluster_sizes(store: StateStore, session: str) -> npt.NDArray[np.int64]:
-    """The size of every cluster of a session's live crops (no embeddings read)."""
-    with store.read_transaction():
-        stored = store.load_cluster_column(session)
-        merges = [m.merge for m in store.load_merges(session=session)]
-        retired = store.retired_locals(session)
-    if len(stored) == 0:
-        return np.zeros(0, dtype=np.int64)
-    ids = current_clusters(stored, merges)
-    live = np.ones(len(ids), dtype=bool)
-    live[list(retired)] = False
-    sizes = np.bincount(ids[live], minlength=len(ids))
-    return sizes[sizes > 0]
 
 
 class SessionBook:

@@ -23,7 +23,7 @@ from typing import TextIO
 
 import numpy as np
 
-from .store import DB_NAME, StateError, StateStore, current_clusters
+from .store import DB_NAME, StateError, StateStore, session_cluster_sizes
 
 __all__ = [
     "ALIVE_WITHIN_S",
@@ -46,8 +46,11 @@ RATE_WINDOW_S = 60.0
 class StatusReport:
     """The state of one state folder, as ``crop-clusterd status`` shows it.
 
-    Counts are of committed work. Fields from the daemon's runtime table are
-    None when it never published them (or published something unreadable).
+    Counts are of committed work: ``crops``, ``skipped`` and ``batches`` over
+    every session; ``clusters``, ``singletons``, ``merges`` and
+    ``session_crops`` of the newest ``session`` (open or last closed). Fields
+    from the daemon's runtime table are None when it never published them (or
+    published something unreadable).
     ``alive`` is True when the heartbeat is under :data:`ALIVE_WITHIN_S`
     seconds old, the pid exists and the phase is not ``stopped``.
     """
@@ -60,6 +63,10 @@ class StatusReport:
     skipped: int
     merges: int
     batches: int
+    session: str | None
+    session_open: bool
+    session_crops: int
+    sessions: int
     crops_per_s: float
     alive: bool
     pid: int | None
@@ -122,23 +129,26 @@ def read_status(state_folder: Path, *, now: float | None = None) -> StatusReport
         )
     with StateStore(folder, readonly=True) as store:
         try:
+            counts = store.counts()  # its own read transaction
             with store.read_transaction():
-                stored = store.load_cluster_column()
-                merges = store.load_merges()
-                skipped = len(store.load_skipped())
-                batches = store.last_batch() + 1
+                sessions = store.sessions()
                 recent = store.crops_added_since(at - RATE_WINDOW_S)
                 runtime = store.runtime()
+            # Cluster figures are the newest session's: reading every session
+            # would make status cost the whole season.
+            newest = sessions[-1] if sessions else None
+            sizes = np.zeros(0, dtype=np.int64)
+            merges = 0
+            if newest is not None:
+                sizes = session_cluster_sizes(store, newest.id)
+                merges = len(store.load_merges(session=newest.id))
         except (sqlite3.Error, ValueError) as exc:
             # ValueError: a runtime value that is not JSON.
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
-    try:
-        current = current_clusters(stored, (m.merge for m in merges))
-    except IndexError:
-        raise StateError(
-            f"state database {db} is inconsistent: a cluster id is not a crop's sequence number"
-        ) from None
-    _, sizes = np.unique(current, return_counts=True)
+        except IndexError:
+            raise StateError(
+                f"state database {db} is inconsistent: a cluster id is not a crop's number"
+            ) from None
     pid = _integer(runtime.get("pid"))
     phase = _text(runtime.get("phase"))
     updated_at = _number(runtime.get("updated_at"))
@@ -153,12 +163,16 @@ def read_status(state_folder: Path, *, now: float | None = None) -> StatusReport
     return StatusReport(
         state_folder=str(folder),
         at=at,
-        crops=len(stored),
+        crops=counts.crops,
         clusters=len(sizes),
         singletons=int(np.count_nonzero(sizes == 1)),
-        skipped=skipped,
-        merges=len(merges),
-        batches=batches,
+        skipped=counts.skipped,
+        merges=merges,
+        batches=counts.batches,
+        session=None if newest is None else newest.id,
+        session_open=newest is not None and newest.closed is None,
+        session_crops=int(sizes.sum()),
+        sessions=len(sessions),
         crops_per_s=recent / RATE_WINDOW_S,
         alive=alive,
         pid=pid,
@@ -209,6 +223,14 @@ def format_status(report: StatusReport) -> str:
         lines.append(f"started:    {_when(r.started_at, r.at)}")
     lines += [
         f"crops:      {r.crops} clustered, {r.crops_per_s:.1f}/s over the last minute",
+    ]
+    if r.session is not None:
+        state = "open" if r.session_open else "closed"
+        lines.append(
+            f"session:    {r.session} ({state}; {r.session_crops} crops), "
+            f"{r.sessions} session{'s' if r.sessions != 1 else ''} in all"
+        )
+    lines += [
         f"clusters:   {r.clusters} ({r.singletons} singletons), {r.merges} merges",
         f"skipped:    {r.skipped} files (errors.csv)",
     ]

@@ -41,111 +41,15 @@ from .defaults import ALL_SESSION
 from .identity import EntryKind, Fingerprint
 from .log import get_logger
 from .records import CommittedCrop, DecodeFailure, Merge, Moved
+from .storeschema import INDEXES, MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 3
 DB_NAME = "state.sqlite3"
 INDEX_NAME = "index.hnsw"
 
-# The crops table, written once: the schema creates it, the migration rebuilds it.
-_CROPS_TABLE = """
-crops (
-    seq      INTEGER PRIMARY KEY,
-    path     TEXT NOT NULL,
-    size     INTEGER,
-    mtime_ns INTEGER,
-    inode    INTEGER,
-    content  TEXT,
-    retired  INTEGER NOT NULL DEFAULT 0,
-    frame    TEXT,
-    crop_index INTEGER,
-    time     REAL,
-    cx       REAL,
-    cy       REAL,
-    batch    INTEGER NOT NULL,
-    cluster  INTEGER NOT NULL,
-    added    REAL NOT NULL,
-    vector   BLOB NOT NULL
-);
-"""
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS {_CROPS_TABLE}CREATE TABLE IF NOT EXISTS merges (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    at           REAL NOT NULL,
-    batch        INTEGER NOT NULL,
-    from_cluster INTEGER NOT NULL,
-    into_cluster INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS skipped (
-    path     TEXT PRIMARY KEY,
-    reason   TEXT NOT NULL,
-    size     INTEGER,
-    mtime_ns INTEGER,
-    at       REAL NOT NULL,
-    inode    INTEGER,
-    content  TEXT
-);
-CREATE TABLE IF NOT EXISTS runtime (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-# Created after the migrations: on an older database these columns do not exist yet.
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
-CREATE UNIQUE INDEX IF NOT EXISTS crops_live_path ON crops(path) WHERE retired = 0;
-CREATE UNIQUE INDEX IF NOT EXISTS crops_session_local ON crops(session, local);
-CREATE INDEX IF NOT EXISTS merges_session ON merges(session, id);
-"""
-
-# Version 1 -> 2: crops gain inode, content and retired, and a path is unique only
-# among live rows, which needs the table rebuilt (SQLite cannot drop a UNIQUE);
-# skipped gains inode and content. Old rows get NULL hashes: a moved old crop is
-# then recognised by inode, size and mtime only.
-_MIGRATE_1_TO_2 = f"""
-ALTER TABLE crops RENAME TO crops_v1;
-CREATE TABLE {_CROPS_TABLE}
-INSERT INTO crops(seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, batch, cluster,
-                  added, vector)
-    SELECT seq, path, size, mtime_ns, frame, crop_index, time, cx, cy, batch, cluster,
-           added, vector FROM crops_v1;
-DROP TABLE crops_v1;
-DROP INDEX IF EXISTS crops_added;
-ALTER TABLE skipped ADD COLUMN inode INTEGER;
-ALTER TABLE skipped ADD COLUMN content TEXT;
-UPDATE meta SET value = '2' WHERE key = 'schema';
-"""
-
-# Version 2 -> 3: sessions (issue 10). Every row gets a session and crops a number
-# within it (``local``); cluster ids and merges are local to their session. A state
-# from before sessions is one session, "all", whose local numbers are the global
-# ones, so its ids are unchanged. A new database is created at version 2 and
-# migrated too: one definition of every table.
-_MIGRATE_2_TO_3 = """
-ALTER TABLE crops ADD COLUMN session TEXT NOT NULL DEFAULT 'all';
-ALTER TABLE crops ADD COLUMN local INTEGER;
-UPDATE crops SET local = seq;
-ALTER TABLE merges ADD COLUMN session TEXT NOT NULL DEFAULT 'all';
-ALTER TABLE skipped ADD COLUMN session TEXT NOT NULL DEFAULT 'all';
-CREATE TABLE sessions (
-    id              TEXT PRIMARY KEY,
-    opened          REAL NOT NULL,
-    closed          REAL,
-    vectors_dropped INTEGER NOT NULL DEFAULT 0
-);
-INSERT INTO sessions(id, opened) SELECT 'all', min(added) FROM crops HAVING count(*) > 0;
-UPDATE meta SET value = '3' WHERE key = 'schema';
-"""
-_MIGRATIONS = {"1": _MIGRATE_1_TO_2, "2": _MIGRATE_2_TO_3}
-
-
+# The tables and their migrations live in storeschema; applied by _check_schema.
 class StateError(Exception):
     """The state folder cannot be used (locked, corrupt, or built with other settings)."""
 
@@ -264,9 +168,9 @@ class StateStore:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 # FULL: a commit survives power loss, not only a crash (traps lose power).
                 self._db.execute("PRAGMA synchronous = FULL")
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(SCHEMA)
                 self._check_schema()
-                self._db.executescript(_INDEXES)
+                self._db.executescript(INDEXES)
             self._db.execute("SELECT count(*) FROM crops").fetchone()
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -290,10 +194,10 @@ class StateStore:
             version, fresh = "2", True
         else:
             version, fresh = str(row[0]), False
-        while version in _MIGRATIONS:
+        while version in MIGRATIONS:
             # executescript commits first and runs the script in one transaction of
             # its own, so a crash mid-migration leaves the older database intact.
-            self._db.executescript(f"BEGIN;{_MIGRATIONS[version]}COMMIT;")
+            self._db.executescript(f"BEGIN;{MIGRATIONS[version]}COMMIT;")
             version = str(int(version) + 1)
             if not fresh:
                 log.info("state_migrated", path=str(self.path), schema=version)
@@ -727,6 +631,21 @@ def _stored_crops(scalars: list[tuple[Any, ...]], vectors: npt.NDArray[np.float3
         clusters=np.array([r[9] for r in scalars], dtype=np.int64),
         vectors=vectors,
     )
+
+
+def session_cluster_sizes(store: StateStore, session: str) -> npt.NDArray[np.int64]:
+    """The size of every cluster of a session's live crops (no embeddings read)."""
+    with store.read_transaction():
+        stored = store.load_cluster_column(session)
+        merges = [m.merge for m in store.load_merges(session=session)]
+        retired = store.retired_locals(session)
+    if len(stored) == 0:
+        return np.zeros(0, dtype=np.int64)
+    ids = current_clusters(stored, merges)
+    live = np.ones(len(ids), dtype=bool)
+    live[list(retired)] = False
+    sizes = np.bincount(ids[live], minlength=len(ids))
+    return sizes[sizes > 0]
 
 
 def index_path(folder: Path, session: str = ALL_SESSION) -> Path:

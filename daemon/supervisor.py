@@ -39,12 +39,12 @@ from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import EMBED_INBOX_SIZE, LINK_INBOX_SIZE, Pipeline, intake_options
 from .records import BatchCommitted, IntakeUnit, MicroBatch
-from .sessionbook import SessionBook, session_cluster_sizes
+from .sessionbook import SessionBook
 from .sessions import session_rule
 from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .stage import Stop
 from .statelock import StateLock
-from .store import StateError, StateStore
+from .store import StateError, StateStore, session_cluster_sizes
 from .watch import ObserverFactory, Watcher
 
 log = get_logger(__name__)
