@@ -279,7 +279,13 @@ class OutputConfig:
         default=False, metadata=_meta("copy crops into clusters/<id>/ folders")
     )
     dedup: bool = field(default=False, metadata=_meta("copy one representative crop per cluster"))
-    save_embeddings: bool = field(default=True, metadata=_meta("write the embeddings file"))
+    save_embeddings: bool = field(
+        default=True,
+        metadata=_meta(
+            "write the embeddings: embeddings.pkl (the daemon: at session close and stop) "
+            "and, from the daemon, appended embeddings/ Parquet parts"
+        ),
+    )
     save_labels: bool = field(default=False, metadata=_meta("write labels alongside clusters"))
 
 
@@ -367,7 +373,7 @@ class MetadataConfig:
 
 @dataclass(frozen=True)
 class SnapshotConfig:
-    """run: how often the output files are rewritten."""
+    """run: how often the open session's output files are written."""
 
     interval_s: float = field(
         default=10.0,
