@@ -67,8 +67,9 @@ def restore_linker(linker: Linker, store: StateStore) -> int:
 
     ``cosine`` takes the stored cluster ids plus the merges, and its saved
     HNSW index (new crops are added to it; nothing is linked again). ``track``
-    replays the stored micro-batches in order, which reproduces its state
-    exactly; the replayed ids are checked against the stored ones.
+    loads its checkpoint and replays the micro-batches stored after it (all of
+    them without a usable one), which reproduces its state exactly; the
+    replayed ids are checked against the stored ones.
     """
     stored = store.load_crops()
     n = len(stored)
