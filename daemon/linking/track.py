@@ -35,7 +35,7 @@ from ..log import get_logger
 from ..records import FrameId, TrapId
 from .base import AddResult, FloatArray, IntArray, LinkBatch, Linker, Motion, StoredLinks
 from .exact import pair_cosine
-from .trackstate import CheckpointError, TrackCheckpoint, checkpoint_path, ids_digest
+from .trackstate import CheckpointError, TrackCheckpoint, checkpoint_path, digest
 
 log = get_logger(__name__)
 
@@ -172,7 +172,8 @@ class TrackLinker(Linker):
             covers=cols.n,
             dim=cols.dim,
             traps=codes,
-            digest=ids_digest(self.cluster_ids()),
+            ids_digest=digest(self.cluster_ids()),
+            vectors_digest=digest(cols.embeddings[seqs]),
             ordinals=ordinals,
             active_trap=np.array([trap for trap, _ in entries], dtype=np.int64),
             active_first=np.array([t.first_seq for t in tracks], dtype=np.int64),
@@ -182,7 +183,6 @@ class TrackLinker(Linker):
             recent=recent,
             retired=self._retired.copy(),
             recent_seqs=seqs,
-            recent_vectors=cols.embeddings[seqs].copy(),
             recent_times=cols.times[seqs].copy(),
             recent_centers=cols.centers[seqs].copy(),
         )
@@ -348,7 +348,7 @@ def _mismatch(
     if c.dim != stored.batch.embeddings.shape[1]:
         return f"dimension {c.dim}, the state's is {stored.batch.embeddings.shape[1]}"
     ids = stored.cluster_ids
-    if c.digest != ids_digest(ids[:m]):
+    if c.ids_digest != digest(ids[:m]):
         return "its cluster ids differ from the stored ones"
     if c.traps != _trap_order(stored.batch.frames[:m]) or len(c.ordinals) != len(c.traps):
         return "its traps differ from the stored crops' traps"
@@ -372,10 +372,11 @@ def _mismatch(
         or not np.all(np.isin(recent, c.recent_seqs))
     ):
         return "its latest crops are incomplete"
-    live = ~np.isin(c.recent_seqs, c.retired)
     batch, rows = stored.batch, c.recent_seqs
+    vectors = batch.embeddings[rows]
+    vectors[np.isin(rows, c.retired)] = 0.0  # as the linker held them
     if not (
-        np.array_equal(c.recent_vectors[live], batch.embeddings[rows[live]])
+        c.vectors_digest == digest(vectors)
         and np.array_equal(c.recent_times, batch.times[rows], equal_nan=True)
         and np.array_equal(c.recent_centers, batch.centers[rows], equal_nan=True)
     ):

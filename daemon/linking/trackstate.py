@@ -9,13 +9,16 @@ so the stored cluster ids give it back. The file's size therefore depends on
 how many tracks are active, not on how many crops came before.
 
 To tell a checkpoint that belongs to the stored crops from one that does not,
-it also holds a digest of the cluster ids it covers and the vectors, times and
-centres of the active tracks' latest crops (the only crops later matching
-reads); :mod:`.track` compares those with the stored crops before using it.
+it also holds a digest of the cluster ids it covers, and the times, centres and
+a digest of the vectors of the active tracks' latest crops (the only crops
+later matching reads); :mod:`.track` compares those with the stored crops
+before using it. Vectors are not written: a few active tracks' would already
+outweigh everything else in the file, which is rewritten every
+``state.index_save_s``.
 
 Format: one NumPy ``.npz`` archive (read with ``allow_pickle=False``) whose
 ``meta`` member is UTF-8 JSON (format, version, settings, covered crops,
-dimension, traps, digest) and whose other members are plain numeric arrays.
+dimension, traps, digests) and whose other members are plain numeric arrays.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..atomic import atomic_write
 from ..records import TrapId
 from .base import FloatArray, IntArray
 
-__all__ = ["CheckpointError", "TrackCheckpoint", "checkpoint_path", "ids_digest"]
+__all__ = ["CheckpointError", "TrackCheckpoint", "checkpoint_path", "digest"]
 
 FORMAT = "crop-clusterd track checkpoint"
 VERSION = 1
@@ -53,11 +56,11 @@ def checkpoint_path(index_file: Path) -> Path:
     return index_file.with_name(f"{index_file.stem}.track.npz")
 
 
-def ids_digest(ids: IntArray) -> str:
-    """A 128-bit hex digest of cluster ids (int64, little-endian bytes)."""
-    return hashlib.blake2b(
-        np.ascontiguousarray(ids, dtype="<i8").tobytes(), digest_size=16
-    ).hexdigest()
+def digest(values: IntArray | npt.NDArray[np.float32]) -> str:
+    """A 128-bit hex digest of an int64 or float32 array's little-endian bytes."""
+    dtype = "<i8" if values.dtype.kind == "i" else "<f4"
+    data = np.ascontiguousarray(values, dtype=dtype).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,10 @@ class TrackCheckpoint:
 
     ``settings`` the linker's settings (JSON values); ``dim`` the embedding
     dimension; ``traps`` the trap of each trap code in code order (code 0 is
-    always ``None``, crops without a flat-bug frame); ``digest``
-    :func:`ids_digest` of the covered crops' cluster ids.
+    always ``None``, crops without a flat-bug frame); ``ids_digest``
+    :func:`digest` of the covered crops' cluster ids; ``vectors_digest`` of
+    the vectors of ``recent_seqs`` (R x dim float32, rows of retired crops zero,
+    as the linker holds them).
 
     Arrays, A active tracks: ``ordinals`` (T,) frames matched so far per trap
     code; ``active_trap``, ``active_first`` (A,) each active track's trap code
@@ -75,16 +80,16 @@ class TrackCheckpoint:
     ``last_seq``, ``last_ordinal`` (A,) int64 and ``last_time`` (A,) seconds
     (NaN unknown) of its latest frame; ``recent`` (A, memory) its latest crops,
     oldest first, padded with -1 at the end. ``retired`` the retired crops.
-    R distinct latest crops: ``recent_seqs`` (R,), ``recent_vectors`` (R, dim)
-    float32 as the linker held them (zeros when retired), ``recent_times`` (R,),
-    ``recent_centers`` (R, 2) pixels.
+    R distinct latest crops: ``recent_seqs`` (R,) ascending, ``recent_times``
+    (R,), ``recent_centers`` (R, 2) pixels.
     """
 
     settings: dict[str, Any]
     covers: int
     dim: int
     traps: tuple[TrapId | None, ...]
-    digest: str
+    ids_digest: str
+    vectors_digest: str
     ordinals: IntArray
     active_trap: IntArray
     active_first: IntArray
@@ -94,7 +99,6 @@ class TrackCheckpoint:
     recent: IntArray
     retired: IntArray
     recent_seqs: IntArray
-    recent_vectors: npt.NDArray[np.float32]
     recent_times: FloatArray
     recent_centers: FloatArray
 
@@ -107,7 +111,8 @@ class TrackCheckpoint:
             "covers": self.covers,
             "dim": self.dim,
             "traps": [None if t is None else [t.place, t.identifier] for t in self.traps],
-            "digest": self.digest,
+            "ids_digest": self.ids_digest,
+            "vectors_digest": self.vectors_digest,
         }
         arrays = {name: getattr(self, name) for name in _SHAPES}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -139,15 +144,15 @@ class TrackCheckpoint:
             traps = tuple(
                 None if t is None else TrapId(str(t[0]), str(t[1])) for t in meta["traps"]
             )
-            digest = str(meta["digest"])
+            digests = str(meta["ids_digest"]), str(meta["vectors_digest"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CheckpointError(f"{path}: bad checkpoint header: {exc}") from exc
-        arrays = _checked(raw, dim, int(settings.get("memory", 0)), path)
-        return cls(settings, covers, dim, traps, digest, **arrays)
+        arrays = _checked(raw, int(settings.get("memory", 0)), path)
+        return cls(settings, covers, dim, traps, *digests, **arrays)
 
 
 # Each array's dtype and shape: "A", "R", "T" are counts shared between arrays,
-# "m" the track memory, "d" the dimension, "*" any length.
+# "m" the track memory, "*" any length.
 _SHAPES: dict[str, tuple[str, tuple[str | int, ...]]] = {
     "ordinals": ("<i8", ("T",)),
     "active_trap": ("<i8", ("A",)),
@@ -158,15 +163,14 @@ _SHAPES: dict[str, tuple[str, tuple[str | int, ...]]] = {
     "recent": ("<i8", ("A", "m")),
     "retired": ("<i8", ("*",)),
     "recent_seqs": ("<i8", ("R",)),
-    "recent_vectors": ("<f4", ("R", "d")),
     "recent_times": ("<f8", ("R",)),
     "recent_centers": ("<f8", ("R", 2)),
 }
 
 
-def _checked(raw: dict[str, npt.NDArray[Any]], dim: int, memory: int, path: Path) -> dict[str, Any]:
+def _checked(raw: dict[str, npt.NDArray[Any]], memory: int, path: Path) -> dict[str, Any]:
     """The arrays with their dtypes and shapes checked; CheckpointError otherwise."""
-    sizes: dict[str | int, int] = {"d": dim, "m": memory}
+    sizes: dict[str | int, int] = {"m": memory}
     out: dict[str, Any] = {}
     for name, (dtype, shape) in _SHAPES.items():
         array = raw[name]
