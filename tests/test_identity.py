@@ -28,7 +28,8 @@ from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.identity import Fingerprint, Registry, content_hash
 from crop_clusterd.log import configure_logging
-from crop_clusterd.store import SCHEMA_VERSION, StateError, StateStore
+from crop_clusterd.store import StateError, StateStore
+from crop_clusterd.storeschema import SCHEMA_VERSION
 from crop_clusterd.supervisor import Daemon
 
 pytestmark = pytest.mark.usefixtures("restore_logging")

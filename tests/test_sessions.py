@@ -259,11 +259,9 @@ def test_keep_sessions_drops_the_vectors_of_older_closed_sessions_only(tmp_path:
             None,
             keep_sessions=1,
         )
-        seq = 0
-        for night in ("n1", "n2", "n3"):
+        for seq, night in enumerate(("n1", "n2", "n3")):
             book.switch_to(night, now=float(seq))
             store.commit_batch(seq, committed(["/" + night], seq, [0]), [], [], session=night)
-            seq += 1
         book.close(now=10.0, reason="test")
         dropped = {s.id: s.vectors_dropped for s in store.sessions()}
         assert dropped == {"n1": True, "n2": True, "n3": False}
