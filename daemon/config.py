@@ -397,8 +397,25 @@ class StateConfig:
     index_save_s: float = field(
         default=300.0,
         metadata=_meta(
-            "how often the HNSW index is saved when it grew, seconds",
+            "how often the HNSW index (cosine) or the checkpoint (track) is saved "
+            "when it grew, seconds",
             check=above(0),
+        ),
+    )
+    min_free_mb: int = field(
+        default=1024,
+        metadata=_meta(
+            "below this much free space in the state or output folder the daemon warns "
+            "(log disk_low, STATUS= DISK LOW), MB",
+            check=at_least(0),
+        ),
+    )
+    keep_sessions: int = field(
+        default=0,
+        metadata=_meta(
+            "stored vectors are kept for the newest this many closed sessions and dropped "
+            "for older ones (their outputs stay); 0 keeps all",
+            check=at_least(0),
         ),
     )
 
