@@ -94,7 +94,7 @@ def child_config(spec: ChildSpec) -> Any:
     config = dataclasses.replace(
         config,
         watch=dataclasses.replace(config.watch, rescan_s=spec.rescan_s),
-        session=dataclasses.replace(config.session, split=spec.split),
+        session=dataclasses.replace(config.session, split=spec.split),  # type: ignore[arg-type]
     )
     if spec.model != "colour-test":
         config = dataclasses.replace(
