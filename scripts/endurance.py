@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -246,8 +247,10 @@ def phases(
     if args.history:
         cached = history_state(args, model)
         root = nb.fresh_folder(args.work / "on-history")
-        for part in ("state", "out"):
-            shutil.copytree(cached / part, root / part)
+        # The database changes in place: a copy. Output files are only ever replaced
+        # (atomic renames), never changed in place: hard links, instant at any size.
+        shutil.copytree(cached / "state", root / "state")
+        shutil.copytree(cached / "out", root / "out", symlinks=True, copy_function=os.link)
         phase = f"history {args.history:,}"
         rows += run_nights(
             config(root), nights[: args.history_nights], events, phase, say, args.rate

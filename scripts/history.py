@@ -180,7 +180,11 @@ def build_history(
     if store.next_seq():
         raise RuntimeError(f"{folder}: history needs an empty state folder")
     book = SessionBook(
-        store, session_rule(config, "run"), lambda: linker_from_config(config), folder
+        store,
+        session_rule(config, "run"),
+        lambda: linker_from_config(config),
+        folder,
+        keep_sessions=config.state.keep_sessions,
     )
     book.resume(time.time())
     link = LinkStage(
@@ -208,5 +212,5 @@ def build_history(
     if not book.rule.single:
         book.close(time.time(), reason="silence")
     store.close()
-    SnapshotWriter(folder, config.output).write()
+    SnapshotWriter(folder, config.output, session=book.rule).write()
     return time.monotonic() - t0

@@ -63,6 +63,9 @@ PROJECTION_THRESHOLDS = {"cosine": 0.95, "track": 0.8}
 SPLITS = ("night", "gap", "none")
 """``session.split`` values (a daemon without sessions behaves as ``"none"``)."""
 
+FAULTS = ("snapshot_failed", "state_commit_failed", "stage_failed")
+"""Events that end a measurement: its figures would not be the daemon's normal costs."""
+
 KEPT_EVENTS = frozenset(
     {
         "daemon_started",
@@ -70,8 +73,10 @@ KEPT_EVENTS = frozenset(
         "batch_committed",
         "session_opened",
         "session_closed",
+        "session_outputs_final",
         "state_restored",
         "index_saved",
+        *FAULTS,
     }
 )
 
@@ -396,6 +401,9 @@ class RunningDaemon:
         summaries = sessions and writes_summaries()
 
         def done() -> bool:
+            for fault in FAULTS:
+                if seen := self.events.named(fault, since):
+                    raise RuntimeError(f"the daemon logged {fault}: {seen[0]}")
             if committed(state) < expected or not self.idle():
                 return False
             last = self.events.last_time("batch_committed", since) or since
