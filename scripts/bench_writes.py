@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run even where write_bytes is not counted (tmpfs): smoke tests only",
     )
     args = p.parse_args(argv)
+    nb.limit_malloc_arenas()
 
     model = args.model or nb.register_projection(args.dim)
     if not args.no_disk_check:

@@ -18,7 +18,9 @@ a few seconds of silence, as it would during the day). Per night it prints:
   ``wchar`` (everything passed to ``write``), from the night's first file to done;
 * snapshot seconds, median and max of the night's ``snapshot_written`` events;
 * peak memory: the process's RSS high-water mark during the night, MiB (the
-  whole process: Python, torch and the daemon);
+  whole process: Python, torch and the daemon; malloc arenas capped at two, so
+  that restarts inside this one process leave no arenas behind: see
+  ``nightbench.limit_malloc_arenas``);
 * the restart at the night's end: the daemon is stopped (final snapshot
   included: ``stop s``), a new one is started on the same folders, and timed to
   ``daemon_started`` (state restored, model loaded, READY: ``ready s``) and to
@@ -274,6 +276,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the phases, print the table and the ratios; 0 unless something failed."""
+    nb.limit_malloc_arenas()
     args = parse_args(argv)
     model = args.model or nb.register_projection(args.dim)
     if args.make_history:

@@ -134,6 +134,22 @@ class Io:
         }
 
 
+M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas; call first thing, before any thread starts.
+
+    The benches restart the daemon inside one process, and every restart's new
+    threads would get fresh arenas that keep their freed memory: the RSS would
+    then grow with the restarts, not with what the daemon holds. With two
+    arenas it follows the daemon's live memory (a real restart is a new process,
+    which starts clean anyway). Does nothing where glibc is not the allocator.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
 def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
