@@ -14,11 +14,13 @@ Both nights are simulated first (``crop_clusterd.simulate``: capture times from
 ``WORK/nights``) and hard-linked into a staging folder. The daemon
 (:class:`crop_clusterd.supervisor.Daemon`, in this process) is started on empty
 folders and left to go idle; then each night is renamed into its watched folder
-whole, and measured from that rename until every crop is committed, the daemon
-is idle and a snapshot has read the last commit (with sessions: until the
-night's session is closed, a few seconds after its last crop, as it would close
-during the day). The daemon keeps running between the big and the small night,
-as beside a trap; start-up and stop are outside every window.
+whole (``--rate``: frame by frame at that many crops a second), and measured
+from that rename until every crop is committed, the daemon is idle and a
+snapshot has read the last commit (with sessions, ``--split night`` by default:
+until the night's session is closed, ``--close-after-s`` after its last crop as
+it would close during the day, and its final files and ``summary.json`` are
+written). The daemon keeps running between the big and the small night, as
+beside a trap; start-up and stop are outside every window.
 
 Bytes come from ``/proc/self/io`` deltas over the window, after ``os.sync()``
 (see ``nightbench.py``): ``write_bytes`` (page cache dirtied towards the disk:

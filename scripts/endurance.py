@@ -8,10 +8,12 @@ consecutive dates, other individuals each night) are generated and cached in
 ``WORK/nights`` first; nothing is measured while they are drawn. One daemon
 (:class:`crop_clusterd.supervisor.Daemon`, in this process, metadata on,
 snapshots every ``--snapshot-s``) then takes them one after another at full
-speed: each night is renamed into the watched folder whole, and is done once
-every crop is committed, the daemon is idle and a snapshot has read the last
-commit (with sessions: once the night's session is closed, which happens after
-a few seconds of silence, as it would during the day). Per night it prints:
+speed: each night is renamed into the watched folder whole (``--rate``: frame by
+frame at that many crops a second), and is done once every crop is committed,
+the daemon is idle and a snapshot has read the last commit (with sessions: once
+the night's session is closed, after ``--close-after-s`` of silence as it would
+be during the day, and its final files and ``summary.json`` are written).
+Nights stay in the watched folder, as on a trap. Per night it prints:
 
 * crops, and KB written per crop: ``write_bytes`` of ``/proc/self/io`` (page cache
   dirtied towards the disk), the net after ``cancelled_write_bytes``, and
@@ -30,7 +32,8 @@ a few seconds of silence, as it would during the day). Per night it prints:
 ``--history N`` then does the same on top of N crops of history: a state folder
 with N synthetic crops committed through the daemon's own link stage, without
 image files (see ``history.py`` for how and what differs; built once in a child
-process and cached in ``WORK``, then copied), and ``--history-nights`` nights
+process and cached in ``WORK``; each run copies its database and hard-links its
+output files), and ``--history-nights`` nights
 (default 1) on top. Figures, not pass/fail: the issue asks that night 7's bytes
 per crop, snapshot time, memory and restart time be within 1.2x of night 1's,
 and the same at 10^6 crops of history; the last lines give those ratios.
