@@ -9,8 +9,8 @@ folder BEFORE anything is measured; the measurement starts when the night is
 renamed into the watched folder (whole, or frame by frame at a set rate: renames
 only, no data written) and ends when the daemon has committed every crop, is idle,
 and a snapshot that read the last commit has been written; with sessions, also
-once that night's session is closed and, where the daemon writes one, its
-``summary.json`` (written last of its final files) exists.
+once that night's session is closed and its ``summary.json`` (written last of
+its final files) exists.
 
 Bytes written come from ``/proc/self/io``, which sums every thread of the process:
 
@@ -317,22 +317,6 @@ def bench_config(
     return config
 
 
-SUMMARY = "summary.json"
-
-
-def writes_summaries() -> bool:
-    """Whether this daemon writes a closed session's final files and ``summary.json``.
-
-    Read from its source (no module or flag announces it), so that a window waits
-    for the final files of the night's session where they exist, and not in vain
-    where they do not.
-    """
-    import crop_clusterd
-
-    package = Path(crop_clusterd.__file__).parent
-    return any(f'"{SUMMARY}"' in p.read_text() for p in package.glob("*.py"))
-
-
 def committed(state: Path) -> int:
     """Crops plus skipped files committed in a state folder (0 before its database exists)."""
     db = state / "state.sqlite3"
@@ -410,11 +394,13 @@ class RunningDaemon:
 
     def wait_done(self, expected: int, since: float, timeout_s: float = 3600.0) -> None:
         """Until ``expected`` files are committed in all, the daemon is idle, a snapshot
-        read the last commit, and (with sessions) a session closed after it, whose
-        ``summary.json`` exists where the daemon writes one."""
+        read the last commit, and (with sessions) a session closed after it and its
+        final files written (``summary.json`` is the last)."""
+        from crop_clusterd.sessionfiles import session_folder
+        from crop_clusterd.summary import SUMMARY_JSON
+
         state = self.config.state.folder
         sessions = sessions_supported(self.config)
-        summaries = sessions and writes_summaries()
 
         def done() -> bool:
             for fault in FAULTS:
@@ -428,11 +414,12 @@ class RunningDaemon:
             if not sessions:
                 return True
             closed = self.events.named("session_closed", last)
-            if not closed or not summaries:
-                return bool(closed)
-            # Closing writes the session's final files, summary.json last.
+            if not closed:
+                return False
             out = self.config.output.folder
-            return all((out / str(e.get("session")) / SUMMARY).exists() for e in closed)
+            return all(
+                (session_folder(out, str(e.get("session"))) / SUMMARY_JSON).exists() for e in closed
+            )
 
         self._wait(done, f"{expected} files committed and written", timeout_s)
 
