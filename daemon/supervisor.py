@@ -32,7 +32,7 @@ from .config import Config
 from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
-from .identity import Registry, registry_from
+from .identity import Registry
 from .intake import IntakeStage
 from .link_stage import LinkStage
 from .log import get_logger
@@ -45,6 +45,7 @@ from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .stage import Stop
 from .statelock import StateLock
 from .store import StateError, StateStore, session_cluster_sizes
+from .storedfiles import StoredFiles
 from .watch import ObserverFactory, Watcher
 
 log = get_logger(__name__)
@@ -192,7 +193,8 @@ class Daemon:
         if resumed is not None:
             self._sessions_touched.add(resumed.id)
         next_batch = store.last_batch() + 1
-        known = registry_from(store.registry_rows())
+        # Committed files are looked up in the database, not loaded (issue 10).
+        known = Registry(StoredFiles(config.state.folder))
         with self._lock:
             self._total = store.next_seq()
         embedder = self._embedder or embedder_from_config(config)
@@ -235,12 +237,15 @@ class Daemon:
         embed_inbox: queue.Queue[IntakeUnit | Stop] = queue.Queue(maxsize=EMBED_INBOX_SIZE)
         link_inbox: queue.Queue[MicroBatch | Stop] = queue.Queue(maxsize=LINK_INBOX_SIZE)
         failed = threading.Event()
+        # Paths the link stage committed, for the intake's registry to let go of.
+        committed: queue.SimpleQueue[tuple[str, ...]] = queue.SimpleQueue()
         intake = IntakeStage(
             intake_options(config),
             embedder,
             embed_inbox,
             self.stopping,
             known=known,
+            committed=committed,
             clock=self.clock,
         )
         embed = EmbedStage(
@@ -261,6 +266,7 @@ class Daemon:
             next_batch=next_batch,
             index_save_s=config.state.index_save_s,
             on_commit=self._on_commit,
+            committed_paths=committed,
             shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,

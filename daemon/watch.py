@@ -63,6 +63,8 @@ warnings.filterwarnings(
 )
 
 __all__ = [
+    "RACY_S",
+    "DirMtimes",
     "FileKind",
     "FileSeen",
     "ObserverFactory",
@@ -72,6 +74,7 @@ __all__ = [
     "Watcher",
     "default_observer_factory",
     "kind",
+    "list_sorted",
     "scan_tree",
 ]
 
@@ -127,7 +130,92 @@ def _skip_dir_name(name: str) -> bool:
     return is_ignored_name(name) or kind(name) is not None
 
 
-def scan_tree(folder: Path, *, recursive: bool = True) -> Iterator[FileSeen]:
+# A directory's mtime is trusted as "unchanged" only when it was at least this old
+# when stat'ed: a later change then gets a later mtime, even on a file system
+# with 2 s timestamps (FAT) or a server clock a few seconds off (NFS). Younger
+# directories are listed at every rescan.
+RACY_S = 5.0
+
+
+def list_sorted(directory: Path) -> list[os.DirEntry[str]]:
+    """A directory's entries in name order (``os.scandir``; raises its `OSError`)."""
+    with os.scandir(directory) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+class DirMtimes:
+    """Each directory's mtime (ns) and sub-directory names as the previous scan saw them.
+
+    An entry added, removed or renamed in a directory changes its mtime, so a
+    rescan need not list a directory whose mtime is unchanged: nothing new can
+    be in it (its sub-directories are still visited, from the names kept
+    here). A file rewritten in place leaves its directory's mtime alone; the
+    observer's events report it, and a full scan (``begin(full=True)``: at
+    start, after lost events) reads every directory. Memory is one entry per
+    directory, none per file. ``clock_ns`` is the wall clock the directories'
+    mtimes are compared with (see :data:`RACY_S`).
+
+    Used by one thread: :func:`scan_tree` calls :meth:`begin` ... :meth:`end`
+    around one walk; ``listed`` and ``unchanged`` count that walk's directories.
+    """
+
+    def __init__(
+        self, *, margin_s: float = RACY_S, clock_ns: Callable[[], int] = time.time_ns
+    ) -> None:
+        self.margin_ns = int(margin_s * 1e9)
+        self.clock_ns = clock_ns
+        self._seen: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._next: dict[str, tuple[int, tuple[str, ...]]] | None = None
+        self._full = True
+        self.listed = 0
+        self.unchanged = 0
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def begin(self, *, full: bool) -> None:
+        """Start a walk; ``full``: list every directory, whatever the last walk saw."""
+        self._next = {}
+        self._full = full
+        self.listed = self.unchanged = 0
+
+    def subdirs_if_unchanged(self, directory: Path, mtime_ns: int) -> tuple[str, ...] | None:
+        """The sub-directory names of a directory unchanged since the last walk, or None."""
+        if self._full or self._next is None:
+            return None
+        seen = self._seen.get(str(directory))
+        if seen is None or seen[0] != mtime_ns:
+            return None
+        self.unchanged += 1
+        self._next[str(directory)] = seen
+        return seen[1]
+
+    def listed_now(
+        self, directory: Path, mtime_ns: int, stat_at_ns: int, subdirs: list[str], complete: bool
+    ) -> None:
+        """A directory was listed: keep its mtime (stat'ed before the listing, at
+        ``stat_at_ns``) if it was old enough and every entry could be read."""
+        self.listed += 1
+        if self._next is not None and complete and mtime_ns <= stat_at_ns - self.margin_ns:
+            self._next[str(directory)] = (mtime_ns, tuple(subdirs))
+
+    def end(self) -> None:
+        """The walk finished: what it saw replaces the last one (gone directories go)."""
+        if self._next is not None:
+            self._seen, self._next = self._next, None
+
+    def forget(self, directory: Path) -> None:
+        """List ``directory`` at the next walk (a file in it could not be read)."""
+        self._seen.pop(str(directory), None)
+
+
+def scan_tree(
+    folder: Path,
+    *,
+    recursive: bool = True,
+    dirs: DirMtimes | None = None,
+    listdir: Callable[[Path], list[os.DirEntry[str]]] = list_sorted,
+) -> Iterator[FileSeen]:
     """Yield the crops and metadata files under ``folder`` with their size and mtime.
 
     A reconciliation walk: symlinks are never followed (neither to files nor to
@@ -138,53 +226,84 @@ def scan_tree(folder: Path, *, recursive: bool = True) -> Iterator[FileSeen]:
     An unreadable ``folder`` itself raises its `OSError` on the first ``next()``
     (e.g. `FileNotFoundError`), so that the caller can tell an unavailable root
     from an empty one. Use `kind` to tell crops from metadata.
+
+    With ``dirs`` (after its ``begin``), a directory whose mtime is unchanged
+    since the walk ``dirs`` last saw is not listed (its sub-directories are
+    still visited), and a walk run to its end updates ``dirs``. ``listdir``
+    lists one directory (a seam for tests).
     """
     root = Path(folder)
-    # Listing the root first raises for the root: unreachable is not the same as empty.
-    with os.scandir(root) as it:
-        first = sorted(it, key=lambda e: e.name)
-    stack: list[tuple[Path, list[os.DirEntry[str]] | None]] = [(root, first)]
+    stack: list[Path] = [root]
     while stack:
-        directory, entries = stack.pop()
-        if entries is None:
-            try:
-                with os.scandir(directory) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as exc:
-                log.warning("scan_error", path=str(directory), reason=_reason(exc))
-                continue
-        subdirs: list[Path] = []
-        for entry in entries:
-            seen = _scan_entry(entry, recursive, subdirs)
-            if seen is not None:
-                yield seen
+        directory = stack.pop()
+        try:
+            kept, mtime_ns, stat_at = _stat_dir(directory, dirs, root=directory is root)
+            entries = [] if kept is not None else listdir(directory)
+        except OSError as exc:
+            if directory is root:
+                raise  # unreachable is not the same as empty
+            log.warning("scan_error", path=str(directory), reason=_reason(exc))
+            continue
+        if kept is None:
+            subdirs: list[Path] = []
+            complete = True
+            for entry in entries:
+                seen, ok = _scan_entry(entry, recursive, subdirs)
+                complete = complete and ok
+                if seen is not None:
+                    yield seen
+            kept = tuple(d.name for d in subdirs)
+            if dirs is not None:
+                dirs.listed_now(directory, mtime_ns, stat_at, list(kept), complete)
         # Reversed so that the stack pops sub-directories in name order.
-        stack.extend((d, None) for d in reversed(subdirs))
+        stack.extend(directory / name for name in reversed(kept))
+    if dirs is not None:
+        dirs.end()
 
 
-def _scan_entry(entry: os.DirEntry[str], recursive: bool, subdirs: list[Path]) -> FileSeen | None:
-    """Return the entry as a `FileSeen` if it is a wanted regular file; queue sub-dirs."""
+def _stat_dir(
+    directory: Path, dirs: DirMtimes | None, *, root: bool
+) -> tuple[tuple[str, ...] | None, int, int]:
+    """With ``dirs``, stat ``directory`` before it is listed: (its kept sub-directory
+    names when unchanged, else None; its mtime in ns; when it was stat'ed, wall
+    clock ns). Without ``dirs`` nothing is stat'ed: (None, 0, 0). Raises `OSError`."""
+    if dirs is None:
+        return None, 0, 0
+    at = dirs.clock_ns()
+    st = os.stat(directory) if root else os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        if not root:  # replaced since it was listed (a symlink is never followed)
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+        return None, 0, 0  # the listing fails and says why
+    return dirs.subdirs_if_unchanged(directory, st.st_mtime_ns), st.st_mtime_ns, at
+
+
+def _scan_entry(
+    entry: os.DirEntry[str], recursive: bool, subdirs: list[Path]
+) -> tuple[FileSeen | None, bool]:
+    """The entry as a `FileSeen` if it is a wanted regular file (queueing sub-dirs),
+    and False when it could not be read (logged)."""
     name = entry.name
     if is_ignored_name(name):
-        return None
+        return None, True
     try:
         if entry.is_symlink():
-            return None
+            return None, True
         if entry.is_dir(follow_symlinks=False):
             if recursive and not _skip_dir_name(name):
                 subdirs.append(Path(entry.path))
-            return None
+            return None, True
         if kind(name) is None:
-            return None
+            return None, True
         st = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
-        return None  # vanished between listing and stat: nothing to report
+        return None, True  # vanished between listing and stat: nothing to report
     except OSError as exc:
         log.warning("scan_error", path=entry.path, reason=_reason(exc))
-        return None
+        return None, False
     if not stat.S_ISREG(st.st_mode):
-        return None  # fifo, socket, device: never read
-    return FileSeen(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ino)
+        return None, True  # fifo, socket, device: never read
+    return FileSeen(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ino), True
 
 
 def _reason(exc: BaseException) -> str:
