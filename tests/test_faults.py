@@ -33,6 +33,7 @@ from test_supervisor import committed, crops_in, frame_dirs, make_config, sessio
 from crop_clusterd.atomic import atomic_write
 from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
+from crop_clusterd.defaults import ALL_SESSION
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.log import configure_logging
 from crop_clusterd.records import Assignment, CommittedCrop, DecodeFailure, Merge, Moved
@@ -258,11 +259,12 @@ class FailingStore(StateStore):
         *,
         moved: Sequence[Moved] = (),
         now: float | None = None,
+        session: str = ALL_SESSION,
     ) -> None:
         if self.failing.is_set():
             self.attempts += 1
             raise sqlite3.OperationalError("database or disk is full")
-        super().commit_batch(batch, crops, merges, skipped, moved=moved, now=now)
+        super().commit_batch(batch, crops, merges, skipped, moved=moved, now=now, session=session)
 
 
 class StoreSeam:
