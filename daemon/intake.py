@@ -179,6 +179,10 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         """Walk the whole tree at the next tick (e.g. after the observer restarted)."""
         self._hints_lost.set()
 
+    def registry_held(self) -> int:
+        """Paths the registry holds in memory: work in flight, not committed files."""
+        return len(self._known)
+
     def backlog(self) -> int:
         """Files found but not yet handed to the model (for STATUS and idleness)."""
         decoding = sum(len(u.crops) for u in self._decoding) + sum(

@@ -173,6 +173,10 @@ class DirMtimes:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def __contains__(self, directory: object) -> bool:
+        """Whether the last walk kept ``directory`` (a path) as unchanged-able."""
+        return str(directory) in self._seen
+
     def begin(self, *, full: bool) -> None:
         """Start a walk; ``full``: list every directory, whatever the last walk saw."""
         self._next = {}
