@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -102,6 +102,9 @@ class FileLookup(Protocol):
     def file_at(self, path: str) -> Entry | None:
         """The committed file at ``path``, or None."""
 
+    def files_at(self, paths: Sequence[str]) -> dict[str, Entry]:
+        """The committed files at ``paths`` (those that have one), in one go."""
+
     def files_like(self, fingerprint: Fingerprint, content: str | None) -> dict[str, Entry]:
         """Committed files that may be this one moved: the same size, mtime and
         inode (when ``fingerprint.inode``), the same ``content`` (when given), or
@@ -141,6 +144,8 @@ class Registry:
         # Rows of a schema 1 state: no inode, no hash; size and mtime in ns must do.
         self._by_stat: dict[tuple[int, int], set[str]] = {}
         self._by_inode: dict[int, set[str]] = {}
+        # Stored entries looked up ahead for a scan (see prefetch); None: no row.
+        self._prefetched: dict[str, Entry | None] = {}
 
     def __len__(self) -> int:
         """Paths held in memory (entries and vacated paths), not the committed files."""
@@ -155,7 +160,19 @@ class Registry:
         """The entry for ``path``, or None when the path is unknown (or vacated)."""
         if path in self._entries:
             return self._entries[path]
+        if path in self._prefetched and path not in self._owed:
+            return self._prefetched[path]
         return self._stored.file_at(path) if self._stored is not None else None
+
+    def prefetch(self, paths: Sequence[str]) -> None:
+        """Look ``paths`` up in the state database at once for the :meth:`get` calls
+        that follow (a scan's files, a few hundred at a time: one query instead of
+        one each); replaces the previous prefetch, ``()`` drops it. Commits
+        reported meanwhile (:meth:`committed`) drop it too: they changed rows."""
+        self._prefetched = {}
+        if self._stored is not None and paths:
+            found = self._stored.files_at(paths)
+            self._prefetched = {path: found.get(path) for path in paths}
 
     def set(
         self, path: str, kind: EntryKind, fingerprint: Fingerprint | None, content: str | None
@@ -194,6 +211,7 @@ class Registry:
         A path with nothing more owed leaves memory unless it is ``pending``
         (found again since): the state database now says what memory said.
         """
+        self._prefetched = {}
         for path in paths:
             owed = self._owed.get(path)
             if owed is None:

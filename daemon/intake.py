@@ -45,6 +45,9 @@ log = get_logger(__name__)
 # latest crop became ready (or at once, with metadata, when every box has its crop).
 FRAME_QUIET_S = 0.25
 
+# Files of a scan looked up in the state database together (one query each batch).
+_LOOKUP_BATCH = 256
+
 
 @dataclass(frozen=True)
 class IntakeOptions:
@@ -256,18 +259,20 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         found = 0
         if dirs is not None:
             dirs.begin(full=full)
+        batch: list[FileSeen] = []
         try:
             for seen in scan_tree(folder, recursive=self.options.recursive, dirs=dirs):
-                name = record_name(seen.path)
-                if name in self._settling or not self._changed(name, seen, seen.path):
-                    continue
-                self._settling.add(name)
-                self.settler.offer(seen.path, seen)
-                found += 1
+                batch.append(seen)
+                if len(batch) == _LOOKUP_BATCH:
+                    found += self._offer_scanned(batch)
+                    batch = []
+            found += self._offer_scanned(batch)
         except OSError as exc:
             # The watched folder itself is unreachable (a mount away): try again later.
             log.warning("scan_failed", folder=str(folder), reason=str(exc))
             return
+        finally:
+            self._known.prefetch(())
         if dirs is not None:
             self.scans += 1
             log.debug(
@@ -280,6 +285,19 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             )
         elif found:
             log.debug("folder_scanned", folder=str(folder), new_files=found)
+
+    def _offer_scanned(self, batch: list[FileSeen]) -> int:
+        """Offer the new and changed files of a scan's batch; how many were offered."""
+        names = [record_name(seen.path) for seen in batch]
+        self._known.prefetch(names)  # one look-up in the state database for the batch
+        found = 0
+        for name, seen in zip(names, batch, strict=True):
+            if name in self._settling or not self._changed(name, seen, seen.path):
+                continue
+            self._settling.add(name)
+            self.settler.offer(seen.path, seen)
+            found += 1
+        return found
 
     def _settle(self, now: float) -> None:
         result = self.settler.poll()

@@ -14,6 +14,7 @@ no read transaction stays open (an open one would hold back WAL checkpoints).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .identity import Entry, EntryKind, Fingerprint
@@ -55,6 +56,9 @@ _BY_INODE = (
 
 Row = tuple[str, str, int | None, int | None, int | None, str | None]
 
+# Paths per query of files_at (twice as many parameters; SQLite allows 32766).
+_CHUNK = 500
+
 
 class StoredFiles(StateStore):
     """A read-only connection to the state database in ``folder`` answering
@@ -73,6 +77,16 @@ class StoredFiles(StateStore):
         in-memory registry let a skip replace a crop of the same path)."""
         rows = self._rows(_AT, (path, path))
         return _entry(rows[0]) if rows else None
+
+    def files_at(self, paths: Sequence[str]) -> dict[str, Entry]:
+        """The committed files at ``paths`` (a skip row over a crop row, as in
+        :meth:`file_at`); paths without one are left out."""
+        found: dict[str, Entry] = {}
+        for start in range(0, len(paths), _CHUNK):
+            chunk = list(paths[start : start + _CHUNK])
+            rows = self._rows(_at_many(len(chunk)), (*chunk, *chunk))
+            found.update((row[1], _entry(row)) for row in rows)
+        return found
 
     def files_like(self, fingerprint: Fingerprint, content: str | None) -> dict[str, Entry]:
         """See :meth:`crop_clusterd.identity.FileLookup.files_like`."""
@@ -94,6 +108,7 @@ class StoredFiles(StateStore):
         """Each lookup's query plan (SQLite's EXPLAIN QUERY PLAN details), for tests."""
         queries = {
             "at": (_AT, 2),
+            "at_many": (_at_many(2), 4),
             "fingerprint": (_BY_FINGERPRINT, 6),
             "content": (_BY_CONTENT, 2),
             "stat": (_BY_STAT, 4),
@@ -106,6 +121,15 @@ class StoredFiles(StateStore):
 
     def _rows(self, sql: str, args: tuple[object, ...]) -> list[Row]:
         return self._db.execute(sql, args).fetchall()
+
+
+def _at_many(n: int) -> str:
+    """The query of :meth:`StoredFiles.files_at` for ``n`` paths (crop rows, then skip rows)."""
+    marks = ",".join("?" * n)
+    return (
+        f"SELECT 'crop', {_COLUMNS} FROM crops WHERE path IN ({marks}) AND retired = 0 "
+        f"UNION ALL SELECT 'skip', {_COLUMNS} FROM skipped WHERE path IN ({marks})"
+    )
 
 
 def _entry(row: Row) -> Entry:

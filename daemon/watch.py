@@ -11,6 +11,8 @@ Three parts, each usable alone:
   that goes away must not look like thousands of deleted crops.
 - `scan_tree` walks the tree with ``os.scandir`` and yields the crops and
   metadata files it finds, with their size and mtime. It never follows symlinks.
+  With a `DirMtimes` it skips listing the directories whose mtime is unchanged
+  since its previous walk, so a rescan costs one stat per directory, not per file.
 - `Settler` decides when a hinted file is complete: flat-bug writes crops
   straight to their final names and its JSON with a plain write, so a file is
   only handed on once its size and mtime stayed the same for ``settle_s``.

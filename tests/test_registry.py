@@ -124,6 +124,8 @@ def test_lookups_through_the_store_decide_as_the_memory_registry_did(
             try:
                 assert len(new) == 0
                 assert decisions(new, paths, probes) == decisions(old, paths, probes)
+                new.prefetch(paths)  # as a scan looks its files up: the same answers
+                assert decisions(new, paths, probes) == decisions(old, paths, probes)
                 _move_and_commit(store, old, new, paths, move)
                 assert decisions(new, paths, probes) == decisions(old, paths, probes)
             finally:
@@ -179,6 +181,23 @@ def test_a_path_found_again_stays_in_memory_until_its_own_commit(tmp_path: Path)
         registry.close()
 
 
+def test_a_reported_commit_drops_what_a_scan_looked_up_before_it(tmp_path: Path) -> None:
+    """Looked up ahead while the crop was in flight (no row yet), committed, then let
+    go of: the registry must ask the database again, not answer "unknown"."""
+    with StateStore(tmp_path / "state") as store:
+        commit_rows(store, tmp_path, {})
+        registry = Registry(StoredFiles(tmp_path / "state"))
+        name = str(tmp_path / "p0.png")
+        registry.set(name, "crop", Fingerprint(10, 1, 7), "h1")
+        registry.sent([name])
+        registry.prefetch([name])
+        commit_rows(store, tmp_path, {0: ("crop", 10, 1, 7, "h1")})
+        registry.committed([name])
+        assert len(registry) == 0
+        assert registry.get(name) == Entry("crop", Fingerprint(10, 1, 7), "h1")
+        registry.close()
+
+
 def test_every_lookup_is_an_indexed_search(tmp_path: Path) -> None:
     """No lookup scans a table: its cost must not grow with the season's crops."""
     StateStore(tmp_path).close()
@@ -187,7 +206,7 @@ def test_every_lookup_is_an_indexed_search(tmp_path: Path) -> None:
         plans = files.query_plans()
     finally:
         files.close()
-    assert set(plans) == {"at", "fingerprint", "content", "stat", "inode"}
+    assert set(plans) == {"at", "at_many", "fingerprint", "content", "stat", "inode"}
     for name, details in plans.items():
         searches = [d for d in details if d.startswith(("SEARCH", "SCAN"))]
         assert len(searches) == 2, (name, details)  # crops and skipped
