@@ -3,7 +3,8 @@
 Readers poll the output files while the daemon runs, so every file is written
 to a hidden temporary name in the same folder, fsynced and renamed over the
 target (:func:`atomic_write`). A process killed mid-write leaves the temporary
-file behind; :func:`remove_stale_temp_files` clears those.
+file behind; :func:`remove_stale_temp_files` clears those. A symbolic link is
+replaced the same way (:func:`replace_symlink`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "remove_stale_temp_files", "temp_prefix"]
+__all__ = ["atomic_write", "remove_stale_temp_files", "replace_symlink", "temp_prefix"]
 
 
 @functools.cache
@@ -69,7 +70,10 @@ def remove_stale_temp_files(path: Path) -> int:
     prefix = temp_prefix(path.name)
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(path.parent):
-            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+            # Symlinks too: a kill inside replace_symlink leaves a temporary link.
+            if entry.name.startswith(prefix) and (
+                entry.is_file(follow_symlinks=False) or entry.is_symlink()
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
@@ -106,3 +110,41 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_dir(folder)
+
+
+def replace_symlink(link: Path, target: str) -> bool:
+    """Point the symbolic link ``link`` at ``target`` atomically; True when it changed.
+
+    ``target`` is stored as given (pass a relative path, such as a sibling
+    folder's name, so the link survives the folder being moved). A reader
+    resolving ``link`` meanwhile finds the old target or the new one, never no
+    link: a new link is made under a hidden temporary name and renamed over
+    ``link``, then the folder is fsynced. Nothing is written when ``link``
+    already points at ``target``. Raises ``FileExistsError`` when ``link`` exists
+    and is not a symlink (it is left untouched), and ``OSError`` on other failures.
+    """
+    link = Path(link)
+    try:
+        if os.readlink(link) == target:
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: it exists but is not a symlink
+            raise
+        raise FileExistsError(
+            errno.EEXIST, f"{link} exists and is not a symbolic link; not replacing it"
+        ) from None
+    # mkstemp reserves a unique name; the link takes its place under that name.
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(link.name), dir=link.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp_name)
+        os.symlink(target, tmp_name)
+        os.replace(tmp_name, link)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(link.parent)
+    return True

@@ -1,6 +1,7 @@
 """The ``crop-clusterd`` command line.
 
 ``crop-clusterd run`` is the daemon, ``crop-clusterd status`` reads its state,
+``crop-clusterd export`` writes a session's ``embeddings.pkl`` from it,
 ``crop-clusterd simulate`` writes demo data. ``crop-clusterd cluster`` takes the
 old batch tool's flags (``-i -o -mf
 --time_format -d -e -fp -kp -gs -c -th -se -sl -x``) with their meanings, plus
@@ -86,7 +87,12 @@ RUN_FLAGS: Final[Mapping[str, str]] = {
     "log_level": "log.level",
     "session_split": "session.split",
 }
-FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {"cluster": CLUSTER_FLAGS, "run": RUN_FLAGS}
+EXPORT_FLAGS: Final[Mapping[str, str]] = {"state": "state.folder"}
+FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {
+    "cluster": CLUSTER_FLAGS,
+    "run": RUN_FLAGS,
+    "export": EXPORT_FLAGS,
+}
 
 _INPUT, _EMBED, _OUTPUT = InputConfig(), EmbedConfig(), OutputConfig()
 _LOG, _STATE = LogConfig(), StateConfig()
@@ -231,6 +237,18 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "(demos and tests; a service runs until stopped)")  # fmt: skip
 
 
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session", metavar="SESSION",
+                   help="session id: the date a night began (YYYY-MM-DD), a gap session's "
+                   "YYYY-MM-DDTHH-MM-SS, or 'all' with session.split = none")  # fmt: skip
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help=f"state folder (state.folder, default {_STATE.folder})")  # fmt: skip
+    p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    p.add_argument("-o", "--out", dest="out_file", type=Path, metavar="FILE",
+                   help="where to write (default: embeddings-SESSION.pkl in the "
+                   "current folder)")  # fmt: skip
+
+
 def _percent(text: str) -> str:
     # argparse %-formats help texts.
     return text.replace("%", "%%")
@@ -282,7 +300,8 @@ def _name_flag(error: str, given: Mapping[str, str]) -> str:
 def _flag_names(command: str) -> dict[str, str]:
     """argparse dest -> the flag's longest spelling, for the subcommand ``command``."""
     parser = argparse.ArgumentParser(add_help=False)
-    (_add_cluster_arguments if command == "cluster" else _add_run_arguments)(parser)
+    adders = {"cluster": _add_cluster_arguments, "export": _add_export_arguments}
+    adders.get(command, _add_run_arguments)(parser)
     return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
 
 
@@ -351,6 +370,25 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     return main_status(state, ns.json, sys.stdout)
 
 
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from .sessionfiles import ExportError, export_session
+    from .store import StateError
+
+    try:
+        config = config_from_args(ns)
+    except ConfigError as exc:
+        print(f"crop-clusterd: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    target = ns.out_file if ns.out_file is not None else Path(f"embeddings-{ns.session}.pkl")
+    try:
+        n = export_session(config.state.folder, ns.session, target)
+    except (ExportError, StateError, OSError) as exc:
+        print(f"crop-clusterd export: {exc}", file=sys.stderr)
+        return 1
+    print(f"{n} crops of session {ns.session} written to {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``crop-clusterd`` parser with its subcommands."""
     from .simulate import add_simulate_arguments
@@ -381,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the daemon: watch a folder, cluster crops as they land",
         description="Watch the crop folder, embed new crops in micro-batches, assign them to "
         "clusters incrementally, keep the state in the state folder and snapshots "
-        "(clusters.csv, embeddings.pkl, merges.csv, errors.csv) in the output folder. "
+        "(clusters.csv, merges.csv, errors.csv, embeddings/ parts; embeddings.pkl and "
+        "summary.json when a session closes) in the output folder, one folder per "
+        "session (OUT/<id>/, OUT/current the newest) unless session.split = none. "
         "SIGTERM or Ctrl-C stops cleanly with a final snapshot.",
     )
     _add_run_arguments(run)
@@ -395,6 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="state folder (default: state.folder of --config)")  # fmt: skip
     status.add_argument("--config", type=Path, help="TOML config file to take state.folder from")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    export = sub.add_parser(
+        "export",
+        help="write a session's embeddings.pkl (the old tool's format) from the state",
+        description="Write the embeddings of one session's crops as embeddings.pkl, the old "
+        "batch tool's format (filename, embedding), from the state folder. Safe while the "
+        "daemon runs. Fails for an unknown session and for one whose embeddings were "
+        "dropped from the state (state.keep_sessions); its output folder keeps them as "
+        "embeddings/ Parquet parts.",
+    )
+    _add_export_arguments(export)
     return parser
 
 
@@ -470,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_run(ns)
     if ns.command == "status":
         return _cmd_status(ns)
+    if ns.command == "export":
+        return _cmd_export(ns)
     if ns.command == "simulate":
         from .simulate import main as simulate_main
 

@@ -279,7 +279,13 @@ class OutputConfig:
         default=False, metadata=_meta("copy crops into clusters/<id>/ folders")
     )
     dedup: bool = field(default=False, metadata=_meta("copy one representative crop per cluster"))
-    save_embeddings: bool = field(default=True, metadata=_meta("write the embeddings file"))
+    save_embeddings: bool = field(
+        default=True,
+        metadata=_meta(
+            "write the embeddings: embeddings.pkl (the daemon: at session close and stop) "
+            "and, from the daemon, appended embeddings/ Parquet parts"
+        ),
+    )
     save_labels: bool = field(default=False, metadata=_meta("write labels alongside clusters"))
 
 
@@ -368,7 +374,7 @@ class MetadataConfig:
 
 @dataclass(frozen=True)
 class SnapshotConfig:
-    """run: how often the output files are rewritten."""
+    """run: how often the open session's output files are written."""
 
     interval_s: float = field(
         default=10.0,
@@ -392,8 +398,25 @@ class StateConfig:
     index_save_s: float = field(
         default=300.0,
         metadata=_meta(
-            "how often the HNSW index is saved when it grew, seconds",
+            "how often the HNSW index (cosine) or the checkpoint (track) is saved "
+            "when it grew, seconds",
             check=above(0),
+        ),
+    )
+    min_free_mb: int = field(
+        default=1024,
+        metadata=_meta(
+            "below this much free space in the state or output folder the daemon warns "
+            "(log disk_low, STATUS= DISK LOW), MB",
+            check=at_least(0),
+        ),
+    )
+    keep_sessions: int = field(
+        default=0,
+        metadata=_meta(
+            "stored vectors are kept for the newest this many closed sessions and dropped "
+            "for older ones (their outputs stay); 0 keeps all",
+            check=at_least(0),
         ),
     )
 

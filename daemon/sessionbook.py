@@ -24,6 +24,7 @@ import numpy as np
 
 from .flatbug import frame_of_path
 from .linking import LinkBatch, Linker, StoredLinks
+from .linking.trackstate import checkpoint_path
 from .log import get_logger
 from .sessions import SessionAssigner, SessionRule
 from .store import StateStore, current_clusters, index_covers_key, index_path
@@ -53,7 +54,9 @@ def restore_linker(linker: Linker, store: StateStore, session: str) -> int:
 
     ``cosine`` takes the stored cluster ids plus the merges, and its saved HNSW
     index (new crops are added to it; nothing is linked again). ``track``
-    restores from its checkpoint or replays the session's micro-batches. Raises
+    loads its checkpoint and replays the micro-batches stored after it (all of
+    the session's without a usable one); the replayed ids are checked against
+    the stored ones. Raises
     ``RuntimeError`` when the session's local numbers have gaps, and
     :class:`~crop_clusterd.store.StateError` when its vectors were dropped.
     """
@@ -101,7 +104,9 @@ class SessionBook:
     """Which session is open, and its linker; the link stage's only way to one.
 
     ``new_linker`` builds a fresh linker (``factory.linker_from_config``);
-    ``state_folder`` is where indexes are saved (None: never saved).
+    ``state_folder`` is where indexes are saved (None: never saved);
+    ``keep_sessions`` (``state.keep_sessions``, 0 = all) how many of the newest
+    closed sessions keep their stored embeddings.
     """
 
     def __init__(
@@ -110,8 +115,11 @@ class SessionBook:
         rule: SessionRule,
         new_linker: Callable[[], Linker],
         state_folder: Path | None,
+        *,
+        keep_sessions: int = 0,
     ) -> None:
         self.store = store
+        self.keep_sessions = keep_sessions
         self.rule = rule
         self.assigner = SessionAssigner(rule)
         self._new_linker = new_linker
@@ -147,8 +155,25 @@ class SessionBook:
         self.store.close_session(s.id, now)
         self.current = None
         if s.index_file is not None:
+            # Closed for good (a late crop rebuilds from the store): free the disk.
             s.index_file.unlink(missing_ok=True)
+            checkpoint_path(s.index_file).unlink(missing_ok=True)
         log.info("session_closed", session=s.id, crops=s.crops, reason=reason)
+        self._drop_old_vectors()
+
+    def _drop_old_vectors(self) -> None:
+        """Drop the stored embeddings of closed sessions older than the newest ``keep_sessions``.
+
+        Their outputs (embedding parts, embeddings.pkl) stay; the state keeps
+        paths, clusters and merges, so the files are still recognised.
+        """
+        if self.keep_sessions <= 0:
+            return
+        closed = [s for s in self.store.sessions() if s.closed is not None]
+        for old in closed[: max(0, len(closed) - self.keep_sessions)]:
+            if not old.vectors_dropped:
+                n = self.store.drop_vectors(old.id)
+                log.info("session_vectors_dropped", session=old.id, crops=n)
 
     def session_of(self, capture_s: float) -> str:
         """The session of a crop captured at ``capture_s`` (seconds, NaN: unknown)."""

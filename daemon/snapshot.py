@@ -1,16 +1,22 @@
-"""Snapshots of the daemon's state as the batch tool's output files.
+"""Snapshots of the daemon's state as the batch tool's output files, per session.
 
 The daemon's truth is the state database; the output folder is a view of it that
 other programs poll. :class:`SnapshotWriter` reads the database through its own
 read-only connection (so it never blocks the link stage's commits) and writes
-``clusters.csv``, ``embeddings.pkl``, ``merges.csv``, ``errors.csv`` and the
-optional cluster folders. Each file is replaced atomically, and all of them are
-built from one read transaction, so they describe the same committed batch.
+each session's folder (:func:`~crop_clusterd.sessionfiles.session_folder`):
+``clusters.csv``, ``merges.csv``, ``errors.csv``, the ``embeddings/`` Parquet
+parts, the optional cluster folders, and when the session closes
+``embeddings.pkl`` and ``summary.json`` (last, so its presence means final).
+``OUT/current`` links to the newest session's folder. Every file is replaced
+atomically.
 
-The writer is incremental: crop names, stored cluster ids and (when a file needs
-them) embeddings are cached, and each call reads only crops and merges committed
-since the previous one. Current cluster ids are recomputed from the cached
-columns with :func:`~crop_clusterd.store.current_clusters`.
+A snapshot's cost follows the open session, not the season: only the open
+session's crop names and stored cluster ids are cached (no vectors), each call
+reads the crops and merges committed since the previous one, new embeddings are
+appended as one part (never rewritten), and a closed session whose
+``summary.json`` exists is never written again. Vectors are read from the
+database only for a new part, for ``embeddings.pkl`` (at close, and for the
+open session at daemon stop) and for ``dedup``.
 
 A write that fails (disk full, read-only file system, permissions) leaves the
 previous files in place, is logged as ``snapshot_failed`` and raised as
@@ -20,34 +26,32 @@ and logs ``snapshot_recovered`` once it succeeds.
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from .atomic import remove_stale_temp_files
-from .clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, cluster_folder_plan, pick_representatives
 from .config import OutputConfig
-from .csvfiles import (
-    CLUSTERS_CSV,
-    ERRORS_CSV,
-    MERGES_CSV,
-    write_clusters_csv,
-    write_errors_csv,
-    write_merges_csv,
-)
-from .embfile import EMBEDDINGS_PKL, write_embeddings_pickle
-from .linktree import SyncStats, sync_link_tree
+from .csvfiles import CLUSTERS_CSV
+from .defaults import ALL_SESSION
+from .embfile import EMBEDDINGS_PKL
 from .log import get_logger
-from .records import Assignment, Merge, Skipped
-from .store import DB_NAME, StateError, StateStore, StoredMerge, StoredSkip, current_clusters
+from .outputfiles import FolderWriter, Listing, OutputFiles, SnapshotError
+from .sessionfiles import CURRENT_LINK, check_locals, live_current, read_session, session_folder
+from .store import DB_NAME, StateError, StateStore, StoredMerge, StoredSession, StoredSkip
+from .summary import SUMMARY_JSON, read_summary, summarize
 
+if TYPE_CHECKING:
+    from .sessions import SessionRule
+
+# OutputFiles and SnapshotError live in outputfiles; imported from here by the daemon.
 __all__ = [
     "OutputFiles",
     "SnapshotError",
@@ -57,13 +61,18 @@ __all__ = [
 
 log = get_logger(__name__)
 
+_NEVER = object()  # what was written before the first snapshot: nothing, so always write
+
 
 @dataclass(frozen=True, slots=True)
 class SnapshotReport:
     """What one successful snapshot wrote.
 
-    ``at`` is the wall-clock time the snapshot was taken (the ``now`` given),
-    ``seconds`` how long reading and writing took.
+    ``session`` is the open session written (None when no session is open) and
+    ``crops``/``clusters``/``merges``/``skipped`` its figures; ``closed`` the
+    sessions whose final files this snapshot wrote. ``at`` is the wall-clock
+    time the snapshot was taken (the ``now`` given), ``seconds`` how long
+    reading and writing took.
     """
 
     crops: int
@@ -72,129 +81,61 @@ class SnapshotReport:
     skipped: int
     at: float
     seconds: float
+    session: str | None = ALL_SESSION
+    closed: tuple[str, ...] = ()
 
 
-class SnapshotError(Exception):
-    """A snapshot file could not be written; the previous version of every file is intact.
+class _OpenCache:
+    """The open session's cached columns, grown in place: names, seqs, stored cluster ids.
 
-    ``file`` is the file or folder that failed and ``errno_name`` the symbolic
-    errno (``"ENOSPC"``) when the cause was an ``OSError``. ``str()`` of the
-    error is a one-line message suitable for ``crop-clusterd status``.
+    No vectors: those are read from the database only when a file needs them.
+    ``parts_last`` is the highest local number already in a Parquet part (None
+    until the session's folder is looked at).
     """
 
-    def __init__(self, file: Path, cause: BaseException) -> None:
-        self.file = file
-        self.cause = cause
-        code = cause.errno if isinstance(cause, OSError) else None
-        self.errno_name: str | None = errno.errorcode.get(code) if code else None
-        if isinstance(cause, OSError) and cause.strerror:
-            detail = f"{self.errno_name or 'error'}: {cause.strerror}"
-        else:
-            detail = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"cannot write {file}: {detail}")
+    def __init__(self, session: str, folder: Path) -> None:
+        self.id = session
+        self.folder = folder
+        self.parts_last: int | None = None
+        self.paths_version = -1
+        self.reset()
 
-
-class OutputFiles:
-    """How the snapshot files are written (all atomic, see :mod:`crop_clusterd.atomic`).
-
-    A seam for tests: a subclass can make one file fail the way a full disk
-    would, without touching the file system or patching builtins.
-    """
-
-    def embeddings(
-        self, path: Path, names: Sequence[str], vectors: npt.NDArray[np.float32]
-    ) -> None:
-        """Write ``embeddings.pkl``."""
-        write_embeddings_pickle(path, names, vectors)
-
-    def merges(self, path: Path, merges: Iterable[tuple[float, Merge]]) -> None:
-        """Write ``merges.csv``."""
-        write_merges_csv(path, merges)
-
-    def errors(self, path: Path, skipped: Iterable[Skipped]) -> None:
-        """Write ``errors.csv``."""
-        write_errors_csv(path, skipped)
-
-    def clusters(self, path: Path, rows: Iterable[Assignment]) -> None:
-        """Write ``clusters.csv``."""
-        write_clusters_csv(path, rows)
-
-    def tree(self, root: Path, plan: Mapping[PurePosixPath, Path]) -> SyncStats:
-        """Bring a folder of hard links up to date with ``plan``."""
-        return sync_link_tree(root, plan)
-
-
-class _SnapshotColumns:
-    """Cached columns of the stored crops, grown in place as batches are committed."""
-
-    def __init__(self, keep_vectors: bool) -> None:
-        self.keep_vectors = keep_vectors
+    def reset(self) -> None:
+        """Forget the cached rows (kept: where the parts are)."""
         self.names: list[str] = []
+        self._seqs = np.empty(0, dtype=np.int64)
         self._stored = np.empty(0, dtype=np.int64)
-        self._vectors = np.empty((0, 0), dtype=np.float32)
+        self.merges: list[StoredMerge] = []
+        self.skipped: list[StoredSkip] = []
+        self.retired: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.names)
 
     @property
-    def dim(self) -> int | None:
-        """Embedding size seen so far (None before the first crop with vectors kept)."""
-        return self._vectors.shape[1] if len(self.names) and self.keep_vectors else None
+    def seqs(self) -> npt.NDArray[np.int64]:
+        """Each crop's global sequence number, indexed by local number."""
+        return self._seqs[: len(self.names)]
 
     @property
     def stored(self) -> npt.NDArray[np.int64]:
-        """Each crop's cluster id at commit, indexed by seq."""
+        """Each crop's cluster id at commit, indexed by local number."""
         return self._stored[: len(self.names)]
 
-    @property
-    def vectors(self) -> npt.NDArray[np.float32]:
-        """Embeddings in seq order (a view: no copy); empty when not kept."""
-        if not self.keep_vectors:
-            return np.empty((len(self.names), 0), dtype=np.float32)
-        return self._vectors[: len(self.names)]
-
     def append(
-        self,
-        names: Sequence[str],
-        stored: npt.NDArray[np.int64],
-        vectors: npt.NDArray[np.float32],
+        self, seqs: npt.NDArray[np.int64], names: Sequence[str], stored: npt.NDArray[np.int64]
     ) -> None:
-        """Add rows; capacity doubles so a long run copies each row O(1) times."""
+        """Add rows; capacity doubles so a long session copies each row O(1) times."""
         n, k = len(self.names), len(names)
-        if k == 0:
-            return
-        need = n + k
-        if self.keep_vectors and n and vectors.shape[1] != self._vectors.shape[1]:
-            raise StateError(
-                f"stored embeddings changed size from {self._vectors.shape[1]} "
-                f"to {vectors.shape[1]}"
-            )
-        if need > len(self._stored) or (self.keep_vectors and n == 0):
-            capacity = max(need, 2 * len(self._stored), 1024)
-            grown = np.empty(capacity, dtype=np.int64)
-            grown[:n] = self._stored[:n]
-            self._stored = grown
-            if self.keep_vectors:
-                grown_v = np.empty((capacity, vectors.shape[1]), dtype=np.float32)
-                if n:
-                    grown_v[:n] = self._vectors[:n]
-                self._vectors = grown_v
-        self._stored[n:need] = stored
-        if self.keep_vectors:
-            self._vectors[n:need] = vectors
+        if n + k > len(self._stored):
+            capacity = max(n + k, 2 * len(self._stored), 1024)
+            for attr in ("_seqs", "_stored"):
+                grown = np.empty(capacity, dtype=np.int64)
+                grown[:n] = getattr(self, attr)[:n]
+                setattr(self, attr, grown)
+        self._seqs[n : n + k] = seqs
+        self._stored[n : n + k] = stored
         self.names.extend(names)
-
-
-@dataclass(frozen=True, slots=True)
-class _View:
-    """Everything one snapshot writes, read in one transaction."""
-
-    names: Sequence[str]
-    current: npt.NDArray[np.int64]
-    vectors: npt.NDArray[np.float32]
-    merges: Sequence[StoredMerge]
-    skipped: Sequence[StoredSkip]
-    live: npt.NDArray[np.int64]
 
 
 class SnapshotWriter:
@@ -202,9 +143,12 @@ class SnapshotWriter:
 
     ``state_folder`` is the daemon's state folder, opened read-only and lazily
     (the database may not exist yet when the daemon is starting).
-    ``output`` says where and what: ``folder``, ``save_embeddings``,
-    ``gen_cluster_dirs`` (``clusters/``) and ``dedup`` (``dedup/``). ``files``
-    is the seam that writes each file. Not thread-safe: call from one thread.
+    ``output`` says where and what: ``folder``, ``save_embeddings``
+    (``embeddings/`` parts and ``embeddings.pkl``), ``gen_cluster_dirs``
+    (``clusters/``) and ``dedup`` (``dedup/``). ``session`` is the session
+    rule: with ``split = "none"`` (or None) the one session writes straight
+    into ``folder``, else each session into ``folder/<id>/``. ``files`` is the
+    seam that writes each file. Not thread-safe: call from one thread.
     """
 
     def __init__(
@@ -212,31 +156,32 @@ class SnapshotWriter:
         state_folder: Path,
         output: OutputConfig,
         *,
+        session: SessionRule | None = None,
         files: OutputFiles | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.state_folder = Path(state_folder)
         self.out = Path(output.folder)
+        self.single = session is None or session.single
         self.save_embeddings = output.save_embeddings
-        self.gen_cluster_dirs = output.gen_cluster_dirs
         self.dedup = output.dedup
-        self._files = files if files is not None else OutputFiles()
+        self._folders = FolderWriter(
+            files if files is not None else OutputFiles(),
+            gen_cluster_dirs=output.gen_cluster_dirs,
+            dedup=output.dedup,
+        )
         self._clock = clock
         self._store: StateStore | None = None
         self._store_ino: tuple[int, int] | None = None
-        self._cols = _SnapshotColumns(keep_vectors=self.save_embeddings or self.dedup)
-        self._merges: list[StoredMerge] = []
-        self._skipped: list[StoredSkip] = []
-        self._written: tuple[int, int, tuple[StoredSkip, ...], int] | None = None
-        self._retired: frozenset[int] = frozenset()
-        self._paths_version = 0
+        self._cache: _OpenCache | None = None
+        # Closed sessions known to be final (summary.json of this close): id -> closed.
+        self._final: dict[str, float] = {}
+        self._written: object = _NEVER
         self._failures = 0
         self._failed_since: float | None = None
         self._last_error: str | None = None
-        # A kill mid-write leaves hidden temporary files; this writer owns them.
-        for name in (CLUSTERS_CSV, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV):
-            if removed := remove_stale_temp_files(self.out / name):
-                log.info("stale_temp_files_removed", file=str(self.out / name), count=removed)
+        # A kill mid-replace leaves a hidden temporary link; this writer owns it.
+        remove_stale_temp_files(self.out / CURRENT_LINK)
 
     # -- public ------------------------------------------------------------------------
 
@@ -253,7 +198,7 @@ class SnapshotWriter:
             self._store_ino = None
 
     def write_if_changed(self, now: float | None = None) -> SnapshotReport | None:
-        """Write a snapshot when crops, merges or skipped files changed since the last one.
+        """Write a snapshot when crops, merges, skipped files or sessions changed.
 
         Also writes when the previous attempt failed, and on the first call.
         Returns None when nothing was written (no change, or no database yet).
@@ -263,18 +208,19 @@ class SnapshotWriter:
         store = self._open(required=False)
         if store is None:
             return None
-        return self._snapshot(store, now, force=False)
+        return self._snapshot(store, now, final=False)
 
     def write(self, now: float | None = None) -> SnapshotReport:
-        """Write a snapshot whatever changed (used at shutdown).
+        """Write a snapshot whatever changed, with the open session's ``embeddings.pkl``
+        (used at shutdown).
 
         Raises :class:`SnapshotError` when a file cannot be written and
         :class:`~crop_clusterd.store.StateError` when there is no readable database.
         """
         store = self._open(required=True)
         assert store is not None  # required=True raises instead
-        report = self._snapshot(store, now, force=True)
-        assert report is not None  # force=True always writes
+        report = self._snapshot(store, now, final=True)
+        assert report is not None  # final=True always writes
         return report
 
     # -- reading -----------------------------------------------------------------------
@@ -311,113 +257,112 @@ class SnapshotWriter:
         return self._store
 
     def _reset_cache(self) -> None:
-        self._cols = _SnapshotColumns(keep_vectors=self._cols.keep_vectors)
-        self._merges = []
-        self._skipped = []
-        self._retired = frozenset()
-        self._written = None
+        self._cache = None
+        self._final = {}
+        self._written = _NEVER
 
-    def _read(self, store: StateStore) -> None:
-        """Bring the cached columns, merges and skips up to the latest commit."""
+    def _sessions(self, store: StateStore) -> list[StoredSession]:
         try:
-            with store.read_transaction():
-                n = len(self._cols)
-                paths_version = store.paths_version()
-                if paths_version != self._paths_version:
-                    # Crops moved or were retired: cached paths are stale, read afresh.
-                    self._reset_cache()
-                    self._paths_version = paths_version
-                    n = 0
-                # Re-read the last cached row too: if it is gone or different the
-                # database is not the one cached (it was rebuilt), so start over.
-                since = n - 1 if n else 0
-                rows = store.load_crops(since, dim=self._cols.dim)
-                if n and (len(rows) == 0 or rows.paths[0] != self._cols.names[-1]):
-                    log.info("snapshot_cache_reset", cached=n)
-                    self._reset_cache()
-                    rows = store.load_crops(0)
-                    n = since = 0
-                skip = n - since
-                new_seqs = rows.seqs[skip:]
-                expected = np.arange(n, n + len(new_seqs), dtype=np.int64)
-                if not np.array_equal(new_seqs, expected):
-                    raise StateError(
-                        f"crop sequence numbers in {store.path} are not contiguous "
-                        f"(expected {n}.., got {new_seqs[:3].tolist()}..)"
-                    )
-                last_id = self._merges[-1].id if self._merges else 0
-                new_merges = store.load_merges(last_id)
-                skipped = store.load_skipped()
-                if n == 0:
-                    # Retiring bumps the paths version, which empties the cache: the
-                    # retired set can only change when the cache is read afresh, so
-                    # a snapshot does not scan the whole crops table each time.
-                    self._retired = store.retired_seqs()
+            sessions = store.sessions()
         except sqlite3.Error as exc:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
-        self._cols.append(
-            rows.paths[skip:],
-            rows.clusters[skip:],
-            rows.vectors[skip:] if self._cols.keep_vectors else rows.vectors[:0],
-        )
-        self._merges.extend(new_merges)
-        self._skipped = skipped
+        if self.single and not sessions:
+            # Before the first crop: the one session still gets its (empty) files.
+            sessions.append(StoredSession(ALL_SESSION, 0.0, None, False))
+        return sessions
 
-    # -- writing -----------------------------------------------------------------------
+    def _read_open(self, store: StateStore, session: StoredSession) -> _OpenCache:
+        """Bring the open session's cache up to the latest commit (names only, no vectors)."""
+        cache = self._cache
+        if cache is None or cache.id != session.id:
+            cache = self._cache = _OpenCache(session.id, session_folder(self.out, session.id))
+        try:
+            with store.read_transaction():
+                paths_version = store.paths_version()
+                if paths_version != cache.paths_version:
+                    # Crops moved or were retired: cached paths are stale, read afresh.
+                    # (Retiring bumps the version, so retired locals change only then.)
+                    cache.reset()
+                    cache.paths_version = paths_version
+                    cache.retired = store.retired_locals(session.id)
+                n = len(cache)
+                # Re-read the last cached row too: if it is gone or different the
+                # database is not the one cached (it was rebuilt), so start over.
+                since = int(cache.seqs[-1]) if n else 0
+                rows = store.load_crops(since, session=session.id, vectors=False)
+                if n and (len(rows) == 0 or rows.paths[0] != cache.names[-1]):
+                    log.info("snapshot_cache_reset", session=session.id, cached=n)
+                    cache.reset()
+                    cache.retired = store.retired_locals(session.id)
+                    rows = store.load_crops(0, session=session.id, vectors=False)
+                    n = 0
+                last_id = cache.merges[-1].id if cache.merges else 0
+                new_merges = store.load_merges(last_id, session=session.id)
+                skipped = store.load_skipped(session=session.id)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state database {store.path}: {exc}") from exc
+        skip = 1 if n else 0
+        check_locals(store, session.id, rows.locals[skip:], n)
+        cache.append(rows.seqs[skip:], rows.paths[skip:], rows.clusters[skip:])
+        cache.merges.extend(new_merges)
+        cache.skipped = skipped
+        return cache
+
+    # -- one snapshot --------------------------------------------------------------------
 
     def _snapshot(
-        self, store: StateStore, now: float | None, *, force: bool
+        self, store: StateStore, now: float | None, *, final: bool
     ) -> SnapshotReport | None:
         started = self._clock()
         at = time.time() if now is None else now
-        self._read(store)
+        sessions = self._sessions(store)
+        pending = [s for s in sessions if s.closed is not None and not self._is_final(s)]
+        opened = [s for s in sessions if s.closed is None]
+        # After a crash while one was closing two may be open; the link stage resumes
+        # the last by id (and closes the others), so that is the one written.
+        open_ = opened[-1] if opened else None
+        cache = self._read_open(store, open_) if open_ is not None else None
         key = (
-            len(self._cols),
-            self._merges[-1].id if self._merges else 0,
-            tuple(self._skipped),
-            self._paths_version,
+            None
+            if cache is None
+            else (
+                cache.id,
+                len(cache),
+                cache.merges[-1].id if cache.merges else 0,
+                tuple(cache.skipped),
+                cache.paths_version,
+            )
         )
-        if not force and self._failures == 0 and key == self._written:
+        if not final and not pending and self._failures == 0 and key == self._written:
             return None
         try:
-            current = current_clusters(self._cols.stored, (m.merge for m in self._merges))
-        except IndexError:
-            raise StateError(
-                f"state database {store.path} is inconsistent: "
-                "a cluster id is not a crop's sequence number"
-            ) from None
-        view = _View(
-            names=self._cols.names,
-            current=current,
-            vectors=self._cols.vectors,
-            merges=self._merges,
-            skipped=self._skipped,
-            # Retired crops (rewritten since) keep their seq but leave the outputs.
-            live=np.setdiff1d(
-                np.arange(len(self._cols), dtype=np.int64),
-                np.fromiter(self._retired, dtype=np.int64, count=len(self._retired)),
-                assume_unique=True,
-            ),
-        )
-        try:
-            clusters = self._write_files(view)
+            closed = [self._finalise(store, s) for s in pending]
+            clusters = 0
+            if cache is not None:
+                clusters = self._write_open(store, cache, final=final)
+            self._point_current(sessions)
         except SnapshotError as exc:
             self._failed(exc, at)
             raise
-        seconds = self._clock() - started
         report = SnapshotReport(
-            crops=len(view.live),
+            crops=0 if cache is None else len(cache) - len(cache.retired),
             clusters=clusters,
-            merges=len(view.merges),
-            skipped=len(view.skipped),
+            merges=0 if cache is None else len(cache.merges),
+            skipped=0 if cache is None else len(cache.skipped),
             at=at,
-            seconds=seconds,
+            seconds=self._clock() - started,
+            session=None if cache is None else cache.id,
+            closed=tuple(closed),
         )
+        self._succeeded(report, key)
+        return report
+
+    def _succeeded(self, report: SnapshotReport, key: tuple[object, ...] | None) -> None:
         if self._failures:
             log.info(
                 "snapshot_recovered",
                 attempts=self._failures,
-                failed_for_s=round(at - (self._failed_since or at), 3),
+                failed_for_s=round(report.at - (self._failed_since or report.at), 3),
             )
         self._failures = 0
         self._failed_since = None
@@ -425,13 +370,14 @@ class SnapshotWriter:
         self._written = key
         log.info(
             "snapshot_written",
+            session=report.session,
             crops=report.crops,
             clusters=report.clusters,
             merges=report.merges,
             skipped=report.skipped,
-            seconds=round(seconds, 3),
+            closed=list(report.closed),
+            seconds=round(report.seconds, 3),
         )
-        return report
 
     def _failed(self, exc: SnapshotError, at: float) -> None:
         message = str(exc)
@@ -446,67 +392,113 @@ class SnapshotWriter:
         self._failures += 1
         self._last_error = message
 
-    def _step(self, target: Path, action: Callable[[], object]) -> None:
-        """Run one file's write, turning its failure into :class:`SnapshotError`."""
+    # -- sessions ------------------------------------------------------------------------
+
+    def _is_final(self, session: StoredSession) -> bool:
+        """Whether a closed session's folder holds the summary.json of this very close."""
+        if self._final.get(session.id) == session.closed:
+            return True
+        path = session_folder(self.out, session.id) / SUMMARY_JSON
         try:
-            action()
-        except (OSError, ValueError) as exc:
-            # ValueError: sync_link_tree refusing a folder it does not own.
-            raise SnapshotError(target, exc) from exc
+            written = read_summary(path).closed
+        except (OSError, ValueError):
+            return False
+        if written is None or written != session.closed:
+            return False  # a summary of an earlier close: the session was reopened since
+        self._final[session.id] = written
+        return True
 
-    def _write_files(self, view: _View) -> int:
-        """Write every output; returns the number of clusters."""
-        out = self.out
-        self._step(out, lambda: out.mkdir(parents=True, exist_ok=True))
-        live = view.live.tolist()
-        names = [view.names[i] for i in live]
-        vectors = view.vectors[view.live] if len(live) != len(view.names) else view.vectors
-        current = view.current[view.live].tolist()
-        files = self._files
-        # clusters.csv goes last among the files: a reader that sees it change
-        # finds the other files already at least as new.
+    def _finalise(self, store: StateStore, session: StoredSession) -> str:
+        """Write a closed session's final files, ``summary.json`` last; returns its id."""
+        assert session.closed is not None  # only closed sessions are finalised
+        w = self._folders
+        folder = w.prepare(session_folder(self.out, session.id))
+        with_vectors = not session.vectors_dropped and (self.save_embeddings or self.dedup)
+        rows = read_session(store, session, vectors=with_vectors)
+        crops = rows.crops
+        if session.vectors_dropped:
+            log.warning("session_vectors_dropped", session=session.id, folder=str(folder))
+        elif self.save_embeddings:
+            new = slice(w.parts_start(folder, len(crops)), None)
+            w.append(folder, crops.paths[new], crops.locals[new], crops.vectors[new])
+        live, current = live_current(crops.clusters, rows.merges, rows.retired)
+        vectors = crops.vectors[live] if with_vectors else None
+        if vectors is not None and self.save_embeddings:
+            w.pickle(folder, [crops.paths[i] for i in live.tolist()], vectors)
+        w.listing(folder, Listing(crops.paths, live, current, rows.merges, rows.skipped), vectors)
+        summary = summarize(session.id, current, crops.times[live], closed=session.closed)
+        w.summary(folder, summary)
+        self._final[session.id] = session.closed
+        if self._cache is not None and self._cache.id == session.id:
+            self._cache = None  # closed: its columns leave memory
+        log.info(
+            "session_outputs_final",
+            session=session.id,
+            folder=str(folder),
+            crops=summary.crops,
+            clusters=summary.clusters,
+            clusters_2plus=summary.clusters_2plus,
+            singletons=summary.singletons,
+        )
+        return session.id
+
+    def _write_open(self, store: StateStore, cache: _OpenCache, *, final: bool) -> int:
+        """Write the open session's folder; returns its number of clusters.
+
+        ``final`` (daemon stop) adds its ``embeddings.pkl``.
+        """
+        w = self._folders
+        folder = w.prepare(cache.folder)
+        w.withdraw(folder, SUMMARY_JSON, cache.id)
+        n = len(cache)
         if self.save_embeddings:
-            self._step(
-                out / EMBEDDINGS_PKL,
-                lambda: files.embeddings(out / EMBEDDINGS_PKL, names, vectors),
-            )
-        self._step(
-            out / MERGES_CSV,
-            lambda: files.merges(out / MERGES_CSV, ((m.at, m.merge) for m in view.merges)),
-        )
-        self._step(
-            out / ERRORS_CSV,
-            lambda: files.errors(
-                out / ERRORS_CSV, (Skipped(s.path, s.reason) for s in view.skipped)
-            ),
-        )
-        assignments = [Assignment(i, names[k], current[k]) for k, i in enumerate(live)]
-        self._step(out / CLUSTERS_CSV, lambda: files.clusters(out / CLUSTERS_CSV, assignments))
-        if self.gen_cluster_dirs or self.dedup:
-            sources = {name: Path(name) for name in names}
-            if self.gen_cluster_dirs:
-                plan = cluster_folder_plan(assignments, sources)
-                self._tree(out / CLUSTER_DIRS, plan)
-            if self.dedup:
-                reps = pick_representatives(assignments, vectors)
-                plan = cluster_folder_plan(assignments, sources, representatives=reps)
-                self._tree(out / DEDUP_DIRS, plan)
-        return len(set(current))
+            if cache.parts_last is None:
+                cache.parts_last = w.parts_start(folder, n) - 1
+            if cache.parts_last < n - 1:
+                self._append_open(store, cache)
+                if not final:
+                    # Written at the last stop or close; it lacks the new crops now.
+                    w.withdraw(folder, EMBEDDINGS_PKL, cache.id)
+        live, current = live_current(cache.stored, cache.merges, cache.retired)
+        vectors = None
+        if self.dedup or (final and self.save_embeddings):
+            vectors = self._open_vectors(store, cache)[live]
+            if final and self.save_embeddings:
+                w.pickle(folder, [cache.names[i] for i in live.tolist()], vectors)
+        listing = Listing(cache.names, live, current, cache.merges, cache.skipped)
+        return w.listing(folder, listing, vectors)
 
-    def _tree(self, root: Path, plan: Mapping[PurePosixPath, Path]) -> None:
-        stats: SyncStats | None = None
+    def _open_vectors(self, store: StateStore, cache: _OpenCache) -> npt.NDArray[np.float32]:
+        """The open session's vectors in local order, for the rows cached."""
+        try:
+            with store.read_transaction():
+                rows = store.load_crops(0, session=cache.id)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state database {store.path}: {exc}") from exc
+        if len(rows) < len(cache):
+            raise StateError(f"state database {store.path} changed while it was read")
+        return rows.vectors[: len(cache)]
 
-        def sync() -> None:
-            nonlocal stats
-            stats = self._files.tree(root, plan)
+    def _append_open(self, store: StateStore, cache: _OpenCache) -> None:
+        """Append the open session's rows not yet in a part (and only those) as one part."""
+        assert cache.parts_last is not None
+        first = cache.parts_last + 1
+        try:
+            with store.read_transaction():
+                rows = store.load_crops(int(cache.seqs[first]), session=cache.id)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state database {store.path}: {exc}") from exc
+        # Rows committed after the cache was read wait for the next snapshot.
+        k = min(len(rows), len(cache) - first)
+        check_locals(store, cache.id, rows.locals[:k], first)
+        self._folders.append(cache.folder, rows.paths[:k], rows.locals[:k], rows.vectors[:k])
+        cache.parts_last = first + k - 1
 
-        self._step(root, sync)
-        if stats is not None and (stats.linked or stats.copied or stats.removed or stats.missing):
-            log.debug(
-                "snapshot_folders_synced",
-                folder=str(root),
-                linked=stats.linked,
-                copied=stats.copied,
-                removed=stats.removed,
-                missing=len(stats.missing),
-            )
+    def _point_current(self, sessions: Sequence[StoredSession]) -> None:
+        """Point ``OUT/current`` at the newest session's folder once it has been written."""
+        if self.single or not sessions:
+            return
+        newest = max(sessions, key=lambda s: (s.opened, s.id))
+        if newest.id == ALL_SESSION or not (self.out / newest.id / CLUSTERS_CSV).exists():
+            return
+        self._folders.link(self.out / CURRENT_LINK, newest.id)

@@ -52,7 +52,11 @@ class StatusReport:
     from the daemon's runtime table are None when it never published them (or
     published something unreadable).
     ``alive`` is True when the heartbeat is under :data:`ALIVE_WITHIN_S`
-    seconds old, the pid exists and the phase is not ``stopped``.
+    seconds old, the pid exists and the phase is not ``stopped``. Disk
+    figures, as the daemon last measured them: ``state_free_mb`` and
+    ``output_free_mb`` free space (MB of 2^20 bytes) of its folders,
+    ``min_free_mb`` its limit, ``disk_low`` the folders (``"state"``,
+    ``"output"``) below it.
     """
 
     state_folder: str
@@ -79,6 +83,10 @@ class StatusReport:
     snapshot_error: str | None
     state_error: str | None
     watch_mode: str | None
+    state_free_mb: int | None = None
+    output_free_mb: int | None = None
+    min_free_mb: int | None = None
+    disk_low: tuple[str, ...] = ()
 
 
 def _number(value: object) -> float | None:
@@ -95,6 +103,12 @@ def _integer(value: object) -> int | None:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if isinstance(v, str) and v)
 
 
 def _pid_exists(pid: int) -> bool:
@@ -185,6 +199,10 @@ def read_status(state_folder: Path, *, now: float | None = None) -> StatusReport
         snapshot_error=_text(runtime.get("snapshot_error")),
         state_error=_text(runtime.get("state_error")),
         watch_mode=_text(runtime.get("watch_mode")),
+        state_free_mb=_integer(runtime.get("state_free_mb")),
+        output_free_mb=_integer(runtime.get("output_free_mb")),
+        min_free_mb=_integer(runtime.get("min_free_mb")),
+        disk_low=_names(runtime.get("disk_low")),
     )
 
 
@@ -202,6 +220,23 @@ def _ago(seconds: float) -> str:
 def _when(t: float, now: float) -> str:
     local = datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
     return f"{local} ({_ago(max(0.0, now - t))} ago)"
+
+
+def _mb(mb: int | None) -> str:
+    return "? MB" if mb is None else f"{mb} MB"
+
+
+def _disk_line(r: StatusReport) -> str:
+    """``state 51200 MB free, output 51200 MB free (warns below 1024 MB)``; "" when
+    the daemon never published the figures."""
+    if r.state_free_mb is None and r.output_free_mb is None:
+        return ""
+    line = f"state {_mb(r.state_free_mb)} free, output {_mb(r.output_free_mb)} free"
+    if r.min_free_mb:
+        line += f" (warns below {r.min_free_mb} MB)"
+    if not r.alive:
+        line += ", at the last heartbeat"
+    return line
 
 
 def format_status(report: StatusReport) -> str:
@@ -238,6 +273,13 @@ def format_status(report: StatusReport) -> str:
         lines.append(f"queue:      {r.queue} files waiting")
     snapshot = "never" if r.last_snapshot_at is None else _when(r.last_snapshot_at, r.at)
     lines.append(f"snapshot:   {snapshot}")
+    disk = _disk_line(r)
+    if disk:
+        lines.append(f"disk:       {disk}")
+    if r.disk_low:
+        free = {"state": r.state_free_mb, "output": r.output_free_mb}
+        low = ", ".join(f"{role} {_mb(free.get(role))} free" for role in r.disk_low)
+        lines.append(f"WARNING:    disk low: {low} (below {_mb(r.min_free_mb)})")
     if r.snapshot_error:
         lines.append(f"ERROR:      snapshot: {r.snapshot_error}")
     if r.state_error:

@@ -453,32 +453,48 @@ class StateStore:
         return int(n)
 
     def load_crops(
-        self, since_seq: int = 0, *, session: str | None = None, dim: int | None = None
+        self,
+        since_seq: int = 0,
+        *,
+        session: str | None = None,
+        dim: int | None = None,
+        vectors: bool = True,
     ) -> StoredCrops:
         """Stored crops with ``seq >= since_seq`` in sequence order, as columns.
 
         ``session``: that session's crops only (None: all). Rows are streamed
         into preallocated arrays, so the embeddings are held once (not once as
         blobs and again as an array). ``dim`` sizes the vectors of an empty
-        result. Raises :class:`StateError` when the session's vectors were
-        dropped (``state.keep_sessions``) or a vector has the wrong size.
+        result. ``vectors=False`` reads no embeddings (``vectors`` is n×0; the
+        snapshot writer caching names). Raises :class:`StateError` when the
+        session's vectors were dropped (``state.keep_sessions``) and are asked
+        for, or a vector has the wrong size.
         """
         where, args = _session_filter("seq >= ?", since_seq, session)
-        if session is not None and self._vectors_dropped(session):
+        if vectors and session is not None and self._vectors_dropped(session):
             raise StateError(
                 f"the embeddings of session {session} were dropped from {self.path} "
                 "(state.keep_sessions); its output folder keeps them"
             )
+        blob_column = "vector" if vectors else "X''"
         n, dim_bytes = self._db.execute(
-            f"SELECT count(*), max(length(vector)) FROM crops WHERE {where}", args
+            f"SELECT count(*), max(length({blob_column})) FROM crops WHERE {where}", args
         ).fetchone()
         n = int(n)
-        dim = int(dim_bytes) // 4 if dim_bytes else (dim or 0)
-        vectors = np.empty((n, dim), dtype=np.float32)
+        if not vectors:
+            dim = 0
+        elif dim_bytes:
+            dim = int(dim_bytes) // 4
+        dim = dim or 0
+        matrix = np.empty((n, dim), dtype=np.float32)
         scalars: list[tuple[Any, ...]] = []
+        # Within a session local order is seq order; ordering by it walks the
+        # (session, local) index, where ORDER BY seq would sort every row, blobs
+        # and all, through a temporary file (as many bytes written as read).
+        order = "seq" if session is None else "local"
         cursor = self._db.execute(
-            "SELECT seq, local, path, frame, crop_index, time, cx, cy, batch, cluster, vector "
-            f"FROM crops WHERE {where} ORDER BY seq",
+            "SELECT seq, local, path, frame, crop_index, time, cx, cy, batch, cluster, "
+            f"{blob_column} FROM crops WHERE {where} ORDER BY {order}",
             args,
         )
         for i, row in enumerate(cursor):
@@ -488,11 +504,12 @@ class StateStore:
                     f"crop {row[2]!r} (seq {row[0]}) has a {len(blob) // 4}-d embedding, "
                     f"expected {dim}"
                 )
-            vectors[i] = np.frombuffer(blob, dtype=np.float32)
+            if dim:
+                matrix[i] = np.frombuffer(blob, dtype=np.float32)
             scalars.append(row[:10])
         if len(scalars) != n:
             raise StateError(f"state database {self.path} changed while it was read")
-        return _stored_crops(scalars, vectors)
+        return _stored_crops(scalars, matrix)
 
     def load_cluster_column(self, session: str | None = None) -> npt.NDArray[np.int64]:
         """Every crop's cluster id at commit, in seq order (no embeddings read).

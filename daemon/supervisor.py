@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .diskspace import DiskWatch, free_mb
 from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
@@ -74,7 +75,9 @@ class Daemon:
 
     ``snapshot_files`` writes the output files (default :class:`OutputFiles`);
     ``state_store`` opens the link stage's writer connection (default
-    :class:`StateStore`). Both are seams for tests that inject a full disk.
+    :class:`StateStore`). Both are seams for tests that inject a full disk;
+    ``free_space`` (MB free in a folder, default :func:`~crop_clusterd.diskspace.free_mb`)
+    one for tests of a filling disk.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Daemon:
         observer_factory: ObserverFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        free_space: Callable[[Path], int] = free_mb,
     ) -> None:
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
@@ -112,6 +116,9 @@ class Daemon:
         self._snapshot_error: str | None = None
         self._last_snapshot: float | None = None
         self._clusters = 0
+        self._disk = DiskWatch(
+            config.state.folder, config.output.folder, config.state.min_free_mb, free_space
+        )
         # The running pipeline, for readers on other threads (tests wait on its
         # stages); set once everything has started, never replaced.
         self.pipeline: Pipeline | None = None
@@ -188,6 +195,7 @@ class Daemon:
             session_rule(config, "run"),
             lambda: linker_from_config(config),
             config.state.folder,
+            keep_sessions=config.state.keep_sessions,
         )
         resumed = book.resume(self.wall())
         if resumed is not None:
@@ -220,6 +228,7 @@ class Daemon:
             session=book.current.id if book.current else None,
             split=book.rule.split,
         )
+        self._disk.check()
         self.notifier.ready(self._status_line(pipeline))
         return pipeline
 
@@ -280,7 +289,10 @@ class Daemon:
             embed_inbox=embed_inbox,
             link_inbox=link_inbox,
             snapshots=SnapshotWriter(
-                config.state.folder, config.output, files=self._snapshot_files
+                config.state.folder,
+                config.output,
+                session=book.rule,
+                files=self._snapshot_files,
             ),
             watcher=Watcher(
                 config.watch.folder,
@@ -319,6 +331,7 @@ class Daemon:
             if now >= next_snapshot:
                 self._snapshot(p.snapshots, final=False)
                 next_snapshot = now + self.config.snapshot.interval_s
+            self._disk.check()
             self.notifier.status(self._status_line(p))
             self._publish(p, "running")
             if self.exit_when_idle_s is not None:
@@ -448,6 +461,8 @@ class Daemon:
         stalled = self.progress.stalled()
         if stalled:
             line += "; STALLED: " + ", ".join(f"{stage} {secs:.0f} s" for stage, secs in stalled)
+        if disk := self._disk.figures.alert():
+            line += f"; {disk}"
         return line
 
     def _publish(self, p: Pipeline, phase: str) -> None:
@@ -460,6 +475,7 @@ class Daemon:
             "snapshot_error": self._snapshot_error,
             "state_error": p.link.commit_error,
             "watch_mode": p.watcher.mode,
+            **self._disk.figures.runtime_values(),
         }
         try:
             p.runtime.set_runtime(values)

@@ -33,7 +33,6 @@ from test_supervisor import committed, crops_in, frame_dirs, make_config, sessio
 from crop_clusterd.atomic import atomic_write
 from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
-from crop_clusterd.defaults import ALL_SESSION
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.log import configure_logging
 from crop_clusterd.records import Assignment, CommittedCrop, DecodeFailure, Merge, Moved
@@ -215,9 +214,10 @@ def test_failing_snapshots_keep_the_previous_files_and_the_daemon_ingesting(
         # The previous snapshot is intact and readable, and no temporary file is left.
         assert (config.output.folder / "clusters.csv").read_bytes() == before
         assert set(csv_names(config)) == first
+        # embeddings.pkl comes at stop; while running, embeddings are appended parts.
         assert sorted(p.name for p in config.output.folder.iterdir()) == [
             "clusters.csv",
-            "embeddings.pkl",
+            "embeddings",
             "errors.csv",
             "merges.csv",
         ]
@@ -259,7 +259,7 @@ class FailingStore(StateStore):
         *,
         moved: Sequence[Moved] = (),
         now: float | None = None,
-        session: str = ALL_SESSION,
+        session: str = "all",
     ) -> None:
         if self.failing.is_set():
             self.attempts += 1
@@ -430,3 +430,58 @@ def test_hung_model_stops_the_watchdog_pings_until_released(
         model.release.set()
         run.stop()
     assert run.error is None
+
+
+# --- 4. the disk runs low --------------------------------------------------------------
+
+
+class FillingDisk:
+    """Free MB per folder as the test sets it (the daemon's ``free_space`` seam)."""
+
+    def __init__(self, free_mb: int) -> None:
+        self.free: dict[Path, int] = {}
+        self.default = free_mb
+
+    def __call__(self, folder: Path) -> int:
+        return self.free.get(folder, self.default)
+
+
+def test_low_disk_is_warned_once_shown_and_every_crop_still_lands(
+    tmp_path: Path, notify: Receiver, log_lines: io.StringIO
+) -> None:
+    frames = frame_dirs(session(tmp_path, frames=6, seed=4))
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    copy_frames(frames[:3], watch)
+    config = make_config(tmp_path, watch)
+    disk = FillingDisk(50_000)
+    run = Running(Daemon(config, embedder=embedder(), free_space=disk))
+    try:
+        wait_for(lambda: committed(config) == len(crops_in(watch)))
+        wait_for(lambda: read_status(config.state.folder).state_free_mb == 50_000)
+        assert "DISK LOW" not in format_status(read_status(config.state.folder))
+
+        disk.free[config.state.folder] = 512
+        line = wait_status(notify, "DISK LOW")
+        assert line.endswith("; DISK LOW: state 512 MB free")
+        copy_frames(frames[3:], watch)
+        everything = crops_in(watch)
+        wait_for(lambda: set(csv_names(config)) == everything)
+        report = read_status(config.state.folder)
+        assert (report.state_free_mb, report.output_free_mb) == (512, 50_000)
+        assert report.disk_low == ("state",)
+        assert "WARNING:    disk low: state 512 MB free (below 1024 MB)" in format_status(report)
+        time.sleep(1.5)  # more checks while still low: still one warning
+        low = named(log_lines, "disk_low")
+        assert len(low) == 1 and low[0]["level"] == "warning"
+        assert (low[0]["folder"], low[0]["free_mb"], low[0]["min_free_mb"]) == ("state", 512, 1024)
+
+        disk.free[config.state.folder] = 40_000
+        wait_status_without(notify, "DISK LOW")
+        wait_for(lambda: read_status(config.state.folder).disk_low == ())
+        assert [e["free_mb"] for e in named(log_lines, "disk_ok")] == [40_000]
+    finally:
+        run.stop()
+    assert run.error is None
+    names = csv_names(config)
+    assert len(names) == len(set(names)) and set(names) == everything

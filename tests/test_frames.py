@@ -63,6 +63,7 @@ def make_config(tmp: Path, watch: Path, method: str, out: str) -> Config:
         state=dataclasses.replace(c.state, folder=tmp / f"state-{out}"),
         output=dataclasses.replace(c.output, folder=tmp / f"out-{out}"),
         snapshot=dataclasses.replace(c.snapshot, interval_s=0.5),
+        session=dataclasses.replace(c.session, split="none"),  # outputs directly in out-*/
     )
 
 

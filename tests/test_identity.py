@@ -28,7 +28,8 @@ from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.identity import Fingerprint, Registry, content_hash
 from crop_clusterd.log import configure_logging
-from crop_clusterd.store import SCHEMA_VERSION, StateError, StateStore
+from crop_clusterd.store import StateError, StateStore
+from crop_clusterd.storeschema import SCHEMA_VERSION
 from crop_clusterd.supervisor import Daemon
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -408,9 +409,9 @@ def test_a_crop_rewritten_while_stopped_is_embedded_again_at_start(
 def test_track_moves_and_rewrites_across_restarts(
     tmp_path: Path, seed_crops: list[Path], counting: type[CountingEmbedder]
 ) -> None:
-    """``track`` (frame by frame; restores by replaying the stored batches): a moved
-    frame keeps its tracks, rewritten crops are embedded again, and the replay
-    over retired rows still reproduces the stored ids at the next start."""
+    """``track`` (frame by frame; restores from its checkpoint and the batches after
+    it): a moved frame keeps its tracks, rewritten crops are embedded again, and the
+    restore over retired rows still reproduces the stored ids at the next start."""
     watch = tmp_path / "W"
     names = seed_frames(seed_crops, watch)
     config = dataclasses.replace(

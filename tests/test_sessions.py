@@ -247,3 +247,24 @@ def test_a_crash_between_two_open_sessions_closes_the_older_at_start(tmp_path: P
         assert resumed is not None and resumed.id == "n2"
         assert [s.id for s in store.open_sessions()] == ["n2"]
         assert not os.path.exists(tmp_path / "index-n1.hnsw")
+
+
+def test_keep_sessions_drops_the_vectors_of_older_closed_sessions_only(tmp_path: Path) -> None:
+    config = dataclasses.replace(Config(), session=SessionConfig(split="night"))
+    with StateStore(tmp_path) as store:
+        book = SessionBook(
+            store,
+            session_rule(config, "run"),
+            lambda: linker_from_config(config),
+            None,
+            keep_sessions=1,
+        )
+        for seq, night in enumerate(("n1", "n2", "n3")):
+            book.switch_to(night, now=float(seq))
+            store.commit_batch(seq, committed(["/" + night], seq, [0]), [], [], session=night)
+        book.close(now=10.0, reason="test")
+        dropped = {s.id: s.vectors_dropped for s in store.sessions()}
+        assert dropped == {"n1": True, "n2": True, "n3": False}
+        assert len(store.load_crops(session="n3")) == 1
+        # Paths and clusters stay: the files are still known, the figures still read.
+        assert session_cluster_sizes(store, "n1").tolist() == [1]

@@ -22,6 +22,7 @@ from crop_clusterd.clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, NOT_CLUSTERED
 from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import CLUSTERS_CSV, ERRORS_CSV, MERGES_CSV, read_clusters_csv
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
+from crop_clusterd.embparts import EMBEDDINGS_DIR, read_parts
 from crop_clusterd.records import (
     Assignment,
     CommittedCrop,
@@ -121,9 +122,13 @@ def test_snapshot_files_match_the_store(tmp_path: Path, built: Builder) -> None:
     merges = [m.merge for m in built.store.load_merges()]
     assert current_clusters(stored, merges).tolist() == expected
 
+    # write() is the final snapshot at daemon stop: it writes embeddings.pkl too.
     emb = load_embeddings_pickle(out / "embeddings.pkl")
     assert emb.names == tuple(built.names)
     np.testing.assert_allclose(emb.embeddings, np.stack(built.vectors), atol=1e-6)
+    parts = read_parts(out / EMBEDDINGS_DIR)
+    assert parts.names == tuple(built.names) and parts.locals.tolist() == list(range(6))
+    np.testing.assert_array_equal(parts.vectors, np.stack(built.vectors))
 
     rows = read_csv(out / MERGES_CSV)
     assert rows[0] == ["time", "from", "into"]
@@ -139,6 +144,7 @@ def test_snapshot_files_match_the_store(tmp_path: Path, built: Builder) -> None:
     # No temporary files left behind, and no folders when they are not asked for.
     assert sorted(p.name for p in out.iterdir()) == [
         "clusters.csv",
+        EMBEDDINGS_DIR,
         "embeddings.pkl",
         "errors.csv",
         "merges.csv",
@@ -164,24 +170,27 @@ def test_incremental_snapshots_follow_new_commits(tmp_path: Path, built: Builder
         ["2", "0"],
     ]
     assert not (tmp_path / "out" / "embeddings.pkl").exists()
+    assert not (tmp_path / "out" / EMBEDDINGS_DIR).exists()
 
 
 def test_no_write_when_nothing_changed(tmp_path: Path, built: Builder) -> None:
     files = CountingFiles()
     writer = SnapshotWriter(tmp_path / "state", output(tmp_path), files=files)
     assert writer.write_if_changed(now=T0) is not None
-    assert files.calls == 4
+    # A part of the new embeddings, merges.csv, errors.csv, clusters.csv; no pickle.
+    assert files.calls == ["part", "merges", "errors", "clusters"]
     assert writer.write_if_changed(now=T0 + 1) is None
-    assert files.calls == 4
+    assert len(files.calls) == 4
 
-    # A newly skipped file alone is a change: errors.csv must list it.
+    # A newly skipped file alone is a change: errors.csv must list it (no new part).
     built.commit([], skipped=["frame9/crops/other.png"])
     report = writer.write_if_changed(now=T0 + 2)
     assert report is not None and report.skipped == 2
     assert len(read_csv(tmp_path / "out" / "errors.csv")) == 3
-    # write() always writes (shutdown), even with nothing new.
+    assert files.calls[4:] == ["merges", "errors", "clusters"]
+    # write() always writes (shutdown), even with nothing new, and adds the pickle.
     writer.write(now=T0 + 3)
-    assert files.calls == 12
+    assert files.calls[7:] == ["embeddings", "merges", "errors", "clusters"]
 
 
 def test_waits_for_the_database_to_appear(tmp_path: Path) -> None:
@@ -197,7 +206,7 @@ def test_waits_for_the_database_to_appear(tmp_path: Path) -> None:
     assert read_clusters_csv(tmp_path / "out" / "clusters.csv") == []
     b.commit([0, 0])
     assert writer.write_if_changed(now=T0) is not None
-    assert load_embeddings_pickle(tmp_path / "out" / "embeddings.pkl").names == tuple(b.names)
+    assert read_parts(tmp_path / "out" / EMBEDDINGS_DIR).names == tuple(b.names)
 
 
 def test_a_replaced_database_is_read_from_scratch(tmp_path: Path, built: Builder) -> None:
@@ -208,37 +217,55 @@ def test_a_replaced_database_is_read_from_scratch(tmp_path: Path, built: Builder
     fresh = Builder(tmp_path / "state", seed=1)
     fresh.commit([0, 1, 1])
 
-    report = writer.write_if_changed(now=T0 + 5)
+    with capture_logs() as logs:
+        report = writer.write_if_changed(now=T0 + 5)
     assert report is not None and report.crops == 3
     got = read_clusters_csv(tmp_path / "out" / "clusters.csv")
     assert [c for _, c in got] == [0, 1, 1]
+    # The old database's parts reach past the new one's crops: they are rewritten,
+    # and its pickle (of crops this database does not have) is withdrawn.
+    assert any(e["event"] == "embedding_parts_reset" for e in logs)
+    parts = read_parts(tmp_path / "out" / EMBEDDINGS_DIR)
+    np.testing.assert_array_equal(parts.vectors, np.stack(fresh.vectors))
+    assert not (tmp_path / "out" / "embeddings.pkl").exists()
+    assert read_csv(tmp_path / "out" / MERGES_CSV) == [["time", "from", "into"]]
+    writer.write(now=T0 + 6)
     emb = load_embeddings_pickle(tmp_path / "out" / "embeddings.pkl")
     np.testing.assert_allclose(emb.embeddings, np.stack(fresh.vectors), atol=1e-6)
-    assert read_csv(tmp_path / "out" / MERGES_CSV) == [["time", "from", "into"]]
 
 
 class CountingFiles(OutputFiles):
-    """Counts file writes."""
+    """Records which files are written, in order."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.calls: list[str] = []
 
     def embeddings(
         self, path: Path, names: Sequence[str], vectors: npt.NDArray[np.float32]
     ) -> None:
-        self.calls += 1
+        self.calls.append("embeddings")
         super().embeddings(path, names, vectors)
 
+    def part(
+        self,
+        folder: Path,
+        names: Sequence[str],
+        locals_: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+    ) -> None:
+        self.calls.append("part")
+        super().part(folder, names, locals_, vectors)
+
     def merges(self, path: Path, merges: Iterable[tuple[float, Merge]]) -> None:
-        self.calls += 1
+        self.calls.append("merges")
         super().merges(path, merges)
 
     def errors(self, path: Path, skipped: Iterable[Skipped]) -> None:
-        self.calls += 1
+        self.calls.append("errors")
         super().errors(path, skipped)
 
     def clusters(self, path: Path, rows: Iterable[Assignment]) -> None:
-        self.calls += 1
+        self.calls.append("clusters")
         super().clusters(path, rows)
 
 
@@ -376,7 +403,7 @@ def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
         while not stop.is_set():
             try:
                 rows = read_clusters_csv(out / "clusters.csv")
-                emb = load_embeddings_pickle(out / "embeddings.pkl")
+                emb = read_parts(out / EMBEDDINGS_DIR)
             except Exception as exc:  # any parse failure is what this test looks for
                 problems.append(repr(exc))
                 return
@@ -411,12 +438,13 @@ def test_output_name_constants_are_what_the_writers_write(tmp_path: Path, built:
     SnapshotWriter(tmp_path / "state", output(tmp_path)).write(now=T0)
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         CLUSTERS_CSV,
+        EMBEDDINGS_DIR,
         EMBEDDINGS_PKL,
         MERGES_CSV,
         ERRORS_CSV,
     }
     folders = replace(output(tmp_path, gen_cluster_dirs=True, dedup=True), folder=tmp_path / "o2")
     SnapshotWriter(tmp_path / "state2", folders).write(now=T0)
-    files = {CLUSTERS_CSV, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV}
+    files = {CLUSTERS_CSV, EMBEDDINGS_DIR, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV}
     assert {p.name for p in (tmp_path / "o2").iterdir()} == files | {CLUSTER_DIRS, DEDUP_DIRS}
     assert (tmp_path / "o2" / CLUSTER_DIRS / NOT_CLUSTERED).is_dir()

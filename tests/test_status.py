@@ -113,6 +113,40 @@ def test_errors_are_shown(tmp_path: Path, live: StateStore) -> None:
     assert json.loads(status_json(report))["state_error"] == "disk I/O error"
 
 
+def test_disk_figures_are_shown_and_low_space_is_a_warning(
+    tmp_path: Path, live: StateStore
+) -> None:
+    publish(live, state_free_mb=51200, output_free_mb=51200, min_free_mb=1024, disk_low=[])
+    report = read_status(tmp_path / "state", now=NOW)
+    assert (report.state_free_mb, report.output_free_mb, report.min_free_mb) == (51200, 51200, 1024)
+    text = format_status(report)
+    assert "disk:       state 51200 MB free, output 51200 MB free (warns below 1024 MB)" in text
+    assert "WARNING" not in text
+
+    publish(live, state_free_mb=512, output_free_mb=None, min_free_mb=1024, disk_low=["state"])
+    report = read_status(tmp_path / "state", now=NOW)
+    assert report.disk_low == ("state",) and report.output_free_mb is None
+    text = format_status(report)
+    assert "disk:       state 512 MB free, output ? MB free (warns below 1024 MB)" in text
+    assert "WARNING:    disk low: state 512 MB free (below 1024 MB)" in text
+    data = json.loads(status_json(report))
+    assert (data["state_free_mb"], data["output_free_mb"], data["min_free_mb"]) == (512, None, 1024)
+    assert data["disk_low"] == ["state"]
+
+    # A stopped daemon's figures are its last ones, and say so.
+    publish(live, phase="stopped", state_free_mb=700, disk_low=["state"])
+    assert "700 MB free, output ? MB free (warns below 1024 MB), at the last heartbeat" in (
+        format_status(read_status(tmp_path / "state", now=NOW))
+    )
+
+
+def test_no_disk_line_before_the_daemon_published_figures(tmp_path: Path, live: StateStore) -> None:
+    publish(live, disk_low="state", min_free_mb=True)
+    report = read_status(tmp_path / "state", now=NOW)
+    assert (report.state_free_mb, report.min_free_mb, report.disk_low) == (None, None, ())
+    assert "disk:" not in format_status(report)
+
+
 def dead_pid() -> int:
     proc = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -55,6 +55,8 @@ def make_config(
         state=dataclasses.replace(c.state, folder=tmp / "state"),
         output=dataclasses.replace(c.output, folder=tmp / "out"),
         snapshot=dataclasses.replace(c.snapshot, interval_s=0.5),
+        # Outputs directly in the output folder; tests of sessions ask for nights.
+        session=dataclasses.replace(c.session, split="none"),
     )
 
 

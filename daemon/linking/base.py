@@ -11,7 +11,7 @@ through a :class:`StoredLinks` record. The parameter records (:class:`Gating`,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,10 +208,14 @@ class StoredLinks:
     def __len__(self) -> int:
         return len(self.batch)
 
-    def micro_batches(self) -> list[LinkBatch]:
-        """The stored crops split into their micro-batches, in commit order."""
-        bounds = np.flatnonzero(np.diff(self.batch_numbers)) + 1
-        return [self.batch.rows(part) for part in np.split(np.arange(len(self)), bounds)]
+    def micro_batches(self, start: int = 0) -> Iterator[LinkBatch]:
+        """The stored crops from sequence number ``start`` on, split into their
+        micro-batches, in commit order (each a copy, made as it is reached)."""
+        if start >= len(self):
+            return
+        bounds = np.flatnonzero(np.diff(self.batch_numbers[start:])) + 1
+        for part in np.split(np.arange(start, len(self)), bounds):
+            yield self.batch.rows(part)
 
 
 class CropColumns:
@@ -271,6 +275,10 @@ class CropColumns:
             grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
             grown[: self.n] = old[: self.n]
             setattr(self, name, grown)
+
+    def trap_codes(self) -> tuple[TrapId | None, ...]:
+        """The trap of each trap code, in code order (code 0: no flat-bug frame)."""
+        return tuple(self._trap_codes)
 
     @property
     def live_embeddings(self) -> npt.NDArray[np.float32]:

@@ -12,22 +12,30 @@ A frame is flat-bug's (name, identifier and trap folder: :class:`FrameId`), and
 each trap is tracked on its own: a frame's crops are matched only to tracks of
 its trap, and the frame counts for ``gap_frames`` only in its trap, so a trap's
 clusters do not depend on another trap's files.
+
+A restart resumes from a checkpoint (:mod:`.trackstate`, written by
+:meth:`TrackLinker.save`) and replays only the micro-batches committed after
+it; without a usable one it replays them all.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .. import defaults
+from ..atomic import remove_stale_temp_files
 from ..log import get_logger
-from ..records import FrameId
+from ..records import FrameId, TrapId
 from .base import AddResult, FloatArray, IntArray, LinkBatch, Linker, Motion, StoredLinks
 from .exact import pair_cosine
+from .trackstate import CheckpointError, TrackCheckpoint, checkpoint_path, digest
 
 log = get_logger(__name__)
 
@@ -62,6 +70,7 @@ class TrackLinker(Linker):
         # and how many frames of that trap were matched so far.
         self._active: dict[int, list[int]] = {}
         self._frame_ordinal: dict[int, int] = {}
+        self._stale_cleared = False  # temp files of a killed save, cleared once
 
     def add(self, batch: LinkBatch) -> AddResult:
         """Match the batch's frames, in time order, to the active clusters."""
@@ -89,27 +98,140 @@ class TrackLinker(Linker):
     # -- persistence (the daemon's state folder) -------------------------------------
 
     def save(self, path: Path) -> int:
-        """Nothing to save: a restart replays the stored micro-batches. Returns 0."""
-        return 0
+        """Write a checkpoint (see :mod:`.trackstate`) beside ``path``, atomically.
+
+        The file is :func:`checkpoint_path` of ``path``; its size depends on the
+        active tracks, not on the crops before them. Returns how many crops it
+        covers (all held; 0 and nothing written when none). OSError on failure.
+        """
+        if self._cols.n == 0:
+            return 0
+        target = checkpoint_path(path)
+        if not self._stale_cleared:
+            remove_stale_temp_files(target)
+            self._stale_cleared = True
+        self._checkpoint().write(target)
+        return self._cols.n
 
     def restore(self, stored: StoredLinks) -> bool:
-        """Replay the stored micro-batches in order, which reproduces the state exactly.
+        """Bring a fresh linker to the stored state; return whether a checkpoint was used.
 
-        The replayed ids are checked against ``stored.cluster_ids``; when they
-        differ (e.g. the settings changed) a ``replay_differs`` warning is
-        logged and the replay is kept. Uses no saved file: returns False.
+        The checkpoint beside ``stored.index_file`` is used when it was written
+        with these settings, covers a prefix of the stored crops that ends
+        between two micro-batches, and agrees with them (the covered crops'
+        cluster ids, the latest crops of its active tracks). Only the
+        micro-batches after it are then replayed. Otherwise (no file, another
+        settings or state, a damaged file: logged as ``track_checkpoint_unused``
+        with the reason) every stored micro-batch is replayed, which reproduces
+        the state exactly. Either way the result is checked against
+        ``stored.cluster_ids``: when they differ (e.g. the settings changed) a
+        ``replay_differs`` warning is logged and the replay is kept.
         """
         if self._cols.n:
             raise RuntimeError("restore() needs a fresh linker")
         if len(stored) == 0:
             return False
-        for part in stored.micro_batches():
+        checkpoint = self._usable_checkpoint(stored)
+        start = 0
+        if checkpoint is not None:
+            self._resume(checkpoint, stored)
+            start = checkpoint.covers
+        for part in stored.micro_batches(start):
             self.add(part)
         replayed = self.cluster_ids()
         if not np.array_equal(replayed, stored.cluster_ids):
             differ = int(np.count_nonzero(replayed != stored.cluster_ids))
             log.warning("replay_differs", crops=differ, hint="stored ids are kept in the CSV")
-        return False
+        return checkpoint is not None
+
+    def _settings(self) -> dict[str, Any]:
+        motion = self.motion
+        return {
+            "threshold": self.threshold,
+            "gap_s": self.gap_s,
+            "gap_frames": self.gap_frames,
+            "memory": self.memory,
+            "motion": None if motion is None else [motion.max_move_px, motion.penalty],
+        }
+
+    def _checkpoint(self) -> TrackCheckpoint:
+        """The state after every crop held, as a checkpoint records it."""
+        cols = self._cols
+        entries = [(trap, k) for trap, active in self._active.items() for k in active]
+        tracks = [self._tracks[k] for _, k in entries]
+        recent = np.full((len(tracks), self.memory), -1, dtype=np.int64)
+        for row, track in enumerate(tracks):
+            recent[row, : len(track.recent)] = track.recent
+        seqs = np.unique(recent[recent >= 0])
+        codes = cols.trap_codes()
+        ordinals = np.zeros(len(codes), dtype=np.int64)
+        for code, ordinal in self._frame_ordinal.items():
+            ordinals[code] = ordinal
+        return TrackCheckpoint(
+            settings=self._settings(),
+            covers=cols.n,
+            dim=cols.dim,
+            traps=codes,
+            ids_digest=digest(self.cluster_ids()),
+            vectors_digest=digest(cols.embeddings[seqs]),
+            ordinals=ordinals,
+            active_trap=np.array([trap for trap, _ in entries], dtype=np.int64),
+            active_first=np.array([t.first_seq for t in tracks], dtype=np.int64),
+            last_seq=np.array([t.last_seq for t in tracks], dtype=np.int64),
+            last_ordinal=np.array([t.last_ordinal for t in tracks], dtype=np.int64),
+            last_time=np.array([t.last_time for t in tracks], dtype=np.float64),
+            recent=recent,
+            retired=self._retired.copy(),
+            recent_seqs=seqs,
+            recent_times=cols.times[seqs].copy(),
+            recent_centers=cols.centers[seqs].copy(),
+        )
+
+    def _usable_checkpoint(self, stored: StoredLinks) -> TrackCheckpoint | None:
+        """The checkpoint beside ``stored.index_file`` when it fits the stored crops."""
+        if stored.index_file is None:
+            return None
+        path = checkpoint_path(stored.index_file)
+        try:
+            checkpoint = TrackCheckpoint.read(path)
+        except FileNotFoundError:
+            log.info("track_checkpoint_unused", file=str(path), reason="no checkpoint yet")
+            return None
+        except CheckpointError as exc:
+            log.warning("track_checkpoint_unused", file=str(path), reason=str(exc))
+            return None
+        reason = _mismatch(checkpoint, stored, self._settings())
+        if reason is not None:
+            log.warning("track_checkpoint_unused", file=str(path), reason=reason)
+            return None
+        return checkpoint
+
+    def _resume(self, checkpoint: TrackCheckpoint, stored: StoredLinks) -> None:
+        """Take the checkpoint's state over the first ``covers`` stored crops,
+        which :func:`_mismatch` found to agree with it."""
+        m = checkpoint.covers
+        batch = stored.batch
+        self._cols.append(
+            LinkBatch(batch.embeddings[:m], batch.times[:m], batch.centers[:m], batch.frames[:m])
+        )
+        Linker.retire(self, checkpoint.retired)
+        # Tracks are numbered by cluster id here; the numbers are internal, and
+        # the matching order lives in each trap's active list, which is kept.
+        firsts, track_of = np.unique(stored.cluster_ids[:m], return_inverse=True)
+        self._track_of = np.full(max(m, 1024), -1, dtype=np.int64)
+        self._track_of[:m] = track_of
+        self._tracks = [_Track(first_seq=int(f)) for f in firsts.tolist()]
+        self._frame_ordinal = dict(enumerate(checkpoint.ordinals.tolist()))
+        ks = np.searchsorted(firsts, checkpoint.active_first)
+        for row, k in enumerate(ks.tolist()):
+            track = self._tracks[k]
+            track.recent = [int(s) for s in checkpoint.recent[row] if s >= 0]
+            track.last_seq = int(checkpoint.last_seq[row])
+            track.last_time = float(checkpoint.last_time[row])
+            track.last_ordinal = int(checkpoint.last_ordinal[row])
+            track.last_frame = self._cols.frames[track.last_seq]
+            track.last_center = self._cols.centers[track.last_seq]
+            self._active.setdefault(int(checkpoint.active_trap[row]), []).append(k)
 
     # -- matching -----------------------------------------------------------------------
 
@@ -202,6 +324,64 @@ class TrackLinker(Linker):
             for r, c in zip(row_ind, col_ind, strict=True)
             if c < len(candidates) and allowed[r, c]
         }
+
+
+def _trap_order(frames: Sequence[FrameId | None]) -> tuple[TrapId | None, ...]:
+    """The traps of ``frames`` in the code order :class:`CropColumns` gives them."""
+    codes: dict[TrapId | None, None] = {None: None}
+    for frame in frames:
+        codes.setdefault(None if frame is None else frame.trap)
+    return tuple(codes)
+
+
+def _mismatch(
+    checkpoint: TrackCheckpoint, stored: StoredLinks, settings: dict[str, Any]
+) -> str | None:
+    """Why the checkpoint cannot stand for the first ``covers`` stored crops; None when it can."""
+    c, m, n = checkpoint, checkpoint.covers, len(stored)
+    if c.settings != settings:
+        return f"written with other settings ({c.settings}, now {settings})"
+    if not 0 < m <= n:
+        return f"covers {m} crops, the state holds {n}"
+    if m < n and stored.batch_numbers[m] == stored.batch_numbers[m - 1]:
+        return f"ends inside a micro-batch (crop {m})"
+    if c.dim != stored.batch.embeddings.shape[1]:
+        return f"dimension {c.dim}, the state's is {stored.batch.embeddings.shape[1]}"
+    ids = stored.cluster_ids
+    if c.ids_digest != digest(ids[:m]):
+        return "its cluster ids differ from the stored ones"
+    if c.traps != _trap_order(stored.batch.frames[:m]) or len(c.ordinals) != len(c.traps):
+        return "its traps differ from the stored crops' traps"
+    recent = c.recent[c.recent >= 0]
+    seqs = (c.active_first, c.last_seq, recent, c.recent_seqs, c.retired)
+    if any(len(s) and (s.min() < 0 or s.max() >= m) for s in seqs) or (
+        len(c.active_trap) and (c.active_trap.min() < 0 or c.active_trap.max() >= len(c.traps))
+    ):
+        return "it names crops or traps it does not cover"
+    members = np.where(c.recent >= 0, ids[np.maximum(c.recent, 0)], c.active_first[:, None])
+    if np.any(ids[c.active_first] != c.active_first) or np.any(members != c.active_first[:, None]):
+        return "its tracks differ from the stored clusters"
+    # Each row: the latest crops oldest first, padding only at the end, the
+    # last of them the track's last crop; each one's vector is in the file.
+    filled = (c.recent >= 0).sum(axis=1)
+    last = c.recent[np.arange(len(filled)), np.maximum(filled, 1) - 1]
+    if (
+        np.any(filled == 0)
+        or not np.array_equal(c.recent >= 0, np.arange(c.recent.shape[1]) < filled[:, None])
+        or not np.array_equal(last, c.last_seq)
+        or not np.all(np.isin(recent, c.recent_seqs))
+    ):
+        return "its latest crops are incomplete"
+    batch, rows = stored.batch, c.recent_seqs
+    vectors = batch.embeddings[rows]
+    vectors[np.isin(rows, c.retired)] = 0.0  # as the linker held them
+    if not (
+        c.vectors_digest == digest(vectors)
+        and np.array_equal(c.recent_times, batch.times[rows], equal_nan=True)
+        and np.array_equal(c.recent_centers, batch.centers[rows], equal_nan=True)
+    ):
+        return "its latest crops differ from the stored ones"
+    return None
 
 
 @dataclass(slots=True)
