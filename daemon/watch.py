@@ -9,10 +9,11 @@ Three parts, each usable alone:
   reconciles with `scan_tree` every ``rescan_s`` and after every restart
   (`Watcher.check` returning True). Deletions are not reported at all: a mount
   that goes away must not look like thousands of deleted crops.
-- `scan_tree` walks the tree with ``os.scandir`` and yields the crops and
-  metadata files it finds, with their size and mtime. It never follows symlinks.
-  With a `DirMtimes` it skips listing the directories whose mtime is unchanged
-  since its previous walk, so a rescan costs one stat per directory, not per file.
+- `scan_tree` (:mod:`.scan`, re-exported here) walks the tree with
+  ``os.scandir`` and yields the crops and metadata files it finds, with their
+  size and mtime. It never follows symlinks. With a `DirMtimes` it skips
+  listing the directories whose mtime is unchanged since its previous walk, so
+  a rescan costs one stat per directory, not per file.
 - `Settler` decides when a hinted file is complete: flat-bug writes crops
   straight to their final names and its JSON with a plain write, so a file is
   only handed on once its size and mtime stayed the same for ``settle_s``.
@@ -33,7 +34,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,9 +53,18 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from .flatbug import parse_metadata_name
-from .inputs import is_ignored_name, is_image_name
 from .log import get_logger
+from .scan import (
+    RACY_S,
+    DirMtimes,
+    FileKind,
+    FileSeen,
+    kind,
+    list_sorted,
+    os_reason,
+    scan_tree,
+    skip_dir_name,
+)
 
 # watchdog 7's inotify emitter warns "Callback with id ... already exists for
 # watch ..." (with its whole watch table) when a new folder's watch is added
@@ -85,8 +95,6 @@ log = get_logger(__name__)
 WatchMode = Literal["inotify", "polling"]
 """``inotify``: the platform's native observer (inotify on Linux); ``polling``: snapshots."""
 
-FileKind = Literal["crop", "metadata"]
-
 ObserverFactory = Callable[[WatchMode, float], BaseObserver]
 """Builds an unstarted observer for a mode; the float is the polling interval in seconds."""
 
@@ -96,228 +104,6 @@ _INOTIFY_EXHAUSTED = {
     errno.ENOSPC: "inotify watch limit reached",
     errno.EMFILE: "inotify instance limit reached",
 }
-
-
-# --- names and files ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileSeen:
-    """A regular file as last stat'ed: its path, size in bytes, mtime in ns and
-    inode number (0 when unknown); see :mod:`.identity` for how they identify it."""
-
-    path: Path
-    size: int
-    mtime_ns: int
-    inode: int = 0
-
-
-def kind(path: Path | str) -> FileKind | None:
-    """Classify a file name: ``"metadata"`` (flat-bug JSON), ``"crop"`` (image) or None.
-
-    Hidden and temporary names are None whatever their extension.
-    """
-    name = os.path.basename(os.fspath(path))
-    if not name or is_ignored_name(name):
-        return None
-    if parse_metadata_name(name) is not None:
-        return "metadata"
-    if is_image_name(name):
-        return "crop"
-    return None
-
-
-def _skip_dir_name(name: str) -> bool:
-    """Directories never entered: hidden/temporary ones and ones named like our files."""
-    return is_ignored_name(name) or kind(name) is not None
-
-
-# A directory's mtime is trusted as "unchanged" only when it was at least this old
-# when stat'ed: a later change then gets a later mtime, even on a file system
-# with 2 s timestamps (FAT) or a server clock a few seconds off (NFS). Younger
-# directories are listed at every rescan.
-RACY_S = 5.0
-
-
-def list_sorted(directory: Path) -> list[os.DirEntry[str]]:
-    """A directory's entries in name order (``os.scandir``; raises its `OSError`)."""
-    with os.scandir(directory) as it:
-        return sorted(it, key=lambda e: e.name)
-
-
-class DirMtimes:
-    """Each directory's mtime (ns) and sub-directory names as the previous scan saw them.
-
-    An entry added, removed or renamed in a directory changes its mtime, so a
-    rescan need not list a directory whose mtime is unchanged: nothing new can
-    be in it (its sub-directories are still visited, from the names kept
-    here). A file rewritten in place leaves its directory's mtime alone; the
-    observer's events report it, and a full scan (``begin(full=True)``: at
-    start, after lost events) reads every directory. Memory is one entry per
-    directory, none per file. ``clock_ns`` is the wall clock the directories'
-    mtimes are compared with (see :data:`RACY_S`).
-
-    Used by one thread: :func:`scan_tree` calls :meth:`begin` ... :meth:`end`
-    around one walk; ``listed`` and ``unchanged`` count that walk's directories.
-    """
-
-    def __init__(
-        self, *, margin_s: float = RACY_S, clock_ns: Callable[[], int] = time.time_ns
-    ) -> None:
-        self.margin_ns = int(margin_s * 1e9)
-        self.clock_ns = clock_ns
-        self._seen: dict[str, tuple[int, tuple[str, ...]]] = {}
-        self._next: dict[str, tuple[int, tuple[str, ...]]] | None = None
-        self._full = True
-        self.listed = 0
-        self.unchanged = 0
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def __contains__(self, directory: object) -> bool:
-        """Whether the last walk kept ``directory`` (a path) as unchanged-able."""
-        return str(directory) in self._seen
-
-    def begin(self, *, full: bool) -> None:
-        """Start a walk; ``full``: list every directory, whatever the last walk saw."""
-        self._next = {}
-        self._full = full
-        self.listed = self.unchanged = 0
-
-    def subdirs_if_unchanged(self, directory: Path, mtime_ns: int) -> tuple[str, ...] | None:
-        """The sub-directory names of a directory unchanged since the last walk, or None."""
-        if self._full or self._next is None:
-            return None
-        seen = self._seen.get(str(directory))
-        if seen is None or seen[0] != mtime_ns:
-            return None
-        self.unchanged += 1
-        self._next[str(directory)] = seen
-        return seen[1]
-
-    def listed_now(
-        self, directory: Path, mtime_ns: int, stat_at_ns: int, subdirs: list[str], complete: bool
-    ) -> None:
-        """A directory was listed: keep its mtime (stat'ed before the listing, at
-        ``stat_at_ns``) if it was old enough and every entry could be read."""
-        self.listed += 1
-        if self._next is not None and complete and mtime_ns <= stat_at_ns - self.margin_ns:
-            self._next[str(directory)] = (mtime_ns, tuple(subdirs))
-
-    def end(self) -> None:
-        """The walk finished: what it saw replaces the last one (gone directories go)."""
-        if self._next is not None:
-            self._seen, self._next = self._next, None
-
-    def forget(self, directory: Path) -> None:
-        """List ``directory`` at the next walk (a file in it could not be read)."""
-        self._seen.pop(str(directory), None)
-
-
-def scan_tree(
-    folder: Path,
-    *,
-    recursive: bool = True,
-    dirs: DirMtimes | None = None,
-    listdir: Callable[[Path], list[os.DirEntry[str]]] = list_sorted,
-) -> Iterator[FileSeen]:
-    """Yield the crops and metadata files under ``folder`` with their size and mtime.
-
-    A reconciliation walk: symlinks are never followed (neither to files nor to
-    directories, so nothing outside the tree is read), hidden/temporary names and
-    directories named like images are skipped, and entries sorted by name within
-    each directory. A sub-directory that cannot be listed, or an entry that
-    vanishes or cannot be stat'ed mid-walk, is logged (``scan_error``) and skipped.
-    An unreadable ``folder`` itself raises its `OSError` on the first ``next()``
-    (e.g. `FileNotFoundError`), so that the caller can tell an unavailable root
-    from an empty one. Use `kind` to tell crops from metadata.
-
-    With ``dirs`` (after its ``begin``), a directory whose mtime is unchanged
-    since the walk ``dirs`` last saw is not listed (its sub-directories are
-    still visited), and a walk run to its end updates ``dirs``. ``listdir``
-    lists one directory (a seam for tests).
-    """
-    root = Path(folder)
-    stack: list[Path] = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            kept, mtime_ns, stat_at = _stat_dir(directory, dirs, root=directory is root)
-            entries = [] if kept is not None else listdir(directory)
-        except OSError as exc:
-            if directory is root:
-                raise  # unreachable is not the same as empty
-            log.warning("scan_error", path=str(directory), reason=_reason(exc))
-            continue
-        if kept is None:
-            subdirs: list[Path] = []
-            complete = True
-            for entry in entries:
-                seen, ok = _scan_entry(entry, recursive, subdirs)
-                complete = complete and ok
-                if seen is not None:
-                    yield seen
-            kept = tuple(d.name for d in subdirs)
-            if dirs is not None:
-                dirs.listed_now(directory, mtime_ns, stat_at, list(kept), complete)
-        # Reversed so that the stack pops sub-directories in name order.
-        stack.extend(directory / name for name in reversed(kept))
-    if dirs is not None:
-        dirs.end()
-
-
-def _stat_dir(
-    directory: Path, dirs: DirMtimes | None, *, root: bool
-) -> tuple[tuple[str, ...] | None, int, int]:
-    """With ``dirs``, stat ``directory`` before it is listed: (its kept sub-directory
-    names when unchanged, else None; its mtime in ns; when it was stat'ed, wall
-    clock ns). Without ``dirs`` nothing is stat'ed: (None, 0, 0). Raises `OSError`."""
-    if dirs is None:
-        return None, 0, 0
-    at = dirs.clock_ns()
-    st = os.stat(directory) if root else os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode):
-        if not root:  # replaced since it was listed (a symlink is never followed)
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
-        return None, 0, 0  # the listing fails and says why
-    return dirs.subdirs_if_unchanged(directory, st.st_mtime_ns), st.st_mtime_ns, at
-
-
-def _scan_entry(
-    entry: os.DirEntry[str], recursive: bool, subdirs: list[Path]
-) -> tuple[FileSeen | None, bool]:
-    """The entry as a `FileSeen` if it is a wanted regular file (queueing sub-dirs),
-    and False when it could not be read (logged)."""
-    name = entry.name
-    if is_ignored_name(name):
-        return None, True
-    try:
-        if entry.is_symlink():
-            return None, True
-        if entry.is_dir(follow_symlinks=False):
-            if recursive and not _skip_dir_name(name):
-                subdirs.append(Path(entry.path))
-            return None, True
-        if kind(name) is None:
-            return None, True
-        st = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return None, True  # vanished between listing and stat: nothing to report
-    except OSError as exc:
-        log.warning("scan_error", path=entry.path, reason=_reason(exc))
-        return None, False
-    if not stat.S_ISREG(st.st_mode):
-        return None, True  # fifo, socket, device: never read
-    return FileSeen(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ino), True
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, stable description of an exception for log fields."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        code = errno.errorcode.get(exc.errno, str(exc.errno))
-        return f"{code}: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 # --- watcher -----------------------------------------------------------------------------
@@ -368,10 +154,10 @@ class _HintHandler(FileSystemEventHandler):
             parents = path.relative_to(self._root).parts[:-1]
         except ValueError:
             parents = ()
-        if any(_skip_dir_name(part) for part in parents):
+        if any(skip_dir_name(part) for part in parents):
             return None
         if is_dir:
-            return None if _skip_dir_name(path.name) or path == self._root else path
+            return None if skip_dir_name(path.name) or path == self._root else path
         return path if kind(path) is not None else None
 
     def _record_error(self, exc: Exception, event: FileSystemEvent) -> None:
@@ -522,7 +308,7 @@ class Watcher:
                 "watch_start_failed",
                 folder=str(self.folder),
                 mode=self._mode,
-                reason=_reason(exc),
+                reason=os_reason(exc),
                 retry_in_s=round(self._backoff, 3),
             )
             self._backoff = min(self._backoff * 2, self._max_backoff)
@@ -544,7 +330,7 @@ class Watcher:
                 "watch_fallback_polling",
                 folder=str(self.folder),
                 reason=_INOTIFY_EXHAUSTED[exc.errno],
-                error=_reason(exc),
+                error=os_reason(exc),
                 poll_interval_s=self.poll_interval_s,
                 fix="raise fs.inotify.max_user_watches / max_user_instances, or set "
                 "[watch] polling = true",
@@ -701,7 +487,7 @@ class Settler:
                 if isinstance(st, FileNotFoundError | NotADirectoryError):
                     vanished.append(path)
                 elif isinstance(st, OSError):
-                    failed.append((path, _reason(st)))
+                    failed.append((path, os_reason(st)))
                 elif not stat.S_ISREG(st.st_mode):
                     not_regular.append(path)
                 else:
@@ -737,7 +523,7 @@ class Settler:
             ok = stat.S_ISDIR(os.stat(self.root).st_mode)
             reason = "" if ok else "not a directory"
         except OSError as exc:
-            ok, reason = False, _reason(exc)
+            ok, reason = False, os_reason(exc)
         if not ok:
             if not self._root_down:
                 self._root_down = True
