@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +43,8 @@ from crop_clusterd.supervisor import Daemon
 from crop_clusterd.watch import DirMtimes, FileSeen, WatchMode, list_sorted, scan_tree
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --- lookups through the store decide as the in-memory registry did -----------------------
 
@@ -415,3 +420,30 @@ def test_the_daemons_rescan_lists_changed_folders_only_and_finds_new_files(
     # Every rescan visits every folder, and lists only those new or changed.
     assert all(s["dirs_listed"] <= 3 for s in periodic)
     assert all(s["dirs_listed"] + s["dirs_unchanged"] >= 61 for s in periodic)
+
+
+# --- the benchmark script, small, so that it does not rot ---------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_registry_script_runs_and_its_figures_agree(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    args = ["--crops", "3000", "--frames", "60", "--per-frame", "3", "--work", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_registry.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    [after] = figures["registry"]
+    assert (after["variant"], after["crops"], after["held"]) == ("after", 3000, 0)
+    rescan = figures["rescan"]
+    assert rescan["full_files"] == 180 and rescan["incremental_files"] == 3
+    # The root, the new night and frame folders and its crops folder; the rest unchanged.
+    assert rescan["dirs_listed"] == 4
+    assert rescan["dirs_listed"] + rescan["dirs_unchanged"] == 1 + 1 + 2 * 60 + 3
+    [scan] = figures["first_scan"]
+    assert scan["files"] == 183 and scan["held"] == 0
