@@ -155,6 +155,8 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._committed = committed if committed is not None else queue.SimpleQueue()
         self._dirs = dirs if dirs is not None else DirMtimes()
         self._settling: set[str] = set()
+        # Files hinted while pending (see _route); at most the files in flight.
+        self._recheck: set[Path] = set()
         # Keyed by flat-bug frame (name, identifier, trap folder), or by the file's
         # name for a crop that has no frame (a frame of its own).
         self._waiting: dict[FrameId | str, _Waiting] = {}
@@ -192,7 +194,8 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             len(u.crops) for u in self._to_decode
         )
         waiting = sum(len(w.files) for w in self._waiting.values())
-        return len(self._settling) + waiting + decoding + len(self._retries) + self.inbox.qsize()
+        queued = len(self._retries) + len(self._recheck) + self.inbox.qsize()
+        return len(self._settling) + waiting + decoding + queued
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -221,6 +224,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             except queue.Empty:
                 break
             self._known.committed(paths)
+        self._recheck_handed_on()
         for _ in range(10_000):
             try:
                 hint = self.inbox.get_nowait()
@@ -248,10 +252,26 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         if kind(path) is None:
             return
         name = record_name(path)
-        if name in self._settling or not self._changed(name, None, path):
+        if name in self._settling:
+            return  # the settler's next stat sees any change
+        entry = self._known.get(name)
+        if entry is not None and entry.kind == "pending":
+            # Hashed and on its way: a change now (a rewrite in place) is looked at
+            # once it is handed on, since a rescan may not list its folder again.
+            self._recheck.add(Path(path))
+            return
+        if not self._changed(entry, None, path):
             return
         self._settling.add(name)
         self.settler.offer(Path(path))
+
+    def _recheck_handed_on(self) -> None:
+        """Route again the files hinted while they were pending, once they are not."""
+        for path in list(self._recheck):
+            entry = self._known.get(record_name(path))
+            if entry is None or entry.kind != "pending":
+                self._recheck.discard(path)
+                self._route(path)
 
     def _scan(self, folder: Path, *, dirs: DirMtimes | None = None, full: bool = True) -> None:
         """Offer the new and changed files under ``folder``; with ``dirs``, skip the
@@ -292,7 +312,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._known.prefetch(names)  # one look-up in the state database for the batch
         found = 0
         for name, seen in zip(names, batch, strict=True):
-            if name in self._settling or not self._changed(name, seen, seen.path):
+            if name in self._settling or not self._changed(self._known.get(name), seen, seen.path):
                 continue
             self._settling.add(name)
             self.settler.offer(seen.path, seen)
@@ -327,13 +347,13 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             waiting.ready_at.append(now)
             waiting.last_ready = now
 
-    def _changed(self, name: str, seen: FileSeen | None, path: Path) -> bool:
-        """Whether a hinted or scanned file is new or changed since it was last dealt with.
+    def _changed(self, entry: Entry | None, seen: FileSeen | None, path: Path) -> bool:
+        """Whether a hinted or scanned file is new or changed since it was last dealt
+        with (``entry``: what the registry knows of it).
 
         Files on their way (``pending``) are left alone: their retry reads
         the new bytes. A known file is stat'ed when the hint came without one.
         """
-        entry = self._known.get(name)
         if entry is None:
             return True
         if entry.kind == "pending":

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fakes import BLUE, GREEN, RED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from test_identity import Running, config_for, png, rows
 from test_notify import named
 from test_soak import DeafObserver
@@ -271,6 +273,55 @@ def test_the_registry_holds_nothing_once_its_commits_are_reported(
         run.stop()
     assert counting.embedded == 0
     assert sorted(n for n, _ in rows(config)) == sorted([str(r) for r in reds] + sorted(moved))
+
+
+class HeldEmbedder(CountingEmbedder):
+    """Holds the first red crop in its decode (``preprocess``, pixels read) until released."""
+
+    name = "colour-held"
+    entered = threading.Event()
+    release = threading.Event()
+    held = False
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        cls = type(self)
+        red, green, _ = image.convert("RGB").getpixel((0, 0))  # type: ignore[misc]
+        if red > 150 and green < 100 and not cls.held:
+            cls.held = True
+            cls.entered.set()
+            assert cls.release.wait(30), "never released"
+        return super().preprocess(image)
+
+
+def test_a_crop_rewritten_in_place_on_its_way_is_looked_at_once_handed_on(
+    tmp_path: Path,
+) -> None:
+    """Its folder's mtime stays, so no rescan lists it again: the event that came
+    while the crop was pending must bring it back once it is handed on."""
+    watch = tmp_path / "W"
+    a = png(watch / "f" / "a.png", RED[0])
+    b = png(watch / "f" / "b.png", GREEN[0])
+    age(a.parent)
+    age(watch)
+    HeldEmbedder.entered.clear()
+    HeldEmbedder.release.clear()
+    HeldEmbedder.held = False
+    HeldEmbedder.embedded = 0
+    config = config_for(tmp_path, watch)
+    run = Running(config, HeldEmbedder(EmbedderOptions()))
+    try:
+        assert HeldEmbedder.entered.wait(30)
+        intake = run.daemon.pipeline.intake if run.daemon.pipeline else None
+        assert intake is not None
+        wait_for(lambda: intake.backlog() == 2)  # a (held) and b, decoding
+        png(a, GREEN[1])  # rewritten in place, its red pixels already read
+        wait_for(lambda: intake.backlog() == 3)  # the event: a is to be looked at again
+        HeldEmbedder.release.set()
+        wait_for(lambda: HeldEmbedder.embedded == 3)  # a (red), b, a again (green)
+        wait_for(lambda: partition(rows(config)) == {frozenset({str(a), str(b)})})
+    finally:
+        HeldEmbedder.release.set()
+        run.stop()
 
 
 # --- rescans skip unchanged directories ---------------------------------------------------
