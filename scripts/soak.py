@@ -554,7 +554,7 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
     fed: list[int] = [0]
 
     # The close kill must be armed before the next night's first frame lands: the
-    # feeder waits for it there (up to a minute), the kill loop waits for the feeder.
+    # feeder waits for it there (up to 10 minutes), the kill loop waits for the feeder.
     boundary, close_armed = threading.Event(), threading.Event()
     first_night = chosen[0].name[:8]
 
@@ -564,7 +564,7 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
         for frame in chosen:
             if CLOSE_KILL in plan and frame.name[:8] != first_night and not boundary.is_set():
                 boundary.set()
-                close_armed.wait(60.0)
+                close_armed.wait(600.0)
             shutil.copytree(frame, watch / frame.name)
             fed[0] += len(list((frame / "crops").glob("*.png")))
             next_at += period
