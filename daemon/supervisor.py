@@ -110,6 +110,7 @@ class Daemon:
         self._commits: deque[tuple[float, int]] = deque()
         self._last_commit_at = -math.inf
         self._total = 0
+        self._publish_error: str | None = None
         # Sessions this run committed to (and the one open at start): the summary's scope.
         self._sessions_touched: set[str] = set()
         self._lock = threading.Lock()
@@ -480,4 +481,11 @@ class Daemon:
         try:
             p.runtime.set_runtime(values)
         except Exception as exc:  # status figures must never stop the daemon
-            log.warning("runtime_publish_failed", reason=str(exc))
+            # Once per failure streak: a full disk fails this every second.
+            if self._publish_error != str(exc):
+                log.warning("runtime_publish_failed", reason=str(exc))
+            self._publish_error = str(exc)
+        else:
+            if self._publish_error is not None:
+                log.info("runtime_publish_recovered")
+            self._publish_error = None

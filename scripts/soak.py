@@ -50,12 +50,16 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 
 KILL_KINDS = ("commit", "snapshot", "load", "random")
+# With --nights 2: one kill aimed at the moment a night is closed, before its final
+# files are written (the next start must finish them).
+CLOSE_KILL = "close"
 
 # Marker event the child logs when it enters a window, and the one it logs on leaving it.
 WINDOWS = {
     "commit": ("soak_commit_pending", "soak_commit_done"),
     "snapshot": ("soak_snapshot_tmp", "soak_snapshot_tmp_done"),
     "load": ("soak_model_loading", "model_loaded"),
+    CLOSE_KILL: ("session_closed", "session_outputs_final"),
 }
 
 
@@ -70,7 +74,9 @@ class ChildSpec:
     watch: str
     method: str = "cosine"
     model: str = "colour-test"
-    log_level: str = "info"
+    # debug: crop_assigned lines (one per committed crop) show double commits.
+    log_level: str = "debug"
+    split: str = "none"
     rescan_s: float = 1.0
     load_delay_s: float = 0.0
     commit_delay_s: float = 0.0
@@ -86,7 +92,9 @@ def child_config(spec: ChildSpec) -> Any:
 
     config = t.make_config(Path(spec.tmp), Path(spec.watch), spec.method)
     config = dataclasses.replace(
-        config, watch=dataclasses.replace(config.watch, rescan_s=spec.rescan_s)
+        config,
+        watch=dataclasses.replace(config.watch, rescan_s=spec.rescan_s),
+        session=dataclasses.replace(config.session, split=spec.split),  # type: ignore[arg-type]
     )
     if spec.model != "colour-test":
         config = dataclasses.replace(
@@ -307,6 +315,7 @@ class OutputReader(threading.Thread):
         self.seen: dict[str, FileVersions] = {f: FileVersions() for f in self.FILES}
         self._keys: dict[str, tuple[int, int, int]] = {}
         self._last_names: set[str] = set()
+        self._target = os.path.realpath(out)
         self.shrank = 0  # clusters.csv versions that lost crops an earlier one had
 
     def run(self) -> None:
@@ -318,6 +327,11 @@ class OutputReader(threading.Thread):
 
     def poll(self) -> None:
         """Parse each file whose inode, mtime or size changed since the last look."""
+        target = os.path.realpath(self.out)
+        if target != self._target:
+            # OUT/current moved on to the next night: its files start afresh.
+            self._target = target
+            self._last_names = set()
         for name in self.FILES:
             path = self.out / name
             try:
@@ -404,6 +418,7 @@ class SoakOptions:
     commit_delay_s: float = 0.05
     snapshot_delay_s: float = 0.05
     compare_batch: bool = True
+    nights: int = 1  # > 1: session.split = "night", crops spread over consecutive nights
 
 
 @dataclass(frozen=True)
@@ -457,13 +472,28 @@ class SoakResult:
         )
 
 
-def _frames_for(crops: int, seed: int, dest: Path) -> list[Path]:
-    """Simulate a session with at least ``crops`` crops; return its frame folders."""
+def _frames_for(crops: int, seed: int, dest: Path, nights: int = 1) -> list[Path]:
+    """Simulate ``nights`` nights with at least ``crops`` crops in all; their frame folders.
+
+    Night ``k`` starts at 22:00 on the ``k``-th day after 2024-07-01, so frame
+    names sort night by night.
+    """
+    frames: list[Path] = []
+    for k in range(nights):
+        frames += _night_frames(-(-crops // nights), seed + k, dest / f"night{k}", k)
+    return sorted(frames, key=lambda p: p.name)
+
+
+def _night_frames(crops: int, seed: int, dest: Path, night: int) -> list[Path]:
+    """One simulated night with at least ``crops`` crops; its frame folders."""
+    from datetime import datetime, timedelta
+
     from crop_clusterd.simulate import SimConfig, simulate
 
+    start = datetime(2024, 7, 1, 22) + timedelta(days=night)
     frames = max(2, int(crops / 10.0) + 2)
     while True:
-        simulate(SimConfig(seed=seed, frames=frames, mean_present=14.0), dest)
+        simulate(SimConfig(seed=seed, frames=frames, mean_present=14.0, start=start), dest)
         if sum(1 for _ in dest.rglob("*.png")) >= crops:
             return sorted(p for p in dest.iterdir() if p.is_dir())
         # Fewer insects visited than expected: a longer night, from scratch.
@@ -471,10 +501,15 @@ def _frames_for(crops: int, seed: int, dest: Path) -> list[Path]:
         frames = int(frames * 1.5) + 1
 
 
-def _plan(kills: int, rng: random.Random) -> list[str]:
-    """Kill kinds: the aimed ones equally often, in random order."""
+def _plan(kills: int, rng: random.Random, nights: int = 1) -> list[str]:
+    """Kill kinds: the aimed ones equally often, in random order.
+
+    Across nights, the middle kill waits for the first night to close.
+    """
     kinds = [KILL_KINDS[i % len(KILL_KINDS)] for i in range(kills)]
     rng.shuffle(kinds)
+    if nights > 1 and kinds:
+        kinds[len(kinds) // 2] = CLOSE_KILL
     return kinds
 
 
@@ -487,7 +522,7 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
         shutil.rmtree(work)
     work.mkdir(parents=True)
     src = work / "session"
-    frames = _frames_for(opts.crops, opts.seed, src)
+    frames = _frames_for(opts.crops, opts.seed, src, opts.nights)
 
     # Only as many frames as hold the asked-for number of crops (at least).
     chosen: list[Path] = []
@@ -507,6 +542,7 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
         load_delay_s=opts.load_delay_s,
         commit_delay_s=opts.commit_delay_s,
         snapshot_delay_s=opts.snapshot_delay_s,
+        split="night" if opts.nights > 1 else "none",
     )
     state = work / "state"
     out = work / "out"
@@ -517,19 +553,28 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
     feed_done = threading.Event()
     fed: list[int] = [0]
 
+    # The close kill must be armed before the next night's first frame lands: the
+    # feeder waits for it there (up to 10 minutes), the kill loop waits for the feeder.
+    boundary, close_armed = threading.Event(), threading.Event()
+    first_night = chosen[0].name[:8]
+
     def feed() -> None:
         period = opts.seconds / max(1, len(chosen))
         next_at = time.monotonic()
         for frame in chosen:
+            if CLOSE_KILL in plan and frame.name[:8] != first_night and not boundary.is_set():
+                boundary.set()
+                close_armed.wait(600.0)
             shutil.copytree(frame, watch / frame.name)
             fed[0] += len(list((frame / "crops").glob("*.png")))
             next_at += period
             time.sleep(max(0.0, next_at - time.monotonic()))
         feed_done.set()
 
-    reader = OutputReader(out)
+    # Across nights the reader follows OUT/current, the path people tail.
+    reader = OutputReader(out / "current" if opts.nights > 1 else out)
     reader.start()
-    plan = _plan(opts.kills, rng)
+    plan = _plan(opts.kills, rng, opts.nights)
     children: list[Child] = []
     kills: list[KillRecord] = []
 
@@ -548,6 +593,10 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
             due = t_start + (i + 1) * kill_period * rng.uniform(0.85, 1.15)
             if kind == "load":
                 pass  # armed at spawn: it dies while loading
+            elif kind == CLOSE_KILL:
+                boundary.wait(120.0)
+                child.armed = WINDOWS[kind][0]
+                close_armed.set()
             else:
                 time.sleep(max(0.0, due - time.monotonic()))
                 if kind == "random":
@@ -603,17 +652,20 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
         reader.stop.set()
         reader.join(30)
 
-    from crop_clusterd.csvfiles import read_clusters_csv
-
-    rows = read_clusters_csv(out / "clusters.csv")
-    names = [n for n, _ in rows]
+    live = session_partitions(out)
+    names = [n for rows in live.values() for n, _ in rows]
     expected = {str(p) for p in watch.rglob("*.png")}
     equal: bool | None = None
     if opts.compare_batch:
-        import test_supervisor as t
+        from crop_clusterd.batch import BatchRequest, run_batch
 
-        batch = t.batch_partition(child_config(spec), watch, work)
-        equal = t.partition(rows) == batch
+        config = child_config(spec)
+        batch_out = work / "batch-out"
+        config = dataclasses.replace(
+            config, output=dataclasses.replace(config.output, folder=batch_out)
+        )
+        run_batch(BatchRequest(config, inputs=(str(watch),)))
+        equal = _partition(live) == _partition(session_partitions(batch_out))
     model_crops = sum(
         int(e.get("n", 0))
         for c in children
@@ -647,10 +699,32 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
         versions_seen={k: v.versions for k, v in reader.seen.items()},
         bad_versions={k: v.bad for k, v in reader.seen.items()},
         shrinking_versions=reader.shrank,
-        leftover_temp_files=sum(1 for p in out.iterdir() if ".tmp-" in p.name),
+        leftover_temp_files=sum(1 for p in out.rglob("*") if ".tmp-" in p.name),
         final_exit_code=final_code,
         seconds=round(time.monotonic() - t_start, 1),
     )
+
+
+def session_partitions(out: Path) -> dict[str, list[tuple[str, int]]]:
+    """The rows of every session's clusters.csv under ``out`` (``"."``: no sessions)."""
+    from crop_clusterd.csvfiles import read_clusters_csv
+
+    if (out / "clusters.csv").exists():
+        return {".": read_clusters_csv(out / "clusters.csv")}
+    return {
+        p.parent.name: read_clusters_csv(p)
+        for p in sorted(out.glob("*/clusters.csv"))
+        if not p.parent.is_symlink()
+    }
+
+
+def _partition(sessions: dict[str, list[tuple[str, int]]]) -> set[frozenset[str]]:
+    """One partition of every crop: clusters are per session, so keyed by session too."""
+    groups: dict[tuple[str, int], set[str]] = {}
+    for session, rows in sessions.items():
+        for name, cluster in rows:
+            groups.setdefault((session, cluster), set()).add(name)
+    return {frozenset(g) for g in groups.values()}
 
 
 def _median_max(values: Sequence[float]) -> str:
@@ -665,7 +739,8 @@ def table(result: SoakResult) -> str:
     landed = Counter(k.kind for k in result.kills if k.in_window)
     kinds = ", ".join(
         f"{k} {by_kind[k]}" + (f" ({landed[k]} in window)" if k in WINDOWS else "")
-        for k in KILL_KINDS
+        for k in (*KILL_KINDS, CLOSE_KILL)
+        if by_kind[k] or k != CLOSE_KILL
     )
     rows = [
         ("outcome", "PASS" if result.ok else "FAIL"),
@@ -719,6 +794,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/crop-clusterd-soak"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--no-batch", action="store_true", help="skip the batch comparison")
+    parser.add_argument("--nights", type=int, default=1,
+                        help="spread the crops over this many nights (session.split = night) "
+                             "and aim one kill at a night's close")  # fmt: skip
     args = parser.parse_args(argv)
     if args.child:
         return child_main(ChildSpec(**json.loads(args.child)))
@@ -734,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             method=args.method,
             model=args.model,
             compare_batch=not args.no_batch,
+            nights=args.nights,
         )
     )
     print(table(result))

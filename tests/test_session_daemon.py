@@ -37,11 +37,13 @@ def colour_embedder() -> Iterator[None]:
 
 def two_nights(tmp: Path, frames: int = 10) -> list[Path]:
     """Frames of two nights (22:00 on, every 2 s), the second night's after the first's."""
-    src = tmp / "src"
+    out: list[Path] = []
     for k, night in enumerate(NIGHTS):
         start = datetime.fromisoformat(f"{night}T22:00:00")
+        src = tmp / f"src{k}"
         simulate(SimConfig(seed=11 + k, frames=frames, mean_present=5.0, start=start), src)
-    return frame_dirs(src)
+        out += frame_dirs(src)
+    return out
 
 
 def night_config(tmp: Path, watch: Path, method: str) -> Config:

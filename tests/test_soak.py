@@ -54,6 +54,29 @@ def colour_embedder() -> Iterator[None]:
 
 
 @pytest.mark.slow
+def test_soak_across_a_night_boundary_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """Two nights fed back to back; one kill lands the moment night 1 is closed,
+    before its final files: the next start finishes them (issue 10)."""
+    result = soak.run_soak(
+        soak.SoakOptions(work=tmp_path / "soak", crops=300, kills=3, seconds=9.0, seed=4, nights=2),
+        say=lambda _line: None,
+    )
+    close = [k for k in result.kills if k.kind == soak.CLOSE_KILL]
+    assert len(close) == 1 and close[0].in_window is True, result.kills
+    assert result.crops_in >= 300
+    assert result.crops_in_csv == result.crops_in
+    assert (result.duplicates, result.lost, result.extra) == (0, 0, 0)
+    assert result.partition_equals_batch is True
+    assert result.integrity == "ok" and result.assigned_twice == 0
+    assert result.bad_versions == {f: [] for f in soak.OutputReader.FILES}
+    assert result.shrinking_versions == 0 and result.final_exit_code == 0
+    out = tmp_path / "soak" / "out"
+    nights = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert nights == ["2024-07-01"]  # closed and final; night 2 is still open
+    assert sorted(soak.session_partitions(out)) == ["2024-07-01", "2024-07-02"]
+
+
+@pytest.mark.slow
 def test_short_soak_loses_duplicates_and_tears_nothing(tmp_path: Path) -> None:
     result = soak.run_soak(
         soak.SoakOptions(work=tmp_path / "soak", crops=300, kills=4, seconds=8.0, seed=3),
