@@ -65,7 +65,9 @@ class LinkStage(Stage[MicroBatch, None]):
     then is retried for ``shutdown_grace_s`` more and given up (the stage
     fails), since its crops are not marked processed and the next start finds
     them again. The open session is closed after ``book.rule.close_after_s``
-    seconds (``clock``) without a commit.
+    seconds (``clock``) without a commit. After each commit the paths whose
+    rows it changed (:func:`~crop_clusterd.identity.touched_paths`) go to
+    ``committed_paths``, so that the intake's registry lets them go.
     """
 
     def __init__(
