@@ -604,7 +604,8 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
                     child.kill("random")
                 else:
                     child.armed = WINDOWS[kind][0]
-            deadline = time.monotonic() + 20.0
+            # A night closes only once the backlog of its own crops is through.
+            deadline = time.monotonic() + (120.0 if kind == CLOSE_KILL else 20.0)
             while child.killed_at is None and child.proc.poll() is None:
                 if time.monotonic() > deadline:
                     # The window never came (nothing to commit?): kill anyway.
