@@ -331,7 +331,8 @@ class WatchConfig:
     rescan_s: float = field(
         default=60.0,
         metadata=_meta(
-            "full rescan interval, catching events the observer dropped, seconds",
+            "rescan interval, catching events the observer dropped (lists only folders "
+            "whose mtime changed), seconds",
             check=above(0),
         ),
     )

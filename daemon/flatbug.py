@@ -21,6 +21,7 @@ import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -292,6 +293,11 @@ def _load_centers(path: Path) -> _Centers | str:
     return tuple(centers)
 
 
+# Frames whose parsed boxes stay cached (a frame's crops arrive together, so a
+# small window serves them; the batch command reads frames in name order).
+METADATA_CACHE_FRAMES = 1024
+
+
 class MetadataIndex:
     """Frame -> metadata JSON path, with each JSON loaded on first use and cached.
 
@@ -310,7 +316,9 @@ class MetadataIndex:
         self.loose = loose
         self._paths: dict[FrameId, Path] = {}
         self._by_name: dict[tuple[str, str], set[FrameId]] = {}
-        self._cache: dict[FrameId, _Centers | str] = {}
+        # Parsed boxes of the most recently used frames only: a season's frames
+        # would otherwise all stay in memory; a frame read again is re-parsed.
+        self._cache: OrderedDict[FrameId, _Centers | str] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -378,12 +386,16 @@ class MetadataIndex:
                 return None, found
             path = self._paths[found]
             cached = self._cache.get(found)
+            if cached is not None:
+                self._cache.move_to_end(found)
         if cached is None:
             # Read outside the lock: a slow disk must not block the watcher thread.
             cached = _load_centers(path)
             with self._lock:
                 if self._paths.get(found) == path:
                     self._cache[found] = cached
+                    while len(self._cache) > METADATA_CACHE_FRAMES:
+                        self._cache.popitem(last=False)
         if isinstance(cached, str):
             return None, cached
         if index < 0 or index >= len(cached):

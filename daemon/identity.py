@@ -15,19 +15,32 @@ bytes, mtime in ns, inode number) and a content hash (:func:`content_hash`):
   path no longer exists: moved; the stored row takes the new path and nothing
   is embedded again. If the old path still exists it is a copy: a new crop.
 
-:class:`Registry` is the intake's in-memory view of this; the state database
-(:mod:`.store`) holds the same columns, so the view is rebuilt at every start.
+:class:`Registry` is the intake's view of this. Files already committed are
+looked up in the state database (:class:`FileLookup`, the intake's own
+read-only connection: :class:`crop_clusterd.storedfiles.StoredFiles`); only
+what this run has decided but not yet seen committed is held in memory, so its
+memory follows the work in flight, not the files of the whole season.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
-__all__ = ["Entry", "EntryKind", "Fingerprint", "Registry", "content_hash"]
+from .records import Moved
+
+__all__ = [
+    "Entry",
+    "EntryKind",
+    "FileLookup",
+    "Fingerprint",
+    "Registry",
+    "content_hash",
+    "touched_paths",
+]
 
 # Crops are a few kB to a few MB; read in blocks so a huge file never sits in memory.
 _BLOCK = 1 << 20
@@ -79,57 +92,138 @@ class Entry:
     content: str | None
 
 
+class FileLookup(Protocol):
+    """The committed files (live crops and skips) as the state database holds them.
+
+    Each lookup returns path -> :class:`Entry` (kind ``crop`` or ``skip``) and
+    sees the latest committed state; see :class:`crop_clusterd.storedfiles.StoredFiles`.
+    """
+
+    def file_at(self, path: str) -> Entry | None:
+        """The committed file at ``path``, or None."""
+
+    def files_at(self, paths: Sequence[str]) -> dict[str, Entry]:
+        """The committed files at ``paths`` (those that have one), in one go."""
+
+    def files_like(self, fingerprint: Fingerprint, content: str | None) -> dict[str, Entry]:
+        """Committed files that may be this one moved: the same size, mtime and
+        inode (when ``fingerprint.inode``), the same ``content`` (when given), or
+        the same size and mtime for a row with neither inode nor hash (schema 1)."""
+
+    def files_with_inode(self, inode: int) -> dict[str, Entry]:
+        """Committed files with a known stat whose inode is ``inode`` (not 0)."""
+
+    def close(self) -> None:
+        """Release the lookup's connection."""
+
+
 class Registry:
-    """Path -> :class:`Entry`, with a reverse index to find the old path of a moved file.
+    """Path -> :class:`Entry`: the committed files (through ``stored``) overlaid by
+    what this run decided since and has not yet seen committed.
+
+    In memory stay only: ``pending`` entries, entries handed on (a crop to the
+    model, a skip, a move) until their commit is reported (:meth:`committed`),
+    and *vacated* paths, whose stored row moves away with a commit still to
+    come (a lookup sees nothing there). A path in memory hides its stored row.
+    Without ``stored`` (tests, tools) the registry is memory alone.
 
     Only the intake thread uses it (no locking). Lookups by content and by
     fingerprint cover ``crop`` and ``skip`` entries, the ones the state
     database holds rows for.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[str, Entry] = {}
+    def __init__(self, stored: FileLookup | None = None) -> None:
+        self._stored = stored
+        # None: vacated (the stored row is moving away).
+        self._entries: dict[str, Entry | None] = {}
+        # Path -> how many operations on its stored row were handed on and not yet
+        # reported committed; an entry leaves memory once this is back to zero.
+        self._owed: dict[str, int] = {}
         self._by_content: dict[str, set[str]] = {}
         self._by_fingerprint: dict[Fingerprint, set[str]] = {}
         # Rows of a schema 1 state: no inode, no hash; size and mtime in ns must do.
         self._by_stat: dict[tuple[int, int], set[str]] = {}
         self._by_inode: dict[int, set[str]] = {}
+        # Stored entries looked up ahead for a scan (see prefetch); None: no row.
+        self._prefetched: dict[str, Entry | None] = {}
 
     def __len__(self) -> int:
+        """Paths held in memory (entries and vacated paths), not the committed files."""
         return len(self._entries)
 
-    def __contains__(self, path: object) -> bool:
-        return path in self._entries
+    @property
+    def owed(self) -> int:
+        """Paths with operations handed on whose commit is not reported yet."""
+        return len(self._owed)
 
     def get(self, path: str) -> Entry | None:
-        """The entry for ``path``, or None when the path is unknown."""
-        return self._entries.get(path)
+        """The entry for ``path``, or None when the path is unknown (or vacated)."""
+        if path in self._entries:
+            return self._entries[path]
+        if path in self._prefetched and path not in self._owed:
+            return self._prefetched[path]
+        return self._stored.file_at(path) if self._stored is not None else None
+
+    def prefetch(self, paths: Sequence[str]) -> None:
+        """Look ``paths`` up in the state database at once for the :meth:`get` calls
+        that follow (a scan's files, a few hundred at a time: one query instead of
+        one each); replaces the previous prefetch, ``()`` drops it. Commits
+        reported meanwhile (:meth:`committed`) drop it too: they changed rows."""
+        self._prefetched = {}
+        if self._stored is not None and paths:
+            found = self._stored.files_at(paths)
+            self._prefetched = {path: found.get(path) for path in paths}
 
     def set(
         self, path: str, kind: EntryKind, fingerprint: Fingerprint | None, content: str | None
     ) -> None:
         """Record (or replace) what is known of ``path``."""
-        self.forget(path)
+        self._drop(path)
         self._entries[path] = Entry(kind, fingerprint, content)
         if kind != "pending":
             self._index(path, fingerprint, content)
 
     def mark(self, path: str, kind: EntryKind) -> None:
-        """Change the kind of a known path (e.g. ``pending`` -> ``crop``)."""
+        """Change the kind of a path held in memory (e.g. ``pending`` -> ``crop``)."""
         entry = self._entries.get(path)
         if entry is not None:
             self.set(path, kind, entry.fingerprint, entry.content)
 
     def forget(self, path: str) -> None:
-        """Drop ``path`` (a no-op when unknown)."""
-        entry = self._entries.pop(path, None)
-        if entry is None:
-            return
-        _unindex(self._by_content, entry.content, path)
-        _unindex(self._by_fingerprint, entry.fingerprint, path)
-        if entry.fingerprint is not None:
-            _unindex(self._by_inode, entry.fingerprint.inode, path)
-            _unindex(self._by_stat, (entry.fingerprint.size, entry.fingerprint.mtime_ns), path)
+        """Drop what this run knows of ``path``: lookups see its committed row again."""
+        self._drop(path)
+
+    def vacate(self, path: str) -> None:
+        """``path``'s file moved away: until the move is committed (and reported),
+        lookups see nothing there, whatever the state database still holds."""
+        self._drop(path)
+        self._entries[path] = None
+
+    def sent(self, paths: Iterable[str]) -> None:
+        """Operations on these paths' stored rows were handed on to be committed
+        (see :func:`touched_paths`); each path once per operation."""
+        for path in paths:
+            self._owed[path] = self._owed.get(path, 0) + 1
+
+    def committed(self, paths: Iterable[str]) -> None:
+        """Operations on these paths were committed (as :meth:`sent` counted them).
+
+        A path with nothing more owed leaves memory unless it is ``pending``
+        (found again since): the state database now says what memory said.
+        """
+        self._prefetched = {}
+        for path in paths:
+            owed = self._owed.get(path)
+            if owed is None:
+                continue  # forgotten meanwhile (a file that vanished)
+            if owed > 1:
+                self._owed[path] = owed - 1
+                continue
+            del self._owed[path]
+            if path in self._entries:
+                entry = self._entries[path]
+                if entry is None or entry.kind != "pending":
+                    self._drop(path)
 
     def moved_from(self, fingerprint: Fingerprint, content: str | None) -> str | None:
         """The known path whose file now lives elsewhere with this identity, or None.
@@ -144,9 +238,13 @@ class Registry:
         if content is not None:
             candidates.update(self._by_content.get(content, ()))
         candidates.update(self._by_stat.get((fingerprint.size, fingerprint.mtime_ns), ()))
-        for path in sorted(candidates):
-            entry = self._entries[path]
-            if entry.fingerprint is not None and entry.fingerprint.size != fingerprint.size:
+        known = {path: self._entries[path] for path in candidates}
+        if self._stored is not None:
+            known.update(self._unshadowed(self._stored.files_like(fingerprint, content)))
+        for path in sorted(known):
+            entry = known[path]
+            fp = entry.fingerprint if entry is not None else None
+            if fp is not None and fp.size != fingerprint.size:
                 continue
             if not os.path.lexists(path):
                 return path
@@ -159,10 +257,37 @@ class Registry:
         left at the old path: the old row names a file that is gone either way
         (moved and changed, or deleted and its inode reused), so it is retired.
         """
-        for path in sorted(self._by_inode.get(inode, ())) if inode else ():
+        if not inode:
+            return None
+        paths = set(self._by_inode.get(inode, ()))
+        if self._stored is not None:
+            paths.update(self._unshadowed(self._stored.files_with_inode(inode)))
+        for path in sorted(paths):
             if not os.path.lexists(path):
                 return path
         return None
+
+    def close(self) -> None:
+        """Close the lookup of committed files (a no-op without one)."""
+        if self._stored is not None:
+            self._stored.close()
+
+    def _unshadowed(self, stored: dict[str, Entry]) -> dict[str, Entry]:
+        """The stored rows whose paths memory does not hold (memory is newer)."""
+        return {path: e for path, e in stored.items() if path not in self._entries}
+
+    def _drop(self, path: str) -> None:
+        """Remove ``path`` from memory and its indexes (a no-op when not held)."""
+        if path not in self._entries:
+            return
+        entry = self._entries.pop(path)
+        if entry is None:
+            return
+        _unindex(self._by_content, entry.content, path)
+        _unindex(self._by_fingerprint, entry.fingerprint, path)
+        if entry.fingerprint is not None:
+            _unindex(self._by_inode, entry.fingerprint.inode, path)
+            _unindex(self._by_stat, (entry.fingerprint.size, entry.fingerprint.mtime_ns), path)
 
     def _index(self, path: str, fingerprint: Fingerprint | None, content: str | None) -> None:
         if content is not None:
@@ -183,11 +308,15 @@ def _unindex(index: dict[K, set[str]], key: K | None, path: str) -> None:
         del index[key]
 
 
-def registry_from(
-    rows: Iterable[tuple[str, EntryKind, Fingerprint | None, str | None]],
-) -> Registry:
-    """A registry holding ``(path, kind, fingerprint, content)`` rows (from the state database)."""
-    registry = Registry()
-    for path, kind, fingerprint, content in rows:
-        registry.set(path, kind, fingerprint, content)
-    return registry
+def touched_paths(names: Iterable[str], moved: Iterable[Moved]) -> list[str]:
+    """The paths whose stored rows a commit changes: each crop's or skip's name
+    (``names``), and each move's old and (when another) new path; a path once per
+    operation. The intake counts these when it hands them on, the link stage
+    reports them once committed (:meth:`Registry.sent`, :meth:`Registry.committed`).
+    """
+    paths = list(names)
+    for m in moved:
+        paths.append(m.old)
+        if m.new != m.old:
+            paths.append(m.new)
+    return paths

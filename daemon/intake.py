@@ -31,11 +31,11 @@ from .flatbug import (
     describe_crop,
     frame_of_path,
 )
-from .identity import Entry, Fingerprint, Registry, content_hash
+from .identity import Entry, Fingerprint, Registry, content_hash, touched_paths
 from .log import get_logger
 from .records import Crop, DecodeFailure, FrameId, IntakeUnit, Moved, Prepared, Skipped
 from .stage import Stage, Stop
-from .watch import FileSeen, Settler, kind, scan_tree
+from .watch import DirMtimes, FileSeen, Settler, kind, scan_tree
 
 log = get_logger(__name__)
 
@@ -44,6 +44,9 @@ log = get_logger(__name__)
 # the rest settle within moments; a frame goes to the linker this long after its
 # latest crop became ready (or at once, with metadata, when every box has its crop).
 FRAME_QUIET_S = 0.25
+
+# Files of a scan looked up in the state database together (one query each batch).
+_LOOKUP_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -101,18 +104,22 @@ def _release_order(
 class IntakeStage(Stage[Path, IntakeUnit]):
     """Turns file hints into decoded crops, ready for the model.
 
-    Owns the registry of known files (processed, in flight, or waiting for a
-    retry; :mod:`.identity`), the settler and the metadata index. A known path
-    whose stat changed is looked at again: the same bytes only refresh its
-    stat, other bytes make it a new crop (a skipped file is tried again, a
-    clustered one is retired and embedded again). A new path holding a known
-    file whose old path is gone is a move: the stored row follows it. Every ``rescan_s`` (and
-    at start, and after lost hints) it walks the tree, because observers drop
-    events. A ready crop waits for its frame's metadata JSON (with metadata on)
-    up to ``metadata_wait_s``, and for the frame to go quiet for ``settle_s``,
-    so a frame's crops reach the linker together. Decode failures are retried
-    with doubling backoff, then recorded as skipped; a file that vanished is
-    logged, not recorded.
+    Owns the registry of known files (:mod:`.identity`: committed ones are
+    looked up in the state database, in-flight ones held until the link stage
+    reports them committed through ``committed``), the settler and the
+    metadata index. A known path whose stat changed is looked at again: the
+    same bytes only refresh its stat, other bytes make it a new crop (a
+    skipped file is tried again, a clustered one is retired and embedded
+    again). A new path holding a known file whose old path is gone is a move:
+    the stored row follows it. Every ``rescan_s`` it walks the tree, because
+    observers drop events, but lists only the directories whose mtime changed
+    since the previous walk (``dirs``, see :class:`~crop_clusterd.watch.DirMtimes`);
+    at start and after lost hints (or an observer restart) it lists every
+    directory. A ready crop waits for its frame's metadata JSON (with metadata
+    on) up to ``metadata_wait_s``, and for the frame to go quiet for
+    ``settle_s``, so a frame's crops reach the linker together. Decode
+    failures are retried with doubling backoff, then recorded as skipped; a
+    file that vanished is logged, not recorded.
 
     A source stage: it works until ``stopping`` (the daemon's stop) is set, and
     a failure sets ``stopping`` too.
@@ -126,8 +133,10 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         stopping: threading.Event,
         *,
         known: Registry,
+        committed: queue.SimpleQueue[tuple[str, ...]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.05,
+        dirs: DirMtimes | None = None,
     ) -> None:
         # The inbox holds the watcher's hints, never STOP: the intake stops when
         # `stopping` is set, and its own failure stops the daemon (`failed` is `stopping`).
@@ -142,7 +151,12 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self.tally = ProblemTally()
         self._pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="decode")
         self._known = known
+        # The link stage's reports of committed paths (see identity.touched_paths).
+        self._committed = committed if committed is not None else queue.SimpleQueue()
+        self._dirs = dirs if dirs is not None else DirMtimes()
         self._settling: set[str] = set()
+        # Files hinted while pending (see _route); at most the files in flight.
+        self._recheck: set[Path] = set()
         # Keyed by flat-bug frame (name, identifier, trap folder), or by the file's
         # name for a crop that has no frame (a frame of its own).
         self._waiting: dict[FrameId | str, _Waiting] = {}
@@ -170,13 +184,18 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         """Walk the whole tree at the next tick (e.g. after the observer restarted)."""
         self._hints_lost.set()
 
+    def registry_held(self) -> int:
+        """Paths the registry holds in memory: work in flight, not committed files."""
+        return len(self._known)
+
     def backlog(self) -> int:
         """Files found but not yet handed to the model (for STATUS and idleness)."""
         decoding = sum(len(u.crops) for u in self._decoding) + sum(
             len(u.crops) for u in self._to_decode
         )
         waiting = sum(len(w.files) for w in self._waiting.values())
-        return len(self._settling) + waiting + decoding + len(self._retries) + self.inbox.qsize()
+        queued = len(self._retries) + len(self._recheck) + self.inbox.qsize()
+        return len(self._settling) + waiting + decoding + queued
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -193,11 +212,19 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._tick()
 
     def close(self) -> None:
-        """Drop queued decodes; stop the decoder threads."""
+        """Drop queued decodes; stop the decoder threads; close the registry's lookup."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._known.close()
 
     def _tick(self) -> None:
         now = self.clock()
+        while True:
+            try:
+                paths = self._committed.get_nowait()
+            except queue.Empty:
+                break
+            self._known.committed(paths)
+        self._recheck_handed_on()
         for _ in range(10_000):
             try:
                 hint = self.inbox.get_nowait()
@@ -206,8 +233,10 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             if not isinstance(hint, Stop):
                 self._route(hint)
         if now >= self._rescan_due or self._hints_lost.is_set():
+            # Events were lost (or none came yet): rewrites in unchanged folders too.
+            full = self._hints_lost.is_set() or self.scans == 0
             self._hints_lost.clear()
-            self._scan(self.options.root)
+            self._scan(self.options.root, dirs=self._dirs, full=full)
             self._rescan_due = now + self.options.rescan_s
         self._settle(now)
         self._release_frames(now)
@@ -223,30 +252,72 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         if kind(path) is None:
             return
         name = record_name(path)
-        if name in self._settling or not self._changed(name, None, path):
+        if name in self._settling:
+            return  # the settler's next stat sees any change
+        entry = self._known.get(name)
+        if entry is not None and entry.kind == "pending":
+            # Hashed and on its way: a change now (a rewrite in place) is looked at
+            # once it is handed on, since a rescan may not list its folder again.
+            self._recheck.add(Path(path))
+            return
+        if not self._changed(entry, None, path):
             return
         self._settling.add(name)
         self.settler.offer(Path(path))
 
-    def _scan(self, folder: Path) -> None:
+    def _recheck_handed_on(self) -> None:
+        """Route again the files hinted while they were pending, once they are not."""
+        for path in list(self._recheck):
+            entry = self._known.get(record_name(path))
+            if entry is None or entry.kind != "pending":
+                self._recheck.discard(path)
+                self._route(path)
+
+    def _scan(self, folder: Path, *, dirs: DirMtimes | None = None, full: bool = True) -> None:
+        """Offer the new and changed files under ``folder``; with ``dirs``, skip the
+        directories unchanged since the previous scan (unless ``full``)."""
         found = 0
+        if dirs is not None:
+            dirs.begin(full=full)
+        batch: list[FileSeen] = []
         try:
-            for seen in scan_tree(folder, recursive=self.options.recursive):
-                name = record_name(seen.path)
-                if name in self._settling or not self._changed(name, seen, seen.path):
-                    continue
-                self._settling.add(name)
-                self.settler.offer(seen.path, seen)
-                found += 1
+            for seen in scan_tree(folder, recursive=self.options.recursive, dirs=dirs):
+                batch.append(seen)
+                if len(batch) == _LOOKUP_BATCH:
+                    found += self._offer_scanned(batch)
+                    batch = []
+            found += self._offer_scanned(batch)
         except OSError as exc:
             # The watched folder itself is unreachable (a mount away): try again later.
             log.warning("scan_failed", folder=str(folder), reason=str(exc))
             return
-        if folder == self.options.root:
+        finally:
+            self._known.prefetch(())
+        if dirs is not None:
             self.scans += 1
-            log.debug("rescanned", folder=str(folder), new_files=found)
+            log.debug(
+                "rescanned",
+                folder=str(folder),
+                new_files=found,
+                full=full,
+                dirs_listed=dirs.listed,
+                dirs_unchanged=dirs.unchanged,
+            )
         elif found:
             log.debug("folder_scanned", folder=str(folder), new_files=found)
+
+    def _offer_scanned(self, batch: list[FileSeen]) -> int:
+        """Offer the new and changed files of a scan's batch; how many were offered."""
+        names = [record_name(seen.path) for seen in batch]
+        self._known.prefetch(names)  # one look-up in the state database for the batch
+        found = 0
+        for name, seen in zip(names, batch, strict=True):
+            if name in self._settling or not self._changed(self._known.get(name), seen, seen.path):
+                continue
+            self._settling.add(name)
+            self.settler.offer(seen.path, seen)
+            found += 1
+        return found
 
     def _settle(self, now: float) -> None:
         result = self.settler.poll()
@@ -259,6 +330,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             log.info("not_a_regular_file", file=record_name(path))
         for path, reason in result.failed:
             self._settling.discard(record_name(path))
+            self._dirs.forget(path.parent)  # so that the next rescan offers it again
             log.warning("stat_failed", file=record_name(path), reason=reason)
         for seen in result.ready:
             name = record_name(seen.path)
@@ -275,13 +347,13 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             waiting.ready_at.append(now)
             waiting.last_ready = now
 
-    def _changed(self, name: str, seen: FileSeen | None, path: Path) -> bool:
-        """Whether a hinted or scanned file is new or changed since it was last dealt with.
+    def _changed(self, entry: Entry | None, seen: FileSeen | None, path: Path) -> bool:
+        """Whether a hinted or scanned file is new or changed since it was last dealt
+        with (``entry``: what the registry knows of it).
 
         Files on their way (``pending``) are left alone: their retry reads
         the new bytes. A known file is stat'ed when the hint came without one.
         """
-        entry = self._known.get(name)
         if entry is None:
             return True
         if entry.kind == "pending":
@@ -305,6 +377,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         try:
             content = content_hash(seen.path)
         except OSError as exc:
+            self._dirs.forget(seen.path.parent)  # unreadable rather than gone: look again
             log.info("file_vanished", file=name, reason=str(exc))
             return None
         entry = self._known.get(name)
@@ -323,7 +396,8 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             return content
         moved = self._known.get(old)
         kind_ = moved.kind if moved is not None and moved.kind != "pending" else "crop"
-        self._known.forget(old)
+        if old != name:
+            self._known.vacate(old)
         self._known.set(name, kind_, fingerprint, content)
         self._moved.append(Moved(old, name, kind_, seen.size, seen.mtime_ns, seen.inode, content))
         return None
@@ -335,7 +409,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         entry = self._known.get(old) if old is not None else None
         if old is None or entry is None or entry.kind == "pending":
             return None
-        self._known.forget(old)
+        self._known.vacate(old)
         # No stat: should the daemon stop before the new content is committed,
         # the next start finds this row changed and embeds the file again.
         self._moved.append(Moved(old, name, entry.kind, None, None, None, None))
@@ -454,6 +528,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             # Moves need no model: they pass the embed stage as they are, ahead of
             # any crop found after them (a moved-and-rewritten row must move first).
             moved, self._moved = tuple(self._moved), []
+            self._known.sent(touched_paths((), moved))
             if not self.emit(IntakeUnit((), (), (), moved), give_up=self.failed):
                 return
         while self._decoding and all(f.done() for f in self._decoding[0].futures):
@@ -503,5 +578,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                         )
                     )
             unit_out = IntakeUnit(tuple(prepared), tuple(ready_at), tuple(skipped))
+            names = [p.crop.name for p in prepared] + [s.name for s in skipped]
+            self._known.sent(touched_paths(names, ()))
             if (prepared or skipped) and not self.emit(unit_out, give_up=self.failed):
                 return  # stopping: whatever was not handed on is found again at restart

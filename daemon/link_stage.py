@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .identity import touched_paths
 from .linking import LinkBatch
 from .log import get_logger
 from .notify import Progress
@@ -64,7 +65,9 @@ class LinkStage(Stage[MicroBatch, None]):
     then is retried for ``shutdown_grace_s`` more and given up (the stage
     fails), since its crops are not marked processed and the next start finds
     them again. The open session is closed after ``book.rule.close_after_s``
-    seconds (``clock``) without a commit.
+    seconds (``clock``) without a commit. After each commit the paths whose
+    rows it changed (:func:`~crop_clusterd.identity.touched_paths`) go to
+    ``committed_paths``, so that the intake's registry lets them go.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class LinkStage(Stage[MicroBatch, None]):
         next_batch: int,
         index_save_s: float,
         on_commit: Callable[[BatchCommitted], None] = lambda _: None,
+        committed_paths: queue.SimpleQueue[tuple[str, ...]] | None = None,
         shutdown: threading.Event | None = None,
         shutdown_grace_s: float = 5.0,
         max_backoff_s: float = 30.0,
@@ -91,6 +95,7 @@ class LinkStage(Stage[MicroBatch, None]):
         self.next_seq = self.store.next_seq()
         self.index_save_s = index_save_s
         self.on_commit = on_commit
+        self.committed_paths = committed_paths
         self.shutdown = shutdown if shutdown is not None else stopping
         self.shutdown_grace_s = shutdown_grace_s
         self.max_backoff_s = max_backoff_s
@@ -212,6 +217,9 @@ class LinkStage(Stage[MicroBatch, None]):
             for k, (e, local, c) in enumerate(zip(embedded, locals_, clusters, strict=True))
         ]
         self._commit(committed, merges, skipped, moved, session.id)
+        if self.committed_paths is not None:  # the intake's registry lets them go
+            names = [c.item.crop.name for c in committed] + [s.name for s in skipped]
+            self.committed_paths.put(tuple(touched_paths(names, moved)))
         self.next_seq += len(committed)
         session.crops = len(session.linker)
         self._report(

@@ -441,9 +441,12 @@ class StateStore:
 
     def last_batch(self) -> int:
         """The highest committed batch number, -1 when none."""
+        # Batch numbers grow with seq and merge id: the last rows hold the highest,
+        # found through the primary keys without reading the season's rows.
         row = self._db.execute(
-            "SELECT max(b) FROM (SELECT max(batch) AS b FROM crops "
-            "UNION ALL SELECT max(batch) FROM merges)"
+            "SELECT max(b) FROM ("
+            "SELECT (SELECT batch FROM crops ORDER BY seq DESC LIMIT 1) AS b "
+            "UNION ALL SELECT (SELECT batch FROM merges ORDER BY id DESC LIMIT 1))"
         ).fetchone()
         return -1 if row[0] is None else int(row[0])
 

@@ -62,11 +62,22 @@ CREATE TABLE IF NOT EXISTS runtime (
 """
 
 # Created after the migrations: on an older database these columns do not exist yet.
+# The intake looks committed files up by path, content hash, inode (+ size, mtime)
+# and, for schema 1 rows without inode and hash, by size and mtime
+# (storedfiles.py): one indexed query each, instead of the whole registry held
+# in memory. Partial on live rows: retired ones name content that is gone.
 INDEXES = """
 CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
 CREATE UNIQUE INDEX IF NOT EXISTS crops_live_path ON crops(path) WHERE retired = 0;
 CREATE UNIQUE INDEX IF NOT EXISTS crops_session_local ON crops(session, local);
 CREATE INDEX IF NOT EXISTS merges_session ON merges(session, id);
+CREATE INDEX IF NOT EXISTS crops_live_content ON crops(content) WHERE retired = 0;
+CREATE INDEX IF NOT EXISTS crops_live_inode ON crops(inode, size, mtime_ns) WHERE retired = 0;
+CREATE INDEX IF NOT EXISTS crops_live_stat ON crops(size, mtime_ns)
+    WHERE retired = 0 AND content IS NULL;
+CREATE INDEX IF NOT EXISTS skipped_content ON skipped(content);
+CREATE INDEX IF NOT EXISTS skipped_inode ON skipped(inode, size, mtime_ns);
+CREATE INDEX IF NOT EXISTS skipped_stat ON skipped(size, mtime_ns) WHERE content IS NULL;
 """
 
 # Version 1 -> 2: crops gain inode, content and retired, and a path is unique only

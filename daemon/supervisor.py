@@ -33,7 +33,7 @@ from .diskspace import DiskWatch, free_mb
 from .embed import Embedder
 from .embed_stage import EmbedStage
 from .factory import embedder_from_config, linker_from_config, state_settings
-from .identity import Registry, registry_from
+from .identity import Registry
 from .intake import IntakeStage
 from .link_stage import LinkStage
 from .log import get_logger
@@ -46,6 +46,7 @@ from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
 from .stage import Stop
 from .statelock import StateLock
 from .store import StateError, StateStore, session_cluster_sizes
+from .storedfiles import StoredFiles
 from .watch import ObserverFactory, Watcher
 
 log = get_logger(__name__)
@@ -109,6 +110,7 @@ class Daemon:
         self._commits: deque[tuple[float, int]] = deque()
         self._last_commit_at = -math.inf
         self._total = 0
+        self._publish_error: str | None = None
         # Sessions this run committed to (and the one open at start): the summary's scope.
         self._sessions_touched: set[str] = set()
         self._lock = threading.Lock()
@@ -200,7 +202,8 @@ class Daemon:
         if resumed is not None:
             self._sessions_touched.add(resumed.id)
         next_batch = store.last_batch() + 1
-        known = registry_from(store.registry_rows())
+        # Committed files are looked up in the database, not loaded (issue 10).
+        known = Registry(StoredFiles(config.state.folder))
         with self._lock:
             self._total = store.next_seq()
         embedder = self._embedder or embedder_from_config(config)
@@ -244,12 +247,15 @@ class Daemon:
         embed_inbox: queue.Queue[IntakeUnit | Stop] = queue.Queue(maxsize=EMBED_INBOX_SIZE)
         link_inbox: queue.Queue[MicroBatch | Stop] = queue.Queue(maxsize=LINK_INBOX_SIZE)
         failed = threading.Event()
+        # Paths the link stage committed, for the intake's registry to let go of.
+        committed: queue.SimpleQueue[tuple[str, ...]] = queue.SimpleQueue()
         intake = IntakeStage(
             intake_options(config),
             embedder,
             embed_inbox,
             self.stopping,
             known=known,
+            committed=committed,
             clock=self.clock,
         )
         embed = EmbedStage(
@@ -270,6 +276,7 @@ class Daemon:
             next_batch=next_batch,
             index_save_s=config.state.index_save_s,
             on_commit=self._on_commit,
+            committed_paths=committed,
             shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,
@@ -474,4 +481,11 @@ class Daemon:
         try:
             p.runtime.set_runtime(values)
         except Exception as exc:  # status figures must never stop the daemon
-            log.warning("runtime_publish_failed", reason=str(exc))
+            # Once per failure streak: a full disk fails this every second.
+            if self._publish_error != str(exc):
+                log.warning("runtime_publish_failed", reason=str(exc))
+            self._publish_error = str(exc)
+        else:
+            if self._publish_error is not None:
+                log.info("runtime_publish_recovered")
+            self._publish_error = None

@@ -9,8 +9,11 @@ Three parts, each usable alone:
   reconciles with `scan_tree` every ``rescan_s`` and after every restart
   (`Watcher.check` returning True). Deletions are not reported at all: a mount
   that goes away must not look like thousands of deleted crops.
-- `scan_tree` walks the tree with ``os.scandir`` and yields the crops and
-  metadata files it finds, with their size and mtime. It never follows symlinks.
+- `scan_tree` (:mod:`.scan`, re-exported here) walks the tree with
+  ``os.scandir`` and yields the crops and metadata files it finds, with their
+  size and mtime. It never follows symlinks. With a `DirMtimes` it skips
+  listing the directories whose mtime is unchanged since its previous walk, so
+  a rescan costs one stat per directory, not per file.
 - `Settler` decides when a hinted file is complete: flat-bug writes crops
   straight to their final names and its JSON with a plain write, so a file is
   only handed on once its size and mtime stayed the same for ``settle_s``.
@@ -31,7 +34,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,9 +53,18 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from .flatbug import parse_metadata_name
-from .inputs import is_ignored_name, is_image_name
 from .log import get_logger
+from .scan import (
+    RACY_S,
+    DirMtimes,
+    FileKind,
+    FileSeen,
+    kind,
+    list_sorted,
+    os_reason,
+    scan_tree,
+    skip_dir_name,
+)
 
 # watchdog 7's inotify emitter warns "Callback with id ... already exists for
 # watch ..." (with its whole watch table) when a new folder's watch is added
@@ -63,6 +75,8 @@ warnings.filterwarnings(
 )
 
 __all__ = [
+    "RACY_S",
+    "DirMtimes",
     "FileKind",
     "FileSeen",
     "ObserverFactory",
@@ -72,6 +86,7 @@ __all__ = [
     "Watcher",
     "default_observer_factory",
     "kind",
+    "list_sorted",
     "scan_tree",
 ]
 
@@ -79,8 +94,6 @@ log = get_logger(__name__)
 
 WatchMode = Literal["inotify", "polling"]
 """``inotify``: the platform's native observer (inotify on Linux); ``polling``: snapshots."""
-
-FileKind = Literal["crop", "metadata"]
 
 ObserverFactory = Callable[[WatchMode, float], BaseObserver]
 """Builds an unstarted observer for a mode; the float is the polling interval in seconds."""
@@ -91,108 +104,6 @@ _INOTIFY_EXHAUSTED = {
     errno.ENOSPC: "inotify watch limit reached",
     errno.EMFILE: "inotify instance limit reached",
 }
-
-
-# --- names and files ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileSeen:
-    """A regular file as last stat'ed: its path, size in bytes, mtime in ns and
-    inode number (0 when unknown); see :mod:`.identity` for how they identify it."""
-
-    path: Path
-    size: int
-    mtime_ns: int
-    inode: int = 0
-
-
-def kind(path: Path | str) -> FileKind | None:
-    """Classify a file name: ``"metadata"`` (flat-bug JSON), ``"crop"`` (image) or None.
-
-    Hidden and temporary names are None whatever their extension.
-    """
-    name = os.path.basename(os.fspath(path))
-    if not name or is_ignored_name(name):
-        return None
-    if parse_metadata_name(name) is not None:
-        return "metadata"
-    if is_image_name(name):
-        return "crop"
-    return None
-
-
-def _skip_dir_name(name: str) -> bool:
-    """Directories never entered: hidden/temporary ones and ones named like our files."""
-    return is_ignored_name(name) or kind(name) is not None
-
-
-def scan_tree(folder: Path, *, recursive: bool = True) -> Iterator[FileSeen]:
-    """Yield the crops and metadata files under ``folder`` with their size and mtime.
-
-    A reconciliation walk: symlinks are never followed (neither to files nor to
-    directories, so nothing outside the tree is read), hidden/temporary names and
-    directories named like images are skipped, and entries sorted by name within
-    each directory. A sub-directory that cannot be listed, or an entry that
-    vanishes or cannot be stat'ed mid-walk, is logged (``scan_error``) and skipped.
-    An unreadable ``folder`` itself raises its `OSError` on the first ``next()``
-    (e.g. `FileNotFoundError`), so that the caller can tell an unavailable root
-    from an empty one. Use `kind` to tell crops from metadata.
-    """
-    root = Path(folder)
-    # Listing the root first raises for the root: unreachable is not the same as empty.
-    with os.scandir(root) as it:
-        first = sorted(it, key=lambda e: e.name)
-    stack: list[tuple[Path, list[os.DirEntry[str]] | None]] = [(root, first)]
-    while stack:
-        directory, entries = stack.pop()
-        if entries is None:
-            try:
-                with os.scandir(directory) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as exc:
-                log.warning("scan_error", path=str(directory), reason=_reason(exc))
-                continue
-        subdirs: list[Path] = []
-        for entry in entries:
-            seen = _scan_entry(entry, recursive, subdirs)
-            if seen is not None:
-                yield seen
-        # Reversed so that the stack pops sub-directories in name order.
-        stack.extend((d, None) for d in reversed(subdirs))
-
-
-def _scan_entry(entry: os.DirEntry[str], recursive: bool, subdirs: list[Path]) -> FileSeen | None:
-    """Return the entry as a `FileSeen` if it is a wanted regular file; queue sub-dirs."""
-    name = entry.name
-    if is_ignored_name(name):
-        return None
-    try:
-        if entry.is_symlink():
-            return None
-        if entry.is_dir(follow_symlinks=False):
-            if recursive and not _skip_dir_name(name):
-                subdirs.append(Path(entry.path))
-            return None
-        if kind(name) is None:
-            return None
-        st = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return None  # vanished between listing and stat: nothing to report
-    except OSError as exc:
-        log.warning("scan_error", path=entry.path, reason=_reason(exc))
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None  # fifo, socket, device: never read
-    return FileSeen(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, stable description of an exception for log fields."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        code = errno.errorcode.get(exc.errno, str(exc.errno))
-        return f"{code}: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 # --- watcher -----------------------------------------------------------------------------
@@ -243,10 +154,10 @@ class _HintHandler(FileSystemEventHandler):
             parents = path.relative_to(self._root).parts[:-1]
         except ValueError:
             parents = ()
-        if any(_skip_dir_name(part) for part in parents):
+        if any(skip_dir_name(part) for part in parents):
             return None
         if is_dir:
-            return None if _skip_dir_name(path.name) or path == self._root else path
+            return None if skip_dir_name(path.name) or path == self._root else path
         return path if kind(path) is not None else None
 
     def _record_error(self, exc: Exception, event: FileSystemEvent) -> None:
@@ -397,7 +308,7 @@ class Watcher:
                 "watch_start_failed",
                 folder=str(self.folder),
                 mode=self._mode,
-                reason=_reason(exc),
+                reason=os_reason(exc),
                 retry_in_s=round(self._backoff, 3),
             )
             self._backoff = min(self._backoff * 2, self._max_backoff)
@@ -419,7 +330,7 @@ class Watcher:
                 "watch_fallback_polling",
                 folder=str(self.folder),
                 reason=_INOTIFY_EXHAUSTED[exc.errno],
-                error=_reason(exc),
+                error=os_reason(exc),
                 poll_interval_s=self.poll_interval_s,
                 fix="raise fs.inotify.max_user_watches / max_user_instances, or set "
                 "[watch] polling = true",
@@ -576,7 +487,7 @@ class Settler:
                 if isinstance(st, FileNotFoundError | NotADirectoryError):
                     vanished.append(path)
                 elif isinstance(st, OSError):
-                    failed.append((path, _reason(st)))
+                    failed.append((path, os_reason(st)))
                 elif not stat.S_ISREG(st.st_mode):
                     not_regular.append(path)
                 else:
@@ -612,7 +523,7 @@ class Settler:
             ok = stat.S_ISDIR(os.stat(self.root).st_mode)
             reason = "" if ok else "not a directory"
         except OSError as exc:
-            ok, reason = False, _reason(exc)
+            ok, reason = False, os_reason(exc)
         if not ok:
             if not self._root_down:
                 self._root_down = True

@@ -17,5 +17,7 @@ trap 'kill "$simulator" 2>/dev/null || true' EXIT
 .venv/bin/crop-clusterd run --config config.toml --watch demo/session --metadata -c track \
     --state demo/state -o demo/out -gs --exit-when-idle 15
 wait "$simulator" || true
-.venv/bin/python scripts/score.py demo/out/clusters.csv demo/session/labels.csv
-echo "clusters: demo/out/clusters.csv   folders: demo/out/clusters/   state: demo/state/"
+# One night (the simulator starts at 22:00): demo/out/<date>/, and demo/out/current
+# points at it.
+.venv/bin/python scripts/score.py demo/out/current/clusters.csv demo/session/labels.csv
+echo "clusters: demo/out/current/clusters.csv   folders: demo/out/current/clusters/   state: demo/state/"

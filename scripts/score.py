@@ -1,6 +1,6 @@
 """Score a clusters.csv against ground-truth labels (e.g. the simulator's labels.csv).
 
-    python scripts/score.py demo/out/clusters.csv demo/session/labels.csv
+    python scripts/score.py demo/out/current/clusters.csv demo/session/labels.csv
 
 Prints purity, ARI, AMI and B-cubed figures for the crops that have a label;
 reads the CSV a running daemon keeps up to date, so it works mid-session too.

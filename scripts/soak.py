@@ -553,10 +553,18 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
     feed_done = threading.Event()
     fed: list[int] = [0]
 
+    # The close kill must be armed before the next night's first frame lands: the
+    # feeder waits for it there (up to 10 minutes), the kill loop waits for the feeder.
+    boundary, close_armed = threading.Event(), threading.Event()
+    first_night = chosen[0].name[:8]
+
     def feed() -> None:
         period = opts.seconds / max(1, len(chosen))
         next_at = time.monotonic()
         for frame in chosen:
+            if CLOSE_KILL in plan and frame.name[:8] != first_night and not boundary.is_set():
+                boundary.set()
+                close_armed.wait(600.0)
             shutil.copytree(frame, watch / frame.name)
             fed[0] += len(list((frame / "crops").glob("*.png")))
             next_at += period
@@ -585,6 +593,10 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
             due = t_start + (i + 1) * kill_period * rng.uniform(0.85, 1.15)
             if kind == "load":
                 pass  # armed at spawn: it dies while loading
+            elif kind == CLOSE_KILL:
+                boundary.wait(120.0)
+                child.armed = WINDOWS[kind][0]
+                close_armed.set()
             else:
                 time.sleep(max(0.0, due - time.monotonic()))
                 if kind == "random":
@@ -592,7 +604,8 @@ def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> SoakResul
                     child.kill("random")
                 else:
                     child.armed = WINDOWS[kind][0]
-            deadline = time.monotonic() + 20.0
+            # A night closes only once the backlog of its own crops is through.
+            deadline = time.monotonic() + (120.0 if kind == CLOSE_KILL else 20.0)
             while child.killed_at is None and child.proc.poll() is None:
                 if time.monotonic() > deadline:
                     # The window never came (nothing to commit?): kill anyway.

@@ -90,7 +90,14 @@ def test_state_settings_keep_their_keys_and_values() -> None:
         "link.method": "cosine",
         "link.threshold": 0.9,
         "metadata.enabled": False,
+        # Since issue 10; a state folder without them reads as split "none".
+        "session.split": "night",
+        "session.night_starts_h": 12.0,
     }
+    gap = state_settings(parse_config({"session": {"split": "gap", "gap_s": 600.0}}))
+    assert gap["session.gap_s"] == 600.0 and "session.night_starts_h" not in gap
+    none = state_settings(parse_config({"session": {"split": "none"}}))
+    assert none["session.split"] == "none" and "session.gap_s" not in none
     gated = state_settings(parse_config({"metadata": {"enabled": True}}))
     assert gated["metadata.enabled"] is True
     assert gated["link.gating"] == [100.0, 300.0, 30.0]

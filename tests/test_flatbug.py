@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from crop_clusterd import flatbug
 from crop_clusterd.flatbug import (
     BOX_MISSING,
     METADATA_MALFORMED,
@@ -375,3 +376,16 @@ def test_problem_tally_copies_are_independent() -> None:
     assert tally.counts() == {BOX_MISSING: 1}
     assert tally.examples(BOX_MISSING) == ["a.png"]
     assert ProblemTally().summary_lines() == []
+
+
+def test_parsed_boxes_stay_cached_for_recent_frames_only(tmp_path: Path) -> None:
+    """A season's frames do not all stay parsed in memory (issue 10); an evicted
+    frame is read again from its JSON and gives the same centre."""
+    n = flatbug.METADATA_CACHE_FRAMES + 50
+    for i in range(n):
+        write_meta(tmp_path, f"f{i:05d}", [[i, 0, i + 2, 4]])
+    index = MetadataIndex.scan(tmp_path)
+    for i in range(n):
+        assert index.center(fid(tmp_path, f"f{i:05d}", "abc"), 0) == ((i + 1.0, 2.0), None)
+    assert len(index._cache) == flatbug.METADATA_CACHE_FRAMES
+    assert index.center(fid(tmp_path, "f00000", "abc"), 0) == ((1.0, 2.0), None)
