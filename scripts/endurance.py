@@ -136,7 +136,7 @@ def history_state(args: argparse.Namespace, model: str) -> Path:
     """The cached history folder (state/ and out/) for these options; built in a child
     process when missing, so this process never holds the history's memory."""
     key = (
-        f"history-{args.method}-{model}-{args.split}-{args.history}-"
+        f"history2-{args.method}-{model}-{args.split}-{args.history}-"
         f"{args.crops_per_night}-seed{args.seed}"
     )
     folder: Path = args.work / key

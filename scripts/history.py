@@ -18,6 +18,8 @@ output folder. What differs from a real season:
   of one individual, ~0.55 between individuals of a species), so linking finds
   about one cluster per individual; individuals sit still with a few pixels of
   jitter, for ``track``'s motion model;
+* file stats and content hashes are made up (random inodes and hashes, as the
+  state's indexes on them would see real ones);
 * nights are dated before the measured ones (22:00 on consecutive days, frames
   2 s apart, ~14 crops a frame), one night per ``crops_per_night`` crops.
 """
@@ -117,8 +119,10 @@ class _NightDraw:
                 center=(v.cx, v.cy),
                 size=40_000 + i,
                 mtime_ns=int(t * 1e9),
-                inode=0,
-                content=f"{int(self.rng.integers(1 << 62)):032x}",
+                # Random, as ext4 spreads a season's folders over its block groups:
+                # the state's inode index then grows as it would beside a trap.
+                inode=int(self.rng.integers(1, 1 << 31)),
+                content=self.rng.bytes(16).hex(),
             )
             out.append(Embedded(crop, vec))
         return out
