@@ -56,6 +56,7 @@ COLUMNS = (
     ("write_kb_per_crop", "KB/crop"),
     ("net_write_kb_per_crop", "net KB/crop"),
     ("wchar_kb_per_crop", "wchar KB/crop"),
+    ("device_kb_per_crop", "device KB/crop"),
     ("snapshots", "snaps"),
     ("snapshot_s_max", "snap s max"),
     ("seconds", "s"),
@@ -105,16 +106,17 @@ def run_method(
     return rows
 
 
-def ratio(rows: Sequence[dict[str, Any]], method: str) -> float:
-    """``write_bytes`` per crop of the small night after the big one over the fresh one."""
+def ratio(rows: Sequence[dict[str, Any]], method: str, counter: str = "write_bytes") -> float:
+    """``counter`` (a row's byte count) per crop of the small night after the big one
+    over the fresh one."""
     after = next(
         r for r in rows if r["method"] == method and r["scenario"] == "small night after big"
     )
     fresh = next(
         r for r in rows if r["method"] == method and r["scenario"] == "small night, fresh state"
     )
-    per_crop: float = after["write_bytes"] / after["crops"]
-    fresh_per_crop: float = fresh["write_bytes"] / fresh["crops"]
+    per_crop: float = after[counter] / after["crops"]
+    fresh_per_crop: float = fresh[counter] / fresh["crops"]
     return per_crop / max(1e-9, fresh_per_crop)
 
 
@@ -165,20 +167,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in args.methods:
         rows += run_method(args, method, model, nights, events)
     ratios = {m: round(ratio(rows, m), 2) for m in args.methods}
+    wchar = {m: round(ratio(rows, m, "wchar"), 2) for m in args.methods}
     print()
     print(nb.fmt_table(rows, COLUMNS, left=2))
     for method, value in ratios.items():
         verdict = "within" if value <= TARGET else "over"
         print(
             f"{method}: small night after the big one / on a fresh state = {value:.2f}x "
-            f"write_bytes per crop ({verdict} the {TARGET}x target)"
+            f"write_bytes per crop ({verdict} the {TARGET}x target), {wchar[method]:.2f}x wchar"
         )
+    if warning := nb.folio_warning(rows):
+        print(warning)
     if args.json:
         data = {
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "model": model,
             "rows": rows,
             "ratios": ratios,
+            "wchar_ratios": wchar,
             "target": TARGET,
         }
         args.json.write_text(json.dumps(data, indent=2) + "\n")

@@ -71,6 +71,7 @@ COLUMNS = (
     ("write_kb_per_crop", "KB/crop"),
     ("net_write_kb_per_crop", "net KB/crop"),
     ("wchar_kb_per_crop", "wchar KB/crop"),
+    ("device_kb_per_crop", "device KB/crop"),
     ("snapshots", "snaps"),
     ("snapshot_s_median", "snap s med"),
     ("snapshot_s_max", "snap s max"),
@@ -85,6 +86,7 @@ COLUMNS = (
 # The figures the issue compares, night N against night 1 (and history against fresh).
 COMPARED = (
     "write_kb_per_crop",
+    "wchar_kb_per_crop",
     "snapshot_s_median",
     "peak_mib",
     "restart_ready_s",
@@ -255,6 +257,7 @@ def phases(
         # The database changes in place: a copy. Output files are only ever replaced
         # (atomic renames), never changed in place: hard links, instant at any size.
         shutil.copytree(cached / "state", root / "state")
+        nb.evict_page_cache(root / "state")  # the copy's large folios would inflate write_bytes
         shutil.copytree(cached / "out", root / "out", symlinks=True, copy_function=os.link)
         phase = f"history {args.history:,}"
         rows += run_nights(
@@ -292,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(nb.fmt_table(rows, COLUMNS))
     for line in lines:
         print(line)
+    if warning := nb.folio_warning(rows):
+        print(warning)
     if args.json:
         data = {
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
