@@ -89,6 +89,7 @@ def test_bench_writes_measures_the_three_nights_of_each_method(tmp_path: Path) -
             assert r["sessions_closed"] == CLOSES
             assert r["wchar_kb_per_crop"] == round(r["wchar"] / r["crops"] / 1000, 2)
             assert r["write_bytes"] > 0 or not counted
+            assert r["device_bytes"] is None or r["device_bytes"] > 0
         after, fresh = mine[1], mine[2]
         if counted:
             expected = (after["write_bytes"] / 90) / (fresh["write_bytes"] / 90)
@@ -97,7 +98,7 @@ def test_bench_writes_measures_the_three_nights_of_each_method(tmp_path: Path) -
         # Every crop of both nights reached the daemon's output, and only the small one fresh.
         assert _crops_in_output(work / f"{method}-after-big") == 240 + 90
         assert _crops_in_output(work / f"{method}-fresh") == 90
-    for heading in ("KB/crop", "net KB/crop", "wchar KB/crop", "snaps"):
+    for heading in ("KB/crop", "net KB/crop", "wchar KB/crop", "device KB/crop", "snaps"):
         assert heading in stdout
 
 
