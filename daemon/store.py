@@ -439,6 +439,11 @@ class StateStore:
             (merges,) = db.execute("SELECT count(*) FROM merges").fetchone()
         return Counts(int(crops), int(skipped), int(merges), int(batches))
 
+    def skipped_count(self) -> int:
+        """How many files are recorded as skipped (reads no crop rows)."""
+        (n,) = self._db.execute("SELECT count(*) FROM skipped").fetchone()
+        return int(n)
+
     def last_batch(self) -> int:
         """The highest committed batch number, -1 when none."""
         # Batch numbers grow with seq and merge id: the last rows hold the highest,

@@ -34,7 +34,6 @@ well under a millisecond per crop: the model is not what is measured.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,15 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning := nb.folio_warning(rows):
         print(warning)
     if args.json:
-        data = {
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "model": model,
-            "rows": rows,
-            "ratios": ratios,
-            "wchar_ratios": wchar,
-            "target": TARGET,
-        }
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        nb.write_json(
+            args.json, args, model, rows=rows, ratios=ratios, wchar_ratios=wchar, target=TARGET
+        )
     return 0
 
 

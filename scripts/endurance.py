@@ -48,7 +48,6 @@ counts no ``write_bytes``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -298,13 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning := nb.folio_warning(rows):
         print(warning)
     if args.json:
-        data = {
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "model": model,
-            "rows": rows,
-            "ratios": lines,
-        }
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        nb.write_json(args.json, args, model, rows=rows, ratios=lines)
     return 0
 
 

@@ -42,6 +42,7 @@ millisecond per crop, so what is measured is the daemon around the model.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -605,3 +606,10 @@ def fmt_table(
         )
         for r in cells
     )
+
+
+def write_json(path: Path, args: argparse.Namespace, model: str, **figures: object) -> None:
+    """Write a script's options, model and figures as one JSON file."""
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    data = {"options": options, "model": model, **figures}
+    path.write_text(json.dumps(data, indent=2) + "\n")
