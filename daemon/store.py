@@ -171,7 +171,7 @@ class StateStore:
                 self._db.executescript(SCHEMA)
                 self._check_schema()
                 self._db.executescript(INDEXES)
-            self._db.execute("SELECT count(*) FROM crops").fetchone()
+            self._db.execute("SELECT seq FROM crops LIMIT 1").fetchone()  # readable?
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StateError(f"state database {self.path} is unusable: {exc}") from exc
@@ -414,7 +414,7 @@ class StateStore:
 
     def retired_seqs(self) -> frozenset[int]:
         """Sequence numbers of retired crops (rewritten since; not in the outputs)."""
-        rows = self._db.execute("SELECT seq FROM crops WHERE retired = 1").fetchall()
+        rows = self._db.execute("SELECT seq FROM crops WHERE retired = 1").fetchall()  # indexed
         return frozenset(int(r[0]) for r in rows)
 
     def retired_locals(self, session: str) -> frozenset[int]:
@@ -429,15 +429,19 @@ class StateStore:
         return int(self.get_meta("paths") or 0)
 
     def counts(self) -> Counts:
-        """Totals of live crops, skipped files, merges and committed batches."""
+        """Totals of live crops, skipped files, merges and committed batches.
+
+        Reads no crop rows (``status`` must not cost the season): sequence numbers
+        are handed out without gaps (link_stage), so live crops are the next one
+        less the retired, which a partial index lists; merges are never deleted.
+        """
         with self._read() as db:
-            crops, batches = db.execute(
-                "SELECT count(*) - coalesce(sum(retired), 0), coalesce(max(batch) + 1, 0) "
-                "FROM crops"
-            ).fetchone()
-            (skipped,) = db.execute("SELECT count(*) FROM skipped").fetchone()
-            (merges,) = db.execute("SELECT count(*) FROM merges").fetchone()
-        return Counts(int(crops), int(skipped), int(merges), int(batches))
+            (retired,) = db.execute("SELECT count(*) FROM crops WHERE retired = 1").fetchone()
+            (merges,) = db.execute("SELECT coalesce(max(id), 0) FROM merges").fetchone()
+            skipped = self.skipped_count()
+            crops = self.next_seq() - int(retired)
+            batches = self.last_batch() + 1
+        return Counts(crops, skipped, int(merges), batches)
 
     def skipped_count(self) -> int:
         """How many files are recorded as skipped (reads no crop rows)."""

@@ -37,8 +37,10 @@ _BY_FINGERPRINT = (
     f"UNION ALL SELECT 'skip', {_COLUMNS} FROM skipped "
     "WHERE inode = ? AND size = ? AND mtime_ns = ?"
 )
+# One seek per session into crops_session_content (see storeschema.INDEXES for why).
 _BY_CONTENT = (
-    f"SELECT 'crop', {_COLUMNS} FROM crops WHERE content = ? AND retired = 0 "
+    f"SELECT 'crop', {_COLUMNS} FROM crops "
+    "WHERE session IN (SELECT id FROM sessions) AND content = ? AND retired = 0 "
     f"UNION ALL SELECT 'skip', {_COLUMNS} FROM skipped WHERE content = ?"
 )
 _BY_STAT = (

@@ -66,13 +66,20 @@ CREATE TABLE IF NOT EXISTS runtime (
 # and, for schema 1 rows without inode and hash, by size and mtime
 # (storedfiles.py): one indexed query each, instead of the whole registry held
 # in memory. Partial on live rows: retired ones name content that is gone.
+# Content hashes are random keys: in one index over the season each micro-batch's
+# commit would dirty a leaf page per crop all over it (in the WAL and again at the
+# checkpoint), so a night after a big season wrote 1.4x the bytes per crop of a
+# fresh one. Led by the session, a night's inserts stay in its own part of the
+# index; a look-up by content then seeks once per session (about 2 us each).
 INDEXES = """
 CREATE INDEX IF NOT EXISTS crops_added ON crops(added);
 CREATE UNIQUE INDEX IF NOT EXISTS crops_live_path ON crops(path) WHERE retired = 0;
 CREATE UNIQUE INDEX IF NOT EXISTS crops_session_local ON crops(session, local);
 CREATE INDEX IF NOT EXISTS merges_session ON merges(session, id);
-CREATE INDEX IF NOT EXISTS crops_live_content ON crops(content) WHERE retired = 0;
+DROP INDEX IF EXISTS crops_live_content;
+CREATE INDEX IF NOT EXISTS crops_session_content ON crops(session, content) WHERE retired = 0;
 CREATE INDEX IF NOT EXISTS crops_live_inode ON crops(inode, size, mtime_ns) WHERE retired = 0;
+CREATE INDEX IF NOT EXISTS crops_retired ON crops(session, local) WHERE retired = 1;
 CREATE INDEX IF NOT EXISTS crops_live_stat ON crops(size, mtime_ns)
     WHERE retired = 0 AND content IS NULL;
 CREATE INDEX IF NOT EXISTS skipped_content ON skipped(content);
