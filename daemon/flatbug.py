@@ -296,6 +296,9 @@ def _load_centers(path: Path) -> _Centers | str:
 # Frames whose parsed boxes stay cached (a frame's crops arrive together, so a
 # small window serves them; the batch command reads frames in name order).
 METADATA_CACHE_FRAMES = 1024
+# Frames whose JSON path the daemon's index remembers. Older frames are found
+# again on disk (`MetadataIndex._probe`), so memory does not grow all season.
+METADATA_INDEX_FRAMES = 16384
 
 
 class MetadataIndex:
@@ -308,13 +311,19 @@ class MetadataIndex:
     identifier whose trap folder ends in the most path components equal to the
     crop's; a tie is ``metadata_ambiguous`` and no JSON is used.
 
+    Without ``loose`` (the daemon) only the :data:`METADATA_INDEX_FRAMES` most
+    recently registered frames are held; a frame not held is looked for where
+    flat-bug writes its JSON (:meth:`_probe`: a few ``stat`` calls), so the
+    crops of an old frame, rewritten or moved weeks later, or seen after a
+    restart whose first scan did not list the old folders, still find it.
+
     Safe to share between the watcher thread (``add``/``invalidate``) and a worker
     (``center``). When several files name the same frame, the last registered wins.
     """
 
     def __init__(self, *, loose: bool = False) -> None:
         self.loose = loose
-        self._paths: dict[FrameId, Path] = {}
+        self._paths: OrderedDict[FrameId, Path] = OrderedDict()
         self._by_name: dict[tuple[str, str], set[FrameId]] = {}
         # Parsed boxes of the most recently used frames only: a season's frames
         # would otherwise all stay in memory; a frame read again is re-parsed.
@@ -344,8 +353,12 @@ class MetadataIndex:
             return None
         with self._lock:
             self._paths[frame] = path
-            self._by_name.setdefault((frame.name, frame.trap.identifier), set()).add(frame)
+            self._paths.move_to_end(frame)
             self._cache.pop(frame, None)
+            if self.loose:
+                self._by_name.setdefault((frame.name, frame.trap.identifier), set()).add(frame)
+            elif len(self._paths) > METADATA_INDEX_FRAMES:
+                self._paths.popitem(last=False)
         return frame
 
     def invalidate(self, frame: FrameId) -> None:
@@ -355,8 +368,36 @@ class MetadataIndex:
 
     def has(self, frame: FrameId) -> bool:
         """Whether a metadata file is registered for ``frame`` (by the rule above)."""
+        self._recall(frame)
         with self._lock:
             return isinstance(self._resolve(frame), FrameId)
+
+    def _recall(self, frame: FrameId) -> None:
+        """Register ``frame``'s JSON from disk when the daemon's index no longer holds it."""
+        if self.loose:
+            return
+        with self._lock:
+            if frame in self._paths:
+                return
+        found = self._probe(frame)
+        if found is not None:
+            self.add(found)
+
+    @staticmethod
+    def _probe(frame: FrameId) -> Path | None:
+        """Where flat-bug writes ``frame``'s JSON (see :func:`frame_place`): in the
+        frame's folder, the trap folder, or a ``metadata`` folder in either; the
+        identifier as named or, when there is none, ``None`` or empty."""
+        place = Path(frame.trap.place)
+        folders = (place / frame.name, place, place / "metadata", place / frame.name / "metadata")
+        identifiers = [frame.trap.identifier] if frame.trap.identifier else ["None", ""]
+        for folder in folders:
+            for identifier in identifiers:
+                for ext in ("json", "JSON"):
+                    path = folder / f"metadata_{frame.name}_UUID_{identifier}.{ext}"
+                    if path.is_file() and frame_of_metadata(path) == frame:
+                        return path
+        return None
 
     def __len__(self) -> int:
         with self._lock:
@@ -380,6 +421,7 @@ class MetadataIndex:
 
     def center(self, frame: FrameId, index: int) -> tuple[tuple[float, float] | None, str | None]:
         """Return (centre of box ``index`` of ``frame``, None) or (None, problem code)."""
+        self._recall(frame)
         with self._lock:
             found = self._resolve(frame)
             if isinstance(found, str):

@@ -304,7 +304,7 @@ class StateStore:
                     (m.new, m.size, m.mtime_ns, m.inode, m.content, m.old),
                 )
             retired += self._vacate(targets)
-            if crops or merges:
+            if crops or merges or skipped:  # a night of bad files only still has its errors.csv
                 self._db.execute(
                     "INSERT INTO sessions(id, opened) VALUES (?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET closed = NULL",

@@ -389,3 +389,38 @@ def test_parsed_boxes_stay_cached_for_recent_frames_only(tmp_path: Path) -> None
         assert index.center(fid(tmp_path, f"f{i:05d}", "abc"), 0) == ((i + 1.0, 2.0), None)
     assert len(index._cache) == flatbug.METADATA_CACHE_FRAMES
     assert index.center(fid(tmp_path, "f00000", "abc"), 0) == ((1.0, 2.0), None)
+
+
+def test_the_daemons_index_holds_recent_frames_and_finds_older_ones_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's frame -> JSON index is bounded (issue 10); a frame it dropped, or
+    one it never saw (a restart's first scan skips unchanged folders), is found
+    where flat-bug writes it: the frame folder, the trap folder, a metadata folder."""
+    monkeypatch.setattr(flatbug, "METADATA_INDEX_FRAMES", 3)
+    index = MetadataIndex()
+    for i in range(6):
+        index.add(write_meta(tmp_path, f"f{i}", [[i, 0, i + 2, 4]]))
+    assert len(index) == 3
+    for i in range(6):
+        assert index.center(fid(tmp_path, f"f{i}"), 0) == ((i + 1.0, 2.0), None)
+    (tmp_path / "metadata").mkdir()
+    flat = tmp_path / "metadata" / "metadata_g_UUID_None.json"
+    flat.write_text(json.dumps({"boxes": [[0, 0, 4, 8]]}))
+    assert index.has(fid(tmp_path, "g", ""))
+    assert index.center(fid(tmp_path, "g", ""), 0) == ((2.0, 4.0), None)
+    assert index.center(fid(tmp_path, "g", "other"), 0) == (None, METADATA_MISSING)
+    assert not index.has(fid(tmp_path, "h"))
+    assert len(index) == 3
+
+
+def test_the_batch_commands_loose_index_keeps_every_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flatbug, "METADATA_INDEX_FRAMES", 3)
+    for i in range(6):
+        write_meta(tmp_path / "meta", f"f{i}", [[i, 0, i + 2, 4]])
+    index = MetadataIndex.scan(tmp_path / "meta", loose=True)
+    assert len(index) == 6
+    # A crop kept apart from the JSONs: matched by name and identifier.
+    assert index.center(fid(tmp_path / "crops", "f0"), 0) == ((1.0, 2.0), None)

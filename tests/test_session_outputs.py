@@ -493,3 +493,22 @@ def test_reading_a_session_writes_nothing(tmp_path: Path) -> None:
     store.close_session(A, T0 + 1)
     store.drop_vectors(A)
     assert len(store.load_crops(0, session=A, vectors=False)) == 1200
+
+
+def test_a_night_of_bad_files_only_has_its_errors_csv(tmp_path: Path, nights: Nights) -> None:
+    """Every skip is in some session's errors.csv, also where no crop of its night
+    was good: the night gets a folder with an empty clusters.csv and a summary."""
+    out = tmp_path / "out"
+    w = writer(tmp_path, gen_cluster_dirs=False)
+    nights.commit(A, [], skipped=["a/bad1.png", "a/bad2.png"])
+    assert w.write_if_changed(now=T0) is not None
+    assert read_errors_csv(out / A / "errors.csv") == [
+        ("a/bad1.png", "truncated image"),
+        ("a/bad2.png", "truncated image"),
+    ]
+    assert read_clusters_csv(out / A / "clusters.csv") == []
+    nights.close(A)
+    nights.commit(B, [0])
+    w.write_if_changed(now=T0 + 1)
+    assert read_summary(out / A / SUMMARY_JSON).crops == 0
+    assert len(read_errors_csv(out / A / "errors.csv")) == 2
