@@ -39,7 +39,7 @@ def _held_bytes(linker: CosineLinker, batches: list[LinkBatch]) -> int:
         tracemalloc.stop()
     index = linker._search.index
     assert index is not None, "the test needs the index path"
-    return traced + index.get_current_count() * index.dim * 4
+    return traced + int(index.get_current_count()) * int(index.dim) * 4
 
 
 def test_a_mapped_cosine_linker_holds_each_vector_once(tmp_path: Path) -> None:

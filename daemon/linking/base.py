@@ -262,7 +262,8 @@ class CropColumns:
         """
         if self._file is not None:
             return
-        self._file = tempfile.TemporaryFile(dir=folder, prefix=".vectors-")
+        # Open for the columns' lifetime: closed (and so freed) with them.
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".vectors-")  # noqa: SIM115
         if self.dim:
             held = self.live_embeddings
             self.embeddings = self._map(max(self.n, 1024))
@@ -278,7 +279,7 @@ class CropColumns:
         # The old map stays valid for views still held elsewhere; it is unmapped
         # when the last of them goes.
         buffer = mmap.mmap(fd, size)
-        rows: npt.NDArray[np.float32] = np.frombuffer(buffer, dtype=np.float32, count=capacity * self.dim)
+        rows = np.frombuffer(buffer, dtype=np.float32, count=capacity * self.dim)
         return rows.reshape(capacity, self.dim)
 
     def append(self, batch: LinkBatch) -> range:
@@ -330,10 +331,8 @@ class CropColumns:
 
     def nbytes_in_memory(self) -> int:
         """Bytes of the column arrays in process memory (a mapped column counts 0)."""
-        arrays = [self.times, self.centers, self.traps]
-        if self._file is None:
-            arrays.append(self.embeddings)
-        return sum(a.nbytes for a in arrays)
+        held = self.times.nbytes + self.centers.nbytes + self.traps.nbytes
+        return held + (0 if self._file is not None else self.embeddings.nbytes)
 
     def trap_codes(self) -> tuple[TrapId | None, ...]:
         """The trap of each trap code, in code order (code 0: no flat-bug frame)."""
