@@ -248,11 +248,6 @@ class CropColumns:
         self._trap_codes: dict[TrapId | None, int] = {None: 0}
         self._file: BinaryIO | None = None
 
-    @property
-    def mapped(self) -> bool:
-        """Whether the embeddings live in a memory-mapped file."""
-        return self._file is not None
-
     def map_embeddings(self, folder: Path) -> None:
         """Keep the embeddings in a memory map of an unnamed file in ``folder``
         (gone with the process, crash included); rows already held move there.
@@ -328,11 +323,6 @@ class CropColumns:
             grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
             grown[: self.n] = old[: self.n]
             setattr(self, name, grown)
-
-    def nbytes_in_memory(self) -> int:
-        """Bytes of the column arrays in process memory (a mapped column counts 0)."""
-        held = self.times.nbytes + self.centers.nbytes + self.traps.nbytes
-        return held + (0 if self._file is not None else self.embeddings.nbytes)
 
     def trap_codes(self) -> tuple[TrapId | None, ...]:
         """The trap of each trap code, in code order (code 0: no flat-bug frame)."""

@@ -154,8 +154,8 @@ class CosineLinker(Linker):
         dense groups, lost queries and the side index compare crops with every
         crop held, and ``get_items`` builds Python floats (about 40 us per
         384-d vector): 4 s per such batch at 100,000 crops, against a
-        sequential read of the map. Its pages are clean page cache the kernel
-        may drop, and the map grows without copying.
+        sequential read of the map. Its pages are file pages the kernel writes
+        back and may drop under pressure, and the map grows without copying.
         """
         if self.gating is not None:
             return False
