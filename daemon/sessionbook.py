@@ -104,7 +104,8 @@ class SessionBook:
     """Which session is open, and its linker; the link stage's only way to one.
 
     ``new_linker`` builds a fresh linker (``factory.linker_from_config``);
-    ``state_folder`` is where indexes are saved (None: never saved);
+    ``state_folder`` is where indexes are saved and where the open session's
+    vectors are memory-mapped (None: never saved, vectors in memory);
     ``keep_sessions`` (``state.keep_sessions``, 0 = all) how many of the newest
     closed sessions keep their stored embeddings.
     """
@@ -181,6 +182,10 @@ class SessionBook:
 
     def _open(self, session: str, *, how: str) -> OpenSession:
         linker = self._new_linker()
+        if self._folder is not None:
+            # The state folder is on a disk (it holds the database): an ungated
+            # cosine linker keeps its vectors mapped there, its index the one copy.
+            linker.map_vectors(self._folder)
         n = restore_linker(linker, self.store, session)
         index_file = None if self._folder is None else index_path(self._folder, session)
         self.current = OpenSession(session, linker, index_file, saved_n=n, crops=n)

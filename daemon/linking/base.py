@@ -10,10 +10,14 @@ through a :class:`StoredLinks` record. The parameter records (:class:`Gating`,
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -223,6 +227,12 @@ class CropColumns:
 
     Adopting matters for the batch path: one million 384-d embeddings are 1.5 GB
     and the memory budget is three times that, index included.
+
+    After :meth:`map_embeddings` the embeddings column lives in a memory map
+    of an unnamed file instead (the other columns stay in memory). Growing a
+    map copies nothing and its untouched reserve is a sparse hole, so a map
+    doubles; an in-memory column grows by a quarter, because while it is copied
+    the old and the new array both exist.
     """
 
     def __init__(self) -> None:
@@ -236,18 +246,50 @@ class CropColumns:
         # so the linkers can refuse cross-trap pairs with one vectorised compare.
         self.traps: IntArray = np.empty(0, dtype=np.int64)
         self._trap_codes: dict[TrapId | None, int] = {None: 0}
+        self._file: BinaryIO | None = None
+
+    def map_embeddings(self, folder: Path) -> None:
+        """Keep the embeddings in a memory map of an unnamed file in ``folder``
+        (gone with the process, crash included); rows already held move there.
+
+        The folder should be on a disk: on a tmpfs the map is memory again.
+        Raises :class:`OSError` when the file cannot be created.
+        """
+        if self._file is not None:
+            return
+        # Open for the columns' lifetime: closed (and so freed) with them.
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".vectors-")  # noqa: SIM115
+        if self.dim:
+            held = self.live_embeddings
+            self.embeddings = self._map(max(self.n, 1024))
+            self.embeddings[: self.n] = held
+
+    def _map(self, capacity: int) -> npt.NDArray[np.float32]:
+        """The file mapped as ``capacity`` rows (extended sparse, never shrunk)."""
+        assert self._file is not None
+        size = max(capacity * self.dim * 4, 1)
+        fd = self._file.fileno()
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        # The old map stays valid for views still held elsewhere; it is unmapped
+        # when the last of them goes.
+        buffer = mmap.mmap(fd, size)
+        rows = np.frombuffer(buffer, dtype=np.float32, count=capacity * self.dim)
+        return rows.reshape(capacity, self.dim)
 
     def append(self, batch: LinkBatch) -> range:
         """Store a batch; return its sequence numbers. ValueError on a new dimension."""
         n_new = len(batch)
         start = self.n
-        if self.n == 0 and batch.embeddings.flags.c_contiguous:
+        if self.n == 0 and self._file is None and batch.embeddings.flags.c_contiguous:
             self.dim = batch.embeddings.shape[1]
             self.embeddings = batch.embeddings
             self.times = batch.times.copy()
             self.centers = batch.centers.copy()
             self.traps = np.empty(n_new, dtype=np.int64)
         else:
+            if self.n == 0:
+                self.dim = batch.embeddings.shape[1]
             if batch.embeddings.shape[1] != self.dim:
                 raise ValueError(
                     f"embedding dimension {batch.embeddings.shape[1]} does not match "
@@ -266,11 +308,17 @@ class CropColumns:
         return range(start, self.n)
 
     def _reserve(self, needed: int) -> None:
-        capacity = len(self.embeddings)
-        if needed <= capacity:
+        capacity = len(self.times)
+        if needed <= capacity and len(self.embeddings) >= needed:
             return
-        new_capacity = max(needed, 2 * capacity, 1024)
-        for name in ("embeddings", "times", "centers", "traps"):
+        grow = 2 * capacity if self._file is not None else capacity + capacity // 4
+        new_capacity = max(needed, grow, 1024)
+        names = ["times", "centers", "traps"]
+        if self._file is not None:
+            self.embeddings = self._map(new_capacity)
+        else:
+            names.append("embeddings")
+        for name in names:
             old = getattr(self, name)
             grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
             grown[: self.n] = old[: self.n]
@@ -302,6 +350,16 @@ class Linker(ABC):
 
     def __len__(self) -> int:
         return self._cols.n
+
+    def map_vectors(self, folder: Path) -> bool:
+        """Let a linker whose index holds every vector keep its own embeddings
+        in a memory-mapped file in ``folder`` instead of memory; return whether
+        it does. The default keeps them in memory: without an index the
+        columns are the only copy. Raises :class:`OSError` when the file cannot
+        be created.
+        """
+        del folder
+        return False
 
     def retire(self, seqs: IntArray) -> None:
         """Stop the crops ``seqs`` (sequence numbers) from linking anything again.
