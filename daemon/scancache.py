@@ -53,19 +53,13 @@ class ScanCache:
         self._key = {"version": _VERSION, "root": str(root), "recursive": str(recursive)}
         self._db: sqlite3.Connection | None = None
         self.enabled = True
+        self._claimed = False
 
     def load(self) -> dict[str, int | None]:
         """The rows the last run wrote; ``{}`` when there are none to trust."""
         try:
             db = self._open()
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            if meta != self._key:
-                if meta:
-                    log.info("scan_cache_reset", file=str(self.path), reason="another tree")
-                with db:
-                    db.execute("DELETE FROM dirs")
-                    db.execute("DELETE FROM meta")
-                    db.executemany("INSERT INTO meta VALUES (?, ?)", self._key.items())
+            if not self._claim(db):
                 return {}
             return dict(db.execute("SELECT path, mtime_ns FROM dirs").fetchall())
         except sqlite3.Error as exc:
@@ -79,6 +73,7 @@ class ScanCache:
             return
         try:
             db = self._open()
+            self._claim(db)
             with db:
                 db.executemany("INSERT OR REPLACE INTO dirs VALUES (?, ?)", upserts)
                 db.executemany("DELETE FROM dirs WHERE path = ?", ((p,) for p in deletes))
@@ -98,6 +93,22 @@ class ScanCache:
         db, self._db = self._db, None
         if db is not None:
             db.close()
+
+    def _claim(self, db: sqlite3.Connection) -> bool:
+        """Make the file this tree's; whether it was already (else it is emptied)."""
+        if self._claimed:
+            return True
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        self._claimed = True
+        if meta == self._key:
+            return True
+        if meta:
+            log.info("scan_cache_reset", file=str(self.path), reason="another tree or version")
+        with db:
+            db.execute("DELETE FROM dirs")
+            db.execute("DELETE FROM meta")
+            db.executemany("INSERT INTO meta VALUES (?, ?)", self._key.items())
+        return False
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -121,10 +132,9 @@ class ScanCache:
     def _start_afresh(self) -> None:
         self.close()
         self._remove()
+        self._claimed = False
         try:
-            db = self._open()
-            with db:
-                db.executemany("INSERT INTO meta VALUES (?, ?)", self._key.items())
+            self._claim(self._open())
         except sqlite3.Error as exc:
             log.warning("scan_cache_failed", file=str(self.path), reason=str(exc))
             self.enabled = False
