@@ -31,14 +31,7 @@ from .flatbug import (
     describe_crop,
     frame_of_path,
 )
-from .identity import (
-    Entry,
-    Fingerprint,
-    Registry,
-    changed_since,
-    content_hash,
-    touched_paths,
-)
+from .identity import Entry, Fingerprint, Registry, changed_since, content_hash, touched_paths
 from .log import get_logger
 from .records import Crop, DecodeFailure, FrameId, IntakeUnit, Moved, Prepared, Skipped
 from .scan import VerifyWalk
@@ -121,9 +114,14 @@ class IntakeStage(Stage[Path, IntakeUnit]):
     again). A new path holding a known file whose old path is gone is a move:
     the stored row follows it. Every ``rescan_s`` it walks the tree, because
     observers drop events, but lists only the directories whose mtime changed
-    since the previous walk (``dirs``, see :class:`~crop_clusterd.watch.DirMtimes`);
-    at start and after lost hints (or an observer restart) it lists every
-    directory. A ready crop waits for its frame's metadata JSON (with metadata
+    since the previous walk (``dirs``, see :class:`~crop_clusterd.watch.DirMtimes`,
+    kept across restarts when it has a cache); after lost hints (or an observer
+    restart), or at a start without a stored walk, it lists every directory.
+    Once the watcher's start is over (``watches_set``) it rescans once more,
+    then a throttled verify walk (:class:`~crop_clusterd.scan.VerifyWalk`, one
+    slice a tick, none in a tick that routed hints or rescanned) stats every
+    file, for what no directory's mtime tells; ``verified`` says when it is over.
+    A ready crop waits for its frame's metadata JSON (with metadata
     on) up to ``metadata_wait_s``, and for the frame to go quiet for
     ``settle_s``, so a frame's crops reach the linker together. Decode
     failures are retried with doubling backoff, then recorded as skipped; a
