@@ -34,7 +34,7 @@ from .flatbug import (
 from .identity import Entry, Fingerprint, Registry, changed_since, content_hash, touched_paths
 from .log import get_logger
 from .records import Crop, DecodeFailure, FrameId, IntakeUnit, Moved, Prepared, Skipped
-from .scan import VerifyWalk
+from .scan import RACY_S, VerifyWalk
 from .stage import Stage, Stop
 from .watch import DirMtimes, FileSeen, Settler, kind, scan_tree
 
@@ -296,10 +296,24 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         """Offer the changed files among the verify walk's next slice of files."""
         assert self._verify is not None
         try:
-            if self._verify.step(self._offer_scanned, _LOOKUP_BATCH):
+            if self._verify.step(self._offer_checked, _LOOKUP_BATCH):
                 self._verify, self._verify_done = None, True
         finally:
             self._known.prefetch(())
+
+    def _offer_checked(self, batch: list[FileSeen]) -> int:
+        """The verify walk's offer. Metadata is not in the state, so each JSON is
+        new to a restarted daemon; one unchanged for longer than settling takes
+        (and any clock skew) is indexed at once rather than settled again."""
+        settled = self._dirs.clock_ns() - int((RACY_S + self.options.settle_s) * 1e9)
+        rest: list[FileSeen] = []
+        for seen in batch:
+            if kind(seen.path) == "metadata" and seen.mtime_ns < settled:
+                if record_name(seen.path) not in self._settling:
+                    self._metadata_ready(seen)
+            else:
+                rest.append(seen)
+        return self._offer_scanned(rest)
 
     def _route(self, path: Path) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
