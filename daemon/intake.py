@@ -174,6 +174,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._rescan_due = 0.0  # at once
         self._hints_lost = threading.Event()
         self._watches_set = threading.Event()
+        self.first_scan_done = threading.Event()
         self._verify: VerifyWalk | None = None
         self._verify_done = False
         self._routed = 0  # hints routed since the last tick: the verify walk waits
@@ -291,6 +292,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._hints_lost.clear()
         self._scan(self.options.root, dirs=self._dirs, full=full)
         self._rescan_due = now + self.options.rescan_s
+        self.first_scan_done.set()  # also when it failed: the watcher retries alone
 
     def _verify_slice(self) -> None:
         """Offer the changed files among the verify walk's next slice of files."""
@@ -302,8 +304,8 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             self._known.prefetch(())
 
     def _offer_checked(self, batch: list[FileSeen]) -> int:
-        """The verify walk's offer. Metadata is not in the state, so each JSON is
-        new to a restarted daemon; one unchanged for longer than settling takes
+        """A walk's offer. Metadata is not in the state, so each JSON a walk finds
+        is new to a restarted daemon; one unchanged for longer than settling takes
         (and any clock skew) is indexed at once rather than settled again."""
         settled = self._dirs.clock_ns() - int((RACY_S + self.options.settle_s) * 1e9)
         rest: list[FileSeen] = []
@@ -355,9 +357,9 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             for seen in scan_tree(folder, recursive=self.options.recursive, dirs=dirs):
                 batch.append(seen)
                 if len(batch) == _LOOKUP_BATCH:
-                    found += self._offer_scanned(batch)
+                    found += self._offer_checked(batch)
                     batch = []
-            found += self._offer_scanned(batch)
+            found += self._offer_checked(batch)
         except OSError as exc:
             # The watched folder itself is unreachable (a mount away): try again later.
             log.warning("scan_failed", folder=str(folder), reason=str(exc))

@@ -218,9 +218,11 @@ class Daemon:
         pipeline = self._build(store, runtime, book, embedder, next_batch, known)
         for stage in (pipeline.link, pipeline.embed, pipeline.intake):
             stage.start()
-        # READY does not wait for the watches (they grow all season); the intake
-        # rescans once they are set, then verifies every file (see intake.py).
-        pipeline.watcher.start_in_background(pipeline.intake.watches_set)
+        # READY does not wait for the watches (they grow all season), nor does the
+        # first scan compete with setting them; the intake rescans once they are
+        # set, then verifies every file (see intake.py).
+        intake = pipeline.intake
+        pipeline.watcher.start_in_background(intake.watches_set, after=intake.first_scan_done)
         pipeline.pinger.start()
         log.info(
             "daemon_started",

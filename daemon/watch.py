@@ -264,9 +264,12 @@ class Watcher:
         self._next_attempt = 0.0
         return self._attempt()
 
-    def start_in_background(self, on_started: Callable[[bool], None]) -> None:
-        """Start watching from a thread of its own, then call ``on_started(running)``
-        from that thread (whether an observer runs; on failure `check` retries).
+    def start_in_background(
+        self, on_started: Callable[[bool], None], after: threading.Event | None = None
+    ) -> None:
+        """Start watching from a thread of its own, once ``after`` is set (if given),
+        then call ``on_started(running)`` from that thread (whether an observer
+        runs; on failure `check` retries).
 
         Setting inotify watches costs one call per folder of the tree (1.3 s for
         the 3,700 folders of seven nights) and grows all season, so the daemon
@@ -281,6 +284,9 @@ class Watcher:
         def start() -> None:
             running = False
             try:
+                while after is not None and not after.wait(0.1):
+                    if not self._running:
+                        return
                 running = self._attempt()
                 if not self._running:  # stopped meanwhile
                     self._discard_observer(timeout_s=1.0)
