@@ -23,12 +23,14 @@ from typing import Literal
 from .flatbug import parse_metadata_name
 from .inputs import is_ignored_name, is_image_name
 from .log import get_logger
+from .scancache import ScanCache, children_of
 
 __all__ = [
     "RACY_S",
     "DirMtimes",
     "FileKind",
     "FileSeen",
+    "VerifyWalk",
     "kind",
     "list_sorted",
     "os_reason",
@@ -92,22 +94,39 @@ class DirMtimes:
     rescan need not list a directory whose mtime is unchanged: nothing new can
     be in it (its sub-directories are still visited, from the names kept
     here). A file rewritten in place leaves its directory's mtime alone; the
-    observer's events report it, and a full scan (``begin(full=True)``: at
-    start, after lost events) reads every directory. Memory is one entry per
-    directory, none per file. ``clock_ns`` is the wall clock the directories'
-    mtimes are compared with (see :data:`RACY_S`).
+    observer's events report it, and a full scan (``begin(full=True)``: after
+    lost events) or the intake's verify walk (after a start) reads every
+    directory. Memory is one entry per directory, none per file. ``clock_ns``
+    is the wall clock the directories' mtimes are compared with (see
+    :data:`RACY_S`).
+
+    With a ``cache`` (:class:`~crop_clusterd.scancache.ScanCache`) what a walk
+    saw survives restarts: `restore` reads it (once), and every walk run to its
+    end writes the directories whose entry changed (new, gone, another mtime),
+    so the writes follow the changes, not the size of the tree.
 
     Used by one thread: :func:`scan_tree` calls :meth:`begin` ... :meth:`end`
     around one walk; ``listed`` and ``unchanged`` count that walk's directories.
     """
 
     def __init__(
-        self, *, margin_s: float = RACY_S, clock_ns: Callable[[], int] = time.time_ns
+        self,
+        *,
+        margin_s: float = RACY_S,
+        clock_ns: Callable[[], int] = time.time_ns,
+        cache: ScanCache | None = None,
     ) -> None:
         self.margin_ns = int(margin_s * 1e9)
         self.clock_ns = clock_ns
+        self.cache = cache
+        self._restored: bool | None = None if cache is not None else False
         self._seen: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._next: dict[str, tuple[int, tuple[str, ...]]] | None = None
+        # Visited but not trusted (listed every walk): kept for the cache only,
+        # whose rows must name every visited directory to give their parents' sub-dirs.
+        self._unkept: set[str] = set()
+        self._unkept_next: set[str] = set()
+        self._forgotten: set[str] = set()
         self._full = True
         self.listed = 0
         self.unchanged = 0
@@ -119,9 +138,26 @@ class DirMtimes:
         """Whether the last walk kept ``directory`` (a path) as unchanged-able."""
         return str(directory) in self._seen
 
+    def restore(self) -> bool:
+        """Read the cache the first time (later calls answer again); whether it held
+        a previous walk, so that the next walk need not list every directory."""
+        if self._restored is None:
+            assert self.cache is not None
+            rows = self.cache.load()
+            children = children_of(rows)
+            self._seen = {
+                path: (mtime, tuple(children.get(path, ())))
+                for path, mtime in rows.items()
+                if mtime is not None
+            }
+            self._unkept = {path for path, mtime in rows.items() if mtime is None}
+            self._restored = bool(rows)
+        return self._restored
+
     def begin(self, *, full: bool) -> None:
         """Start a walk; ``full``: list every directory, whatever the last walk saw."""
         self._next = {}
+        self._unkept_next = set()
         self._full = full
         self.listed = self.unchanged = 0
 
@@ -142,17 +178,56 @@ class DirMtimes:
         """A directory was listed: keep its mtime (stat'ed before the listing, at
         ``stat_at_ns``) if it was old enough and every entry could be read."""
         self.listed += 1
-        if self._next is not None and complete and mtime_ns <= stat_at_ns - self.margin_ns:
+        if self._next is None:
+            return
+        if complete and mtime_ns <= stat_at_ns - self.margin_ns:
             self._next[str(directory)] = (mtime_ns, tuple(subdirs))
+        else:
+            self._unkept_next.add(str(directory))
+
+    def not_listed(self, directory: Path) -> None:
+        """A directory could not be stat'ed or listed: visit it again next walk."""
+        if self._next is not None:
+            self._unkept_next.add(str(directory))
 
     def end(self) -> None:
         """The walk finished: what it saw replaces the last one (gone directories go)."""
-        if self._next is not None:
-            self._seen, self._next = self._next, None
+        if self._next is None:
+            return
+        if self.cache is not None:
+            self._write_changes(self._next, self._unkept_next)
+        self._seen, self._next = self._next, None
+        self._unkept, self._unkept_next = self._unkept_next, set()
+        self._forgotten.clear()
 
     def forget(self, directory: Path) -> None:
         """List ``directory`` at the next walk (a file in it could not be read)."""
-        self._seen.pop(str(directory), None)
+        if self._seen.pop(str(directory), None) is not None:
+            self._forgotten.add(str(directory))
+
+    def flush_forgotten(self) -> None:
+        """Store the directories forgotten since the last walk as "to be listed"
+        (before a stop: the next start lists them instead of leaving them to the
+        verify walk)."""
+        if self.cache is not None and self._forgotten:
+            self.cache.write(((d, None) for d in sorted(self._forgotten)), ())
+            self._unkept |= self._forgotten
+            self._forgotten.clear()
+
+    def _write_changes(
+        self, kept: dict[str, tuple[int, tuple[str, ...]]], unkept: set[str]
+    ) -> None:
+        assert self.cache is not None
+        upserts: list[tuple[str, int | None]] = []
+        for path, entry in kept.items():
+            old = self._seen.get(path)
+            if old is not entry and (old is None or old[0] != entry[0]):
+                upserts.append((path, entry[0]))
+        upserts.extend((path, None) for path in unkept if path not in self._unkept)
+        before = self._seen.keys() | self._unkept | self._forgotten
+        gone = before - kept.keys() - unkept
+        if upserts or gone:
+            self.cache.write(sorted(upserts), sorted(gone))
 
 
 def scan_tree(
@@ -189,6 +264,8 @@ def scan_tree(
             if directory is root:
                 raise  # unreachable is not the same as empty
             log.warning("scan_error", path=str(directory), reason=os_reason(exc))
+            if dirs is not None:
+                dirs.not_listed(directory)
             continue
         if kept is None:
             subdirs: list[Path] = []
@@ -258,3 +335,56 @@ def os_reason(exc: BaseException) -> str:
         code = errno.errorcode.get(exc.errno, str(exc.errno))
         return f"{code}: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+class VerifyWalk:
+    """The walk after a start that stats every file of the tree, a slice at a time.
+
+    The first scan after a restart lists only the directories whose mtime
+    changed since the stored walk (`DirMtimes.restore`); a file rewritten in
+    place while the daemon was stopped changes no directory's mtime, and one
+    rewritten between that scan and its directory's watch sends no event. This
+    walk, begun once the watches are set, stats every file (and the caller
+    compares each with the state, a batch at a time), so neither goes unseen.
+    ``files`` and ``new_files`` count what it yielded and what of it the caller
+    took as new or changed; ``started_at`` is in ``clock`` seconds.
+    """
+
+    def __init__(
+        self, root: Path, *, recursive: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.root = Path(root)
+        self._files = scan_tree(self.root, recursive=recursive)
+        self._clock = clock
+        self.started_at = clock()
+        self.files = 0
+        self.new_files = 0
+        self.done = False
+
+    def step(self, offer: Callable[[list[FileSeen]], int], limit: int) -> bool:
+        """Hand up to ``limit`` more files to ``offer`` (which returns how many it
+        took as new or changed); whether the walk is over now (``verify_walk_done``
+        logged, or ``verify_walk_failed`` when the root could not be read)."""
+        batch: list[FileSeen] = []
+        try:
+            for seen in self._files:
+                batch.append(seen)
+                if len(batch) == limit:
+                    break
+            else:
+                self.done = True
+        except OSError as exc:
+            # The root went away: an observer restart's full rescan follows its return.
+            log.warning("verify_walk_failed", folder=str(self.root), reason=os_reason(exc))
+            self.done = True
+            return True
+        self.files += len(batch)
+        self.new_files += offer(batch)
+        if self.done:
+            log.info(
+                "verify_walk_done",
+                files=self.files,
+                new_files=self.new_files,
+                seconds=round(self._clock() - self.started_at, 3),
+            )
+        return self.done

@@ -428,7 +428,9 @@ class RunningDaemon:
         return self._wait(lambda: self.daemon.pipeline is not None, "start", timeout_s)
 
     def idle(self) -> bool:
-        """First scan done, nothing queued, settling, decoding or being linked."""
+        """Caught up: the first scan (of the folders changed since the stored walk)
+        done, nothing queued, settling, decoding or being linked. The verify walk
+        after a start may still be going (see :meth:`verified`)."""
         p = self.daemon.pipeline
         return (
             p is not None
@@ -440,9 +442,19 @@ class RunningDaemon:
         )
 
     def wait_idle(self, timeout_s: float = 3600.0) -> float:
-        """Seconds from construction until :meth:`idle`."""
+        """Seconds from construction until :meth:`idle` (caught up)."""
         self.wait_ready(timeout_s)
         return self._wait(self.idle, "idle", timeout_s)
+
+    def verified(self) -> bool:
+        """Idle, and the verify walk after the start (every file stat'ed) is over."""
+        p = self.daemon.pipeline
+        return p is not None and p.intake.verified and self.idle()
+
+    def wait_verified(self, timeout_s: float = 3600.0) -> float:
+        """Seconds from construction until :meth:`verified`."""
+        self.wait_ready(timeout_s)
+        return self._wait(self.verified, "verify walk done", timeout_s)
 
     def wait_done(self, expected: int, since: float, timeout_s: float = 3600.0) -> None:
         """Until ``expected`` files are committed in all, the daemon is idle, a snapshot
