@@ -1,12 +1,28 @@
 """A seeded camera-trap simulator: flat-bug-style crops with ground truth.
 
-Arthropods arrive on a light screen (Poisson), stay a geometric number of frames and
-leave. While present they drift, turn, change scale, blur now and then, and the light
-changes over the session. Every detection is drawn with Pillow as an RGBA crop (the
-animal with a halo of screen, opaque; the rest alpha 0), named and described exactly
-as flat-bug names and describes its crops, so the daemon cannot tell the difference.
-``labels.csv`` holds the individual behind every crop. The same seed and config give
-byte-identical files.
+Arthropods come to a light screen and leave, and the light changes over the session;
+how they behave is :mod:`crop_clusterd.simbehave` (``SimConfig.behaviour``: ``trap``,
+the default, with returning visits, still periods, walks, blur when moving and runs
+of missed detections; or ``classic``, the first model, byte for byte). Every
+detection is drawn with Pillow as an RGBA crop (the animal with a halo of screen,
+opaque; the rest alpha 0), named and described exactly as flat-bug names and
+describes its crops, so the daemon cannot tell the difference. The same seed and
+config give byte-identical files.
+
+Ground truth, one row per crop in the order crops were written:
+
+- ``labels.csv``: ``filename,label``; label = the individual, e.g. ``sp03-ind0012``.
+- ``truth.csv``: ``filename,individual,visit,frame,time_s,cx,cy,jump,blur,still``.
+  ``individual`` is the label of ``labels.csv``; ``visit`` counts its visits from 0
+  (always 0 in ``classic``; a visit the detector missed entirely leaves its number
+  unused); ``frame`` is the frame index from 0 and ``time_s`` seconds since the first
+  frame; ``cx, cy`` the box centre in px (a half where the box is odd); ``jump`` is 1
+  when the individual moved more than a drift (a hop or a walk; classic: a jump)
+  since its previous detection in the same visit, so a visit's first crop has 0;
+  ``blur`` is 1 when the crop is motion-blurred (classic's focus blur is not motion
+  and counts 0); ``still`` is 1 while it sits in a still period and did not move in
+  this frame (always 0 in ``classic``, whose animals drift every frame).
+- ``simulation.json``: the config, counts and every species.
 """
 
 from __future__ import annotations
