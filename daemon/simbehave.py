@@ -168,7 +168,9 @@ class TrapWorld(World):
     def __init__(self, config: SimConfig) -> None:
         super().__init__(config)
         dt = config.interval_s
-        self.away: list[tuple[int, Individual]] = []  # (frame it comes back, who)
+        # (frame it comes back, who); None: one away since before the night, made when it
+        # comes, so that individuals counts only animals that were on the screen.
+        self.away: list[tuple[int, Individual | None]] = []
         self.p_walk = _per_frame(config.still_s, dt)
         self.p_settle = _per_frame(config.walk_s, dt)
         self.p_hop = _per_frame(config.hop_every_s, dt)
@@ -206,7 +208,7 @@ class TrapWorld(World):
         expected_away = cfg.mean_present * self.leave_prob * cfg.return_prob * away_mean
         for _ in range(int(rng.poisson(expected_away))):
             due = index + max(1, math.ceil(rng.uniform(0.0, 2.0 * away_mean)))
-            self.away.append((due, self._new_individual()))
+            self.away.append((due, None))
 
     def _begin_walk(self, ind: Individual) -> None:
         low, high = self.config.walk_speed_px_s
@@ -278,7 +280,8 @@ class TrapWorld(World):
             self._move(ind)
         back = [ind for due, ind in self.away if due <= index]
         self.away = [(due, ind) for due, ind in self.away if due > index]
-        for ind in back:
+        for came in back:
+            ind = self._new_individual() if came is None else came
             self._place(ind)
             self.present.append(ind)
         for _ in range(int(rng.poisson(self.new_rate))):
