@@ -26,7 +26,7 @@ from crop_clusterd.config import Config
 from crop_clusterd.embed import EmbedderOptions
 from crop_clusterd.log import configure_logging
 from crop_clusterd.notify import Notifier
-from crop_clusterd.scancache import SCAN_CACHE_NAME, ScanCache
+from crop_clusterd.scancache import SCAN_CACHE_NAME, Row, ScanCache
 from crop_clusterd.supervisor import Daemon
 from crop_clusterd.watch import DirMtimes, FileSeen, WatchMode, scan_tree
 
@@ -36,12 +36,12 @@ class RecordingCache(ScanCache):
 
     def __init__(self, path: Path, root: Path) -> None:
         super().__init__(path, root=root, recursive=True)
-        self.writes: list[tuple[list[tuple[str, int | None]], list[str]]] = []
+        self.writes: list[tuple[list[tuple[str, Row]], list[str]]] = []
 
-    def write(self, upserts: Iterable[tuple[str, int | None]], deletes: Iterable[str]) -> None:
-        upserts, deletes = list(upserts), list(deletes)
-        self.writes.append((upserts, deletes))
-        super().write(upserts, deletes)
+    def write(self, upserts: Iterable[tuple[str, Row]], gone: Iterable[str]) -> None:
+        upserts, gone = list(upserts), list(gone)
+        self.writes.append((upserts, gone))
+        super().write(upserts, gone)
 
 
 def walk(root: Path, dirs: DirMtimes, *, full: bool) -> tuple[list[FileSeen], list[Path]]:
@@ -96,7 +96,7 @@ def test_a_removed_folder_leaves_the_cache_with_its_sub_folders(tmp_path: Path) 
     shutil.rmtree(root / "frame001")
     age(root)
     walk(root, dirs, full=False)
-    assert sorted(cache.writes[-1][1]) == [str(root / "frame001"), str(root / "frame001/crops")]
+    assert cache.writes[-1][1] == [str(root / "frame001")]  # with its sub-folders
     cache.close()
     stored = ScanCache(cache_file, root=root, recursive=True).load()
     assert len(stored) == 5 and str(root / "frame001") not in stored
