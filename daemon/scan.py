@@ -499,6 +499,9 @@ class VerifyWalk:
     rewritten between that scan and its directory's watch sends no event. This
     walk, begun once the watches are set, stats every file (and the caller
     compares each with the state, a batch at a time), so neither goes unseen.
+    Nor does anything that changed while stopped inside a frozen folder, which
+    the first scan does not enter at all (`DirMtimes`): this walk ignores what
+    `DirMtimes` says and enters every folder.
     ``files`` and ``new_files`` count what it yielded and what of it the caller
     took as new or changed; ``started_at`` is in ``clock`` seconds.
     """
