@@ -114,8 +114,9 @@ class IntakeStage(Stage[Path, IntakeUnit]):
     again). A new path holding a known file whose old path is gone is a move:
     the stored row follows it. Every ``rescan_s`` it walks the tree, because
     observers drop events, but lists only the directories whose mtime changed
-    since the previous walk (``dirs``, see :class:`~crop_clusterd.watch.DirMtimes`,
-    kept across restarts when it has a cache); after lost hints (or an observer
+    since the previous walk and enters none that is frozen (``dirs``, see
+    :class:`~crop_clusterd.watch.DirMtimes`, kept across restarts when it has a
+    cache; a hint thaws its folder); after lost hints (or an observer
     restart), or at a start without a stored walk, it lists every directory.
     Once the watcher's start is over (``watches_set``) it rescans once more,
     then a throttled verify walk (:class:`~crop_clusterd.scan.VerifyWalk`, one
@@ -318,6 +319,8 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         return self._offer_scanned(rest)
 
     def _route(self, path: Path) -> None:
+        # An event from a frozen folder: walk it again (and it freezes again once quiet).
+        self._dirs.thaw(Path(path).parent)
         if os.path.isdir(path) and not os.path.islink(path):
             if self.options.recursive:
                 self._scan(Path(path))
@@ -375,6 +378,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                 full=full,
                 dirs_listed=dirs.listed,
                 dirs_unchanged=dirs.unchanged,
+                dirs_frozen=dirs.frozen,
             )
         elif found:
             log.debug("folder_scanned", folder=str(folder), new_files=found)

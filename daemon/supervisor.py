@@ -264,11 +264,12 @@ class Daemon:
             committed=committed,
             clock=self.clock,
             dirs=DirMtimes(
+                freeze_after_s=config.watch.freeze_after_s,
                 cache=ScanCache(
                     config.state.folder / SCAN_CACHE_NAME,
                     root=config.watch.folder,
                     recursive=config.watch.recursive,
-                )
+                ),
             ),
         )
         embed = EmbedStage(

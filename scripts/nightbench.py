@@ -355,7 +355,7 @@ def bench_config(
         input=dataclasses.replace(c.input, recursive=True),
         embed=dataclasses.replace(c.embed, model=model),
         link=dataclasses.replace(c.link, method=method, threshold=threshold),  # type: ignore[arg-type]
-        watch=dataclasses.replace(c.watch, folder=root / "watch"),
+        watch=dataclasses.replace(c.watch, folder=root / "watch", freeze_after_s=BENCH_FREEZE_S),
         metadata=dataclasses.replace(c.metadata, enabled=True),
         state=dataclasses.replace(c.state, folder=root / "state"),
         output=dataclasses.replace(c.output, folder=root / "out"),
@@ -367,6 +367,12 @@ def bench_config(
         config = dataclasses.replace(config, session=session)
     config.watch.folder.mkdir(parents=True, exist_ok=True)
     return config
+
+
+# A bench night lasts seconds, not hours: its folders are frozen (see DirMtimes) after
+# BENCH_FREEZE_S of quiet, as a real night's are after watch.freeze_after_s (6 h), so
+# that restarts and rescans behave as they would the day after a real night.
+BENCH_FREEZE_S = 2.0
 
 
 def committed(state: Path) -> int:
