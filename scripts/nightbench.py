@@ -515,6 +515,9 @@ class NightFigures:
     peak_mib: float
     seconds: float
     sessions_closed: int = 0
+    # The snapshot thread's CPU seconds: its own cost, apart from waits for the
+    # disk (a history state evicted from the page cache) or a shared machine.
+    snapshot_cpu_s: tuple[float, ...] = ()
 
     def row(self) -> dict[str, Any]:
         """JSON-ready figures (KB = 1000 bytes)."""
@@ -530,6 +533,9 @@ class NightFigures:
             if self.snapshot_s
             else None,
             "snapshot_s_max": round(max(self.snapshot_s), 3) if self.snapshot_s else None,
+            "snapshot_cpu_s_median": round(statistics.median(self.snapshot_cpu_s), 3)
+            if self.snapshot_cpu_s
+            else None,
             "peak_mib": self.peak_mib,
             "seconds": round(self.seconds, 1),
             "sessions_closed": self.sessions_closed,
@@ -561,11 +567,12 @@ def run_night(
     daemon.wait_done(before + crops, t0)
     io_used = Io.read(device) - io_before
     t1 = time.monotonic()
-    snaps = tuple(float(e["seconds"]) for e in daemon.events.named("snapshot_written", t0, t1))
+    written = daemon.events.named("snapshot_written", t0, t1)
     return NightFigures(
         crops=crops,
         io=io_used,
-        snapshot_s=snaps,
+        snapshot_s=tuple(float(e["seconds"]) for e in written),
+        snapshot_cpu_s=tuple(float(e.get("cpu_s", 0.0)) for e in written),
         peak_mib=memory.peak_mib() if memory is not None else 0.0,
         seconds=t1 - t0,
         sessions_closed=len(daemon.events.named("session_closed", t0, t1)),

@@ -122,6 +122,8 @@ def test_endurance_prints_every_night_and_the_history_night(tmp_path: Path) -> N
         assert r["crops"] == 120 and r["sessions_closed"] == CLOSES
         assert r["wchar"] > 0 and (r["write_bytes"] > 0 or not counted)
         assert 0 < r["snapshot_s_median"] <= r["snapshot_s_max"]
+        # One thread's CPU time never exceeds the wall time it spans.
+        assert 0 <= r["snapshot_cpu_s_median"] <= r["snapshot_s_max"]
         assert r["peak_mib"] > 0 and r["restart_peak_mib"] > 0
         assert 0 < r["restart_ready_s"] <= r["restart_caught_up_s"] <= r["restart_verify_s"]
     assert _crops_in_output(work / "fresh") == 2 * 120
