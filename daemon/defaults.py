@@ -50,11 +50,30 @@ ANY_WINDOW_S: Final = 30.0
 
 # --- track ------------------------------------------------------------------------------
 
-TRACK_GAP_S: Final = 300.0
-TRACK_GAP_FRAMES: Final = 150
+# Chosen on the simulator (220 frames, seeds 0 and 1 tuned, 2 held out; README
+# "Benchmarks", issue 11). See each value's note.
+# A track stays matchable this many frames of its own trap after its last crop,
+# and at most TRACK_IDLE_CAP_S seconds: frames, so a trap that shoots one frame a
+# minute keeps its tracks; short, because an idle track is otherwise taken over
+# by a newly arrived look-alike.
+TRACK_IDLE_FRAMES: Final = 10
+TRACK_IDLE_CAP_S: Final = 900.0
 TRACK_MEMORY: Final = 3
-TRACK_MAX_MOVE_PX: Final = 300.0
+# Fraction of the frame diagonal a crop may move from its track's last crop.
+TRACK_MAX_MOVE: Final = 0.12
 TRACK_MOVE_PENALTY: Final = 0.3
+# A match must score similarity - move penalty - margin > 0: better than starting
+# a new track, so two mediocre matches no longer beat one good one.
+TRACK_MARGIN: Final = 0.5
+# Without image_width/image_height in the metadata a trap's diagonal is estimated
+# from the box centres seen in it; never below this (the smallest frames flat-bug
+# sees are about 1,000 px wide).
+TRACK_MIN_DIAGONAL_PX: Final = 1000.0
+# Stitching (the second pass): prototype similarity, window, place.
+STITCH_THRESHOLD: Final = 0.8
+STITCH_GAP_FRAMES: Final = 30
+STITCH_MAX_MOVE: Final = 0.12
+STITCH_CAP_S: Final = 1800.0
 
 # --- HNSW (ungated cosine) ---------------------------------------------------------------
 
