@@ -451,7 +451,7 @@ class MetadataIndex:
         with self._lock:
             found = self._resolve(frame)
             if isinstance(found, str):
-                return None, found
+                return None, None, found
             path = self._paths[found]
             cached = self._cache.get(found)
             if cached is not None:

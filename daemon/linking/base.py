@@ -248,7 +248,10 @@ class StoredLinks:
     their current cluster ids (n, the smallest member's sequence number);
     ``batch_numbers`` the micro-batch each crop was committed in (n,
     non-decreasing); ``index_file`` the saved HNSW index, if any, and
-    ``index_covers`` how many of the first crops it holds (0: none). Raises
+    ``index_covers`` how many of the first crops it holds (0: none).
+    ``commit_ids`` (n, the id each crop got at its commit) and ``merges``
+    (batch number, merge) in commit order are the history :meth:`ids_at`
+    reads; without them the ids are taken to have never changed. Raises
     :class:`ValueError` when the columns disagree in length.
     """
 
@@ -257,12 +260,35 @@ class StoredLinks:
     batch_numbers: IntArray
     index_file: Path | None = None
     index_covers: int = 0
+    commit_ids: IntArray | None = None
+    merges: tuple[tuple[int, Merge], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.cluster_ids) != len(self.batch):
             raise ValueError("one cluster id per stored crop is needed")
         if len(self.batch_numbers) != len(self.batch):
             raise ValueError("one batch number per stored crop is needed")
+        if self.commit_ids is not None and len(self.commit_ids) != len(self.batch):
+            raise ValueError("one commit id per stored crop is needed")
+
+    def ids_at(self, m: int) -> IntArray:
+        """The first ``m`` crops' cluster ids as they were right after their last
+        micro-batch was committed (a checkpoint written then recorded these)."""
+        if self.commit_ids is None or m == 0:
+            return self.cluster_ids[:m]
+        last = self.batch_numbers[m - 1]
+        parent = self.commit_ids[:m].astype(np.int64, copy=True)
+        for batch, merge in self.merges:
+            if batch > last:
+                break
+            if merge.from_cluster < m:
+                parent[merge.from_cluster] = merge.into_cluster
+        # As store.current_clusters: each merge re-pointed a root; follow the pointers.
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
 
     def __len__(self) -> int:
         return len(self.batch)

@@ -258,7 +258,8 @@ class TrackLinker(Linker):
         Linker.retire(self, c.retired)
         # Closed tracklets are numbered by cluster here, one each; the numbers
         # are internal. Open tracklets come after them, under their cluster.
-        firsts, track_of = np.unique(stored.cluster_ids[:m], return_inverse=True)
+        ids = stored.ids_at(m)
+        firsts, track_of = np.unique(ids, return_inverse=True)
         self._track_of = np.full(max(m, 1024), -1, dtype=np.int64)
         self._track_of[:m] = track_of
         self._tracks = [Tracklet(first_seq=int(f)) for f in firsts.tolist()]
@@ -268,7 +269,7 @@ class TrackLinker(Linker):
         cols = self._cols
         for row, first in enumerate(c.active_first.tolist()):
             k = self._unions.add(first, is_open=True)
-            cluster = int(np.searchsorted(firsts, stored.cluster_ids[first]))
+            cluster = int(np.searchsorted(firsts, ids[first]))
             self._unions.attach(k, cluster)
             last = int(c.last_seq[row])
             self._tracks.append(
@@ -450,8 +451,8 @@ def _mismatch(
         return f"ends inside a micro-batch (crop {m})"
     if c.dim != stored.batch.embeddings.shape[1]:
         return f"dimension {c.dim}, the state's is {stored.batch.embeddings.shape[1]}"
-    ids = stored.cluster_ids
-    if c.ids_digest != digest(ids[:m]):
+    ids = stored.ids_at(m)  # later stitches may have merged these since
+    if c.ids_digest != digest(ids):
         return "its cluster ids differ from the stored ones"
     if c.traps != _trap_order(stored.batch.frames[:m]) or len(c.ordinals) != len(c.traps):
         return "its traps differ from the stored crops' traps"
