@@ -213,8 +213,7 @@ class LinkConfig:
     track_idle_frames: int = field(
         default=defaults.TRACK_IDLE_FRAMES,
         metadata=_meta(
-            "track: a track stays matchable this many frames of its own trap after its "
-            "last crop",
+            "track: a track stays matchable this many frames of its own trap after its last crop",
             check=at_least(0),
         ),
     )

@@ -13,7 +13,8 @@ DIM = 32
 
 
 def unit(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    out: npt.NDArray[np.float64] = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    return out
 
 
 class Scene:
@@ -53,7 +54,8 @@ class Scene:
 
 def clusters(linker: TrackLinker, scene: Scene) -> list[int]:
     linker.add(scene.batch())
-    return linker.cluster_ids().tolist()
+    ids: list[int] = linker.cluster_ids().tolist()
+    return ids
 
 
 def test_a_trap_with_one_frame_a_minute_keeps_its_tracks() -> None:
@@ -179,7 +181,8 @@ def test_stitching_joins_an_interrupted_track_not_another_insect_elsewhere() -> 
     size = (2000.0, 1500.0)
     a1, a2, far = [], [], []
     for f in range(40):
-        def seen(at: tuple[float, float]) -> int:
+
+        def seen(at: tuple[float, float], f: int = f) -> int:
             return scene.crop(f, 2.0 * f, look + 0.05 * rng.standard_normal(DIM), at, size)
 
         if f < 10:
@@ -200,17 +203,18 @@ def test_stitching_joins_an_interrupted_track_not_another_insect_elsewhere() -> 
 def test_a_stitch_is_reported_as_a_merge_once_its_window_has_passed() -> None:
     """Fed frame by frame, the stitch comes as a merge of two published clusters,
     in the frame where the earlier tracklet's window closes."""
-    scene, sharp, blurred = blurred_insect(4)
+    scene, _, _ = blurred_insect(4)
     rng = np.random.default_rng(5)
     for f in range(30, 45):
         scene.crop(f, 2.0 * f, rng.standard_normal(DIM), (100.0, 100.0), (2000.0, 1500.0))
     whole = scene.batch()
     linker = track_settings(STITCH)
     merges_at: list[int] = []
-    for f in dict.fromkeys(whole.frames):
-        rows = np.array([i for i, g in enumerate(whole.frames) if g == f])
+    for frame in dict.fromkeys(whole.frames):
+        assert frame is not None
+        rows = np.array([i for i, g in enumerate(whole.frames) if g == frame])
         result = linker.add(whole.rows(rows))
-        merges_at += [int(f.name[4:])] * len(result.merges)
+        merges_at += [int(frame.name[4:])] * len(result.merges)
         for merge in result.merges:
             assert merge.into_cluster < merge.from_cluster < result.seqs.start
     # The halves' last crops are in frames 28 and 29; the first to close (the

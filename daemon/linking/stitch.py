@@ -206,10 +206,8 @@ def _placed(a: Tracklet, b: Tracklet, reach_px: float, params: Stitch) -> bool:
     for early, late in ((a, b), (b, a)):
         gap = late.first_ordinal - early.last_ordinal
         if 1 <= gap <= params.gap_frames:
-            dt = late.first_time - early.last_time
-            if not dt > params.cap_s and _near(early.last_center, late.first_center, reach_px):
-                return True
-            return False
+            in_time = not late.first_time - early.last_time > params.cap_s  # NaN: frames only
+            return in_time and _near(early.last_center, late.first_center, reach_px)
     if b.first_ordinal <= a.last_ordinal and a.first_ordinal <= b.last_ordinal:
         ma, mb = a.mean_center(), b.mean_center()
         return ma is not None and mb is not None and _near(ma, mb, reach_px)

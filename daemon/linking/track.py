@@ -49,6 +49,7 @@ from .trackstate import CheckpointError, TrackCheckpoint, checkpoint_path, diges
 
 log = get_logger(__name__)
 
+
 class TrackLinker(Linker):
     """Frame-by-frame one-to-one matching of crops to active tracks, then stitching.
 
@@ -429,6 +430,7 @@ class TrackLinker(Linker):
             for r, c in zip(row_ind, col_ind, strict=True)
             if c < len(candidates) and allowed[r, c]
         }
+
 
 def _trap_order(frames: Sequence[FrameId | None]) -> tuple[TrapId | None, ...]:
     """The traps of ``frames`` in the code order :class:`CropColumns` gives them."""

@@ -189,11 +189,9 @@ _SHAPES: dict[str, tuple[str, tuple[str | int, ...]]] = {
 }
 
 
-def _checked(
-    raw: dict[str, npt.NDArray[Any]], known: dict[str, int], path: Path
-) -> dict[str, Any]:
+def _checked(raw: dict[str, npt.NDArray[Any]], known: dict[str, int], path: Path) -> dict[str, Any]:
     """The arrays with their dtypes and shapes checked; CheckpointError otherwise."""
-    sizes: dict[str | int, int] = dict(known)
+    sizes = dict(known)
     out: dict[str, Any] = {}
     for name, (dtype, shape) in _SHAPES.items():
         array = raw[name]
