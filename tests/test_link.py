@@ -351,7 +351,7 @@ def trap_sessions(draw: st.DrawFn) -> tuple[LinkBatch, float, int]:
     emb, times, names, centers = [], [], [], []
     for f in range(frames):
         present = rng.permutation(n_ind)[: rng.integers(0, n_ind + 1)]
-        # Individuals drift, and now and then hop further than max_move_px.
+        # Individuals drift, and now and then hop further than the move limit.
         position += (
             rng.normal(0, 40, position.shape) * np.where(rng.random(n_ind) < 0.1, 5, 1)[:, None]
         )
