@@ -278,12 +278,12 @@ class TrackLinker(Linker):
                     first_seq=first,
                     first_ordinal=int(c.first_ordinal[row]),
                     first_time=float(c.first_time[row]),
-                    first_center=cols.centers[first],
+                    first_center=cols.centers[first].copy(),
                     last_seq=last,
                     last_time=float(c.last_time[row]),
                     last_ordinal=int(c.last_ordinal[row]),
                     last_frame=cols.frames[last],
-                    last_center=cols.centers[last],
+                    last_center=cols.centers[last].copy(),
                     recent=[int(s) for s in c.recent[row] if s >= 0],
                     vsum=c.vsum[row].copy(),
                     csum=c.csum[row].copy(),
@@ -364,7 +364,9 @@ class TrackLinker(Linker):
                 self._tracks.append(Tracklet(first_seq=seq))
                 open_.append(k)
             vector = cols.embeddings[seq].astype(np.float64)
-            self._tracks[k].observe(seq, t, ordinal, frame, cols.centers[seq], vector, self.memory)
+            # A copy: a view would keep every grown-out centres column alive.
+            center = cols.centers[seq].copy()
+            self._tracks[k].observe(seq, t, ordinal, frame, center, vector, self.memory)
             self._unions.saw(k, ordinal)
             self._track_of[seq] = k
 
@@ -384,6 +386,8 @@ class TrackLinker(Linker):
                     if gone < self._published:
                         self._merges.append(Merge(from_cluster=gone, into_cluster=kept))
             self._unions.close(k)
+            # A closed tracklet is never compared again: drop its sum (dim floats).
+            self._tracks[k].vsum = None
             closed.add(k)
         open_[:] = [k for k in open_ if k not in closed]
 
