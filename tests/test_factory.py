@@ -103,7 +103,7 @@ def test_state_settings_keep_their_keys_and_values() -> None:
     assert gated["metadata.enabled"] is True
     assert gated["link.gating"] == [100.0, 300.0, 30.0]
     track = state_settings(parse_config({"link": {"method": "track"}}))
-    assert track["link.threshold"] == 0.65
+    assert track["link.threshold"] == defaults.TRACK_THRESHOLDS["efficientnet-lite0"]
     assert track["link.track"] == [
         defaults.TRACK_IDLE_FRAMES,
         defaults.TRACK_IDLE_CAP_S,
@@ -136,7 +136,7 @@ def test_a_dino_state_folder_records_its_square_padding() -> None:
 
 def test_spec_resolves_auto_threshold_and_motion() -> None:
     spec = linker_spec(parse_config({"link": {"method": "track"}, "metadata": {"enabled": True}}))
-    assert spec.threshold == 0.65
+    assert spec.threshold == defaults.TRACK_THRESHOLDS["efficientnet-lite0"]
     assert spec.gating is None
     assert spec.motion is not None and (spec.motion.max_move, spec.motion.penalty) == (
         defaults.TRACK_MAX_MOVE,

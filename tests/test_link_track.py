@@ -59,20 +59,21 @@ def clusters(linker: TrackLinker, scene: Scene) -> list[int]:
 
 
 def test_a_trap_with_one_frame_a_minute_keeps_its_tracks() -> None:
-    """Missed for 6 frames (6 minutes, longer than the old 300 s gap): the
-    track waits in frames of its trap, not in seconds."""
+    """Every frame a minute apart, A missed for 3 frames (3 minutes): the track
+    waits its idle limit in frames of its trap (4 by default: 8 s at a frame
+    every 2 s, 4 minutes here), not in seconds."""
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, DIM))
     scene = Scene()
-    seen = [f for f in range(20) if not 5 <= f < 11]
+    seen = [f for f in range(20) if not 5 <= f < 8]
     for f in range(20):
         if f in seen:
             scene.crop(f, 60.0 * f, a + 0.1 * rng.standard_normal(DIM), (500.0, 500.0))
         scene.crop(f, 60.0 * f, b + 0.1 * rng.standard_normal(DIM), (1500.0, 900.0))
     ids = clusters(TrackLinker(0.7, Motion(), stitch=None), scene)
     assert len(set(ids)) == 2
-    # The time cap still ends a track whose trap went quiet for longer.
-    capped = TrackLinker(0.7, Motion(), idle_cap_s=300.0, stitch=None)
+    # The time cap still ends a track that waited longer than it.
+    capped = TrackLinker(0.7, Motion(), idle_cap_s=200.0, stitch=None)
     assert len(set(clusters(capped, scene))) == 3
 
 
