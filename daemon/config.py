@@ -374,6 +374,15 @@ class WatchConfig:
             check=above(0),
         ),
     )
+    freeze_after_s: float = field(
+        default=defaults.FREEZE_AFTER_S,
+        metadata=_meta(
+            "rescans and the first scan after a start skip folders in which nothing "
+            "changed for this long (old nights); events and the verify walk still see "
+            "them, seconds",
+            check=above(0),
+        ),
+    )
     decode_retries: int = field(
         default=3,
         metadata=_meta(

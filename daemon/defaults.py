@@ -132,3 +132,11 @@ SESSION_GAP_S: Final = 3600.0
 SESSION_CLOSE_AFTER_S: Final = 21600.0
 # The id of the one session of split = "none".
 ALL_SESSION: Final = "all"
+
+# --- watching -------------------------------------------------------------------------------
+
+# A folder whose whole subtree has not changed for this long is frozen: routine walks
+# of the watched tree skip it (events and the verify walk after a start still see it).
+# flat-bug writes a night's folders during that night only, so once the night's
+# session has gone quiet for SESSION_CLOSE_AFTER_S its folders have stopped changing.
+FREEZE_AFTER_S: Final = SESSION_CLOSE_AFTER_S

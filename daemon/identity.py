@@ -28,9 +28,13 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from .records import Moved
+
+if TYPE_CHECKING:
+    from .scan import FileSeen
 
 __all__ = [
     "Entry",
@@ -38,6 +42,7 @@ __all__ = [
     "FileLookup",
     "Fingerprint",
     "Registry",
+    "changed_since",
     "content_hash",
     "touched_paths",
 ]
@@ -306,6 +311,27 @@ def _unindex(index: dict[K, set[str]], key: K | None, path: str) -> None:
     index[key].discard(path)
     if not index[key]:
         del index[key]
+
+
+def changed_since(entry: Entry | None, seen: FileSeen | None, path: Path) -> bool:
+    """Whether a hinted or scanned file is new or changed since it was last dealt
+    with (``entry``: what the registry knows of it; ``seen``: a scan's stat of it).
+
+    Files on their way (``pending``) are left alone: their retry reads
+    the new bytes. A known file is stat'ed when the hint came without one.
+    """
+    if entry is None:
+        return True
+    if entry.kind == "pending":
+        return False
+    if entry.fingerprint is None:
+        return True  # a row whose stat is unknown: look at the file again
+    if seen is None:
+        try:
+            return not entry.fingerprint.matches(Fingerprint.of(os.lstat(path)))
+        except OSError:
+            return False  # gone or unreadable: nothing to do (deletions are never acted on)
+    return not entry.fingerprint.matches(Fingerprint(seen.size, seen.mtime_ns, seen.inode))
 
 
 def touched_paths(names: Iterable[str], moved: Iterable[Moved]) -> list[str]:

@@ -31,9 +31,10 @@ from .flatbug import (
     describe_crop,
     frame_of_path,
 )
-from .identity import Entry, Fingerprint, Registry, content_hash, touched_paths
+from .identity import Entry, Fingerprint, Registry, changed_since, content_hash, touched_paths
 from .log import get_logger
 from .records import Crop, DecodeFailure, FrameId, IntakeUnit, Moved, Prepared, Skipped
+from .scan import RACY_S, VerifyWalk
 from .stage import Stage, Stop
 from .watch import DirMtimes, FileSeen, Settler, kind, scan_tree
 
@@ -113,9 +114,15 @@ class IntakeStage(Stage[Path, IntakeUnit]):
     again). A new path holding a known file whose old path is gone is a move:
     the stored row follows it. Every ``rescan_s`` it walks the tree, because
     observers drop events, but lists only the directories whose mtime changed
-    since the previous walk (``dirs``, see :class:`~crop_clusterd.watch.DirMtimes`);
-    at start and after lost hints (or an observer restart) it lists every
-    directory. A ready crop waits for its frame's metadata JSON (with metadata
+    since the previous walk and enters none that is frozen (``dirs``, see
+    :class:`~crop_clusterd.watch.DirMtimes`, kept across restarts when it has a
+    cache; a hint thaws its folder); after lost hints (or an observer
+    restart), or at a start without a stored walk, it lists every directory.
+    Once the watcher's start is over (``watches_set``) it rescans once more,
+    then a throttled verify walk (:class:`~crop_clusterd.scan.VerifyWalk`, one
+    slice a tick, none in a tick that routed hints or rescanned) stats every
+    file, for what no directory's mtime tells; ``verified`` says when it is over.
+    A ready crop waits for its frame's metadata JSON (with metadata
     on) up to ``metadata_wait_s``, and for the frame to go quiet for
     ``settle_s``, so a frame's crops reach the linker together. Decode
     failures are retried with doubling backoff, then recorded as skipped; a
@@ -167,6 +174,11 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._retry_counter = 0
         self._rescan_due = 0.0  # at once
         self._hints_lost = threading.Event()
+        self._watches_set = threading.Event()
+        self.first_scan_done = threading.Event()
+        self._verify: VerifyWalk | None = None
+        self._verify_done = False
+        self._routed = 0  # hints routed since the last tick: the verify walk waits
         self._late_frames = 0
         self.scans = 0
 
@@ -183,6 +195,16 @@ class IntakeStage(Stage[Path, IntakeUnit]):
     def request_rescan(self) -> None:
         """Walk the whole tree at the next tick (e.g. after the observer restarted)."""
         self._hints_lost.set()
+
+    def watches_set(self, running: bool) -> None:
+        """The watcher's start is over (its callback, from its thread): the intake
+        rescans the changed folders once more, then begins the verify walk."""
+        self._watches_set.set()
+
+    @property
+    def verified(self) -> bool:
+        """Whether the verify walk after the start is over (``verify_walk_done``)."""
+        return self._verify_done
 
     def registry_held(self) -> int:
         """Paths the registry holds in memory: work in flight, not committed files."""
@@ -201,6 +223,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
 
     def handle(self, item: Path) -> None:
         """Route one hint (a file or folder that may have appeared)."""
+        self._routed += 1
         self._route(item)
 
     def timeout(self) -> float:
@@ -212,9 +235,19 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._tick()
 
     def close(self) -> None:
-        """Drop queued decodes; stop the decoder threads; close the registry's lookup."""
+        """Drop queued decodes; stop the decoder threads; close the registry's lookup;
+        mark the folders of files still in flight to be listed at the next start."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._known.close()
+        in_flight = [Path(name) for name in self._settling] + list(self._recheck)
+        in_flight += [seen.path for w in self._waiting.values() for seen in w.files]
+        in_flight += [c.path for u in (*self._to_decode, *self._decoding) for c in u.crops]
+        in_flight += [retry[2].path for retry in self._retries]
+        for path in in_flight:
+            self._dirs.forget(path.parent)
+        self._dirs.flush_forgotten()
+        if self._dirs.cache is not None:
+            self._dirs.cache.close()
 
     def _tick(self) -> None:
         now = self.clock()
@@ -231,20 +264,63 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             except queue.Empty:
                 break
             if not isinstance(hint, Stop):
+                self._routed += 1
                 self._route(hint)
-        if now >= self._rescan_due or self._hints_lost.is_set():
-            # Events were lost (or none came yet): rewrites in unchanged folders too.
-            full = self._hints_lost.is_set() or self.scans == 0
-            self._hints_lost.clear()
-            self._scan(self.options.root, dirs=self._dirs, full=full)
-            self._rescan_due = now + self.options.rescan_s
+        watched = self._watches_set.is_set() and self._verify is None and not self._verify_done
+        if now >= self._rescan_due or self._hints_lost.is_set() or watched:
+            self._rescan(now)
+            if watched:
+                # The rescan began after the watches were set: a file that came
+                # before them changed its folder's mtime and was found by it; one
+                # rewritten in place before them is the verify walk's.
+                root, recursive = self.options.root, self.options.recursive
+                self._verify = VerifyWalk(root, recursive=recursive, clock=self.clock)
+                log.info("verify_walk_started", folder=str(self.options.root))
+        elif self._verify is not None and not self._routed and self.inbox.empty():
+            self._verify_slice()  # new hints and changed folders go first
+        self._routed = 0
         self._settle(now)
         self._release_frames(now)
         self._release_retries(now)
         self._submit()
         self._emit(now)
 
+    def _rescan(self, now: float) -> None:
+        """Walk the tree, listing the changed folders only unless events were lost
+        (then rewrites in unchanged folders too) or no walk is stored to compare with."""
+        first = self.scans == 0 and not self._dirs.restore()
+        full = self._hints_lost.is_set() or first
+        self._hints_lost.clear()
+        self._scan(self.options.root, dirs=self._dirs, full=full)
+        self._rescan_due = now + self.options.rescan_s
+        self.first_scan_done.set()  # also when it failed: the watcher retries alone
+
+    def _verify_slice(self) -> None:
+        """Offer the changed files among the verify walk's next slice of files."""
+        assert self._verify is not None
+        try:
+            if self._verify.step(self._offer_checked, _LOOKUP_BATCH):
+                self._verify, self._verify_done = None, True
+        finally:
+            self._known.prefetch(())
+
+    def _offer_checked(self, batch: list[FileSeen]) -> int:
+        """A walk's offer. Metadata is not in the state, so each JSON a walk finds
+        is new to a restarted daemon; one unchanged for longer than settling takes
+        (and any clock skew) is indexed at once rather than settled again."""
+        settled = self._dirs.clock_ns() - int((RACY_S + self.options.settle_s) * 1e9)
+        rest: list[FileSeen] = []
+        for seen in batch:
+            if kind(seen.path) == "metadata" and seen.mtime_ns < settled:
+                if record_name(seen.path) not in self._settling:
+                    self._metadata_ready(seen)
+            else:
+                rest.append(seen)
+        return self._offer_scanned(rest)
+
     def _route(self, path: Path) -> None:
+        # An event from a frozen folder: walk it again (and it freezes again once quiet).
+        self._dirs.thaw(Path(path).parent)
         if os.path.isdir(path) and not os.path.islink(path):
             if self.options.recursive:
                 self._scan(Path(path))
@@ -260,7 +336,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             # once it is handed on, since a rescan may not list its folder again.
             self._recheck.add(Path(path))
             return
-        if not self._changed(entry, None, path):
+        if not changed_since(entry, None, path):
             return
         self._settling.add(name)
         self.settler.offer(Path(path))
@@ -284,9 +360,9 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             for seen in scan_tree(folder, recursive=self.options.recursive, dirs=dirs):
                 batch.append(seen)
                 if len(batch) == _LOOKUP_BATCH:
-                    found += self._offer_scanned(batch)
+                    found += self._offer_checked(batch)
                     batch = []
-            found += self._offer_scanned(batch)
+            found += self._offer_checked(batch)
         except OSError as exc:
             # The watched folder itself is unreachable (a mount away): try again later.
             log.warning("scan_failed", folder=str(folder), reason=str(exc))
@@ -302,6 +378,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
                 full=full,
                 dirs_listed=dirs.listed,
                 dirs_unchanged=dirs.unchanged,
+                dirs_frozen=dirs.frozen,
             )
         elif found:
             log.debug("folder_scanned", folder=str(folder), new_files=found)
@@ -312,7 +389,7 @@ class IntakeStage(Stage[Path, IntakeUnit]):
         self._known.prefetch(names)  # one look-up in the state database for the batch
         found = 0
         for name, seen in zip(names, batch, strict=True):
-            if name in self._settling or not self._changed(self._known.get(name), seen, seen.path):
+            if name in self._settling or not changed_since(self._known.get(name), seen, seen.path):
                 continue
             self._settling.add(name)
             self.settler.offer(seen.path, seen)
@@ -346,26 +423,6 @@ class IntakeStage(Stage[Path, IntakeUnit]):
             waiting.files.append(seen)
             waiting.ready_at.append(now)
             waiting.last_ready = now
-
-    def _changed(self, entry: Entry | None, seen: FileSeen | None, path: Path) -> bool:
-        """Whether a hinted or scanned file is new or changed since it was last dealt
-        with (``entry``: what the registry knows of it).
-
-        Files on their way (``pending``) are left alone: their retry reads
-        the new bytes. A known file is stat'ed when the hint came without one.
-        """
-        if entry is None:
-            return True
-        if entry.kind == "pending":
-            return False
-        if entry.fingerprint is None:
-            return True  # a row whose stat is unknown: look at the file again
-        if seen is None:
-            try:
-                return not entry.fingerprint.matches(Fingerprint.of(os.lstat(path)))
-            except OSError:
-                return False  # gone or unreadable: nothing to do (deletions are never acted on)
-        return not entry.fingerprint.matches(Fingerprint(seen.size, seen.mtime_ns, seen.inode))
 
     def _identify(self, name: str, seen: FileSeen) -> str | None:
         """Hash a settled crop and decide what it is; its hash when it is to be embedded.

@@ -375,7 +375,17 @@ def draw_individual(species: Species, rng: np.random.Generator) -> Image.Image:
 
 @dataclass
 class Individual:
-    """Mutable state of one animal while it is on the screen."""
+    """Mutable state of one animal while it is on the screen.
+
+    Position ``cx, cy`` in frame px, ``angle`` in degrees, ``scale`` relative to its
+    drawing. ``blur_next`` is the classic behaviour's blur flag; ``blur_px`` (px, 0 =
+    sharp) and ``blur_angle`` (degrees) the trap behaviour's motion blur of this frame.
+    ``moved`` says it moved more than a drift since it was last detected, ``stepped``
+    that it moved in this frame (a still period's first frame can be a hop's); ``visit``
+    counts its visits (0 first; ``visits`` is how many have begun). ``heading``
+    (radians) and ``speed`` (px/s) describe the walk it is on unless ``still``;
+    ``missing`` says the detector missed it in the last frame.
+    """
 
     ident: int
     species: Species
@@ -386,6 +396,16 @@ class Individual:
     scale: float
     home_scale: float
     blur_next: bool = False
+    blur_px: int = 0
+    blur_angle: float = 0.0
+    moved: bool = False
+    visit: int = 0
+    visits: int = 0
+    still: bool = False
+    stepped: bool = False
+    heading: float = 0.0
+    speed: float = 0.0
+    missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -422,8 +442,16 @@ def render_crop(
     frame_size: tuple[int, int],
     noise: FloatArray,
     rng: np.random.Generator,
-) -> tuple[Image.Image, int]:
-    """The crop of one individual in one frame, and its mask area in pixels."""
+    *,
+    classic_blur: bool = True,
+) -> tuple[Image.Image, int, bool]:
+    """The crop of one individual in one frame, its mask area in pixels, and whether it
+    is motion-blurred.
+
+    With ``classic_blur`` blur follows the classic behaviour (``ind.blur_next``, else
+    4 % motion and 5 % focus blur at random); without it only ``ind.blur_px`` (the
+    trap behaviour's movement) blurs, along ``ind.blur_angle``.
+    """
     master = ind.master
     # Slight anisotropic squash: the animal tilts a little relative to the camera.
     sx = ind.scale * float(rng.normal(1.0, 0.02))
@@ -457,9 +485,15 @@ def render_crop(
     background += grain[..., :1] * np.float32(9.0)
     rgb = background + (insect[..., :3] - background) * alpha
 
-    blur_roll = rng.random()
-    if ind.blur_next or blur_roll < 0.04:
+    motion = False
+    # Classic draws its roll even when blur_next decides, to keep its random sequence.
+    blur_roll = rng.random() if classic_blur else 1.0
+    if not classic_blur:
+        if ind.blur_px > 0:
+            rgb, motion = _motion_blur(rgb, ind.blur_angle, ind.blur_px), True
+    elif ind.blur_next or blur_roll < 0.04:
         rgb = _motion_blur(rgb, float(rng.uniform(0, 180)), int(rng.integers(3, 9)))
+        motion = True
     elif blur_roll < 0.09:
         radius = float(rng.uniform(0.8, 2.2))
         img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
@@ -479,7 +513,7 @@ def render_crop(
     box = crop.getchannel("A").getbbox()
     if box is not None:
         crop = crop.crop(box)
-    return crop, int(np.count_nonzero(mask))
+    return crop, int(np.count_nonzero(mask)), motion
 
 
 def _motion_blur(rgb: FloatArray, angle_deg: float, length: int) -> FloatArray:

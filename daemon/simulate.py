@@ -1,12 +1,28 @@
 """A seeded camera-trap simulator: flat-bug-style crops with ground truth.
 
-Arthropods arrive on a light screen (Poisson), stay a geometric number of frames and
-leave. While present they drift, turn, change scale, blur now and then, and the light
-changes over the session. Every detection is drawn with Pillow as an RGBA crop (the
-animal with a halo of screen, opaque; the rest alpha 0), named and described exactly
-as flat-bug names and describes its crops, so the daemon cannot tell the difference.
-``labels.csv`` holds the individual behind every crop. The same seed and config give
-byte-identical files.
+Arthropods come to a light screen and leave, and the light changes over the session;
+how they behave is :mod:`crop_clusterd.simbehave` (``SimConfig.behaviour``: ``trap``,
+the default, with returning visits, still periods, walks, blur when moving and runs
+of missed detections; or ``classic``, the first model, byte for byte). Every
+detection is drawn with Pillow as an RGBA crop (the animal with a halo of screen,
+opaque; the rest alpha 0), named and described exactly as flat-bug names and
+describes its crops, so the daemon cannot tell the difference. The same seed and
+config give byte-identical files.
+
+Ground truth, one row per crop in the order crops were written:
+
+- ``labels.csv``: ``filename,label``; label = the individual, e.g. ``sp03-ind0012``.
+- ``truth.csv``: ``filename,individual,visit,frame,time_s,cx,cy,jump,blur,still``.
+  ``individual`` is the label of ``labels.csv``; ``visit`` counts its visits from 0
+  (always 0 in ``classic``; a visit the detector missed entirely leaves its number
+  unused); ``frame`` is the frame index from 0 and ``time_s`` seconds since the first
+  frame; ``cx, cy`` the box centre in px (a half where the box is odd); ``jump`` is 1
+  when the individual moved more than a drift (a hop or a walk; classic: a jump)
+  since its previous detection in the same visit, so a visit's first crop has 0;
+  ``blur`` is 1 when the crop is motion-blurred (classic's focus blur is not motion
+  and counts 0); ``still`` is 1 while it sits in a still period and did not move in
+  this frame (always 0 in ``classic``, whose animals drift every frame).
+- ``simulation.json``: the config, counts and every species.
 """
 
 from __future__ import annotations
@@ -15,21 +31,19 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from .simdraw import FloatArray, Individual, Light, draw_individual, noise_tile, render_crop
-from .simspecies import make_species
+from .simbehave import World, make_world
+from .simconfig import SimConfig
+from .simdraw import FloatArray, Individual, Light, noise_tile, render_crop
 
 __all__ = [
     "FRAME_SUFFIX",
@@ -48,70 +62,7 @@ TIME_FORMAT = "%Y%m%d%H%M%S"
 FRAME_SUFFIX = "-00-06"
 """What follows the time in a frame name, as on the real trap."""
 
-Layout = Literal["per-frame", "flat"]
-
-_IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9-]+$")
-
-
-# --- configuration and results ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """What to simulate; every field has a sensible default for a ~5k-crop demo night."""
-
-    seed: int = 0
-    frames: int = 300
-    interval_s: float = 2.0
-    start: datetime = field(default_factory=lambda: datetime(2024, 7, 1, 22, 0, 0))
-    species: int = 8
-    mean_present: float = 15.0
-    mean_stay_frames: float = 60.0
-    frame_width: int = 4000
-    frame_height: int = 3000
-    layout: Layout = "per-frame"
-    identifier: str | None = "SIM"
-    rate_fps: float | None = None
-    crop_format: Literal["png"] = "png"
-    atomic: bool = True
-    miss_prob: float = 0.02
-
-    def __post_init__(self) -> None:
-        """Reject configs that would produce unreadable or colliding output."""
-        problems: list[str] = []
-        if self.frames < 1:
-            problems.append(f"frames must be >= 1, got {self.frames}")
-        if not self.interval_s >= 1.0:
-            # Frame names have whole seconds: two frames within a second would collide.
-            problems.append(
-                f"interval_s must be >= 1 s (names have whole seconds), got {self.interval_s}"
-            )
-        if self.species < 1:
-            problems.append(f"species must be >= 1, got {self.species}")
-        if not self.mean_present > 0:
-            problems.append(f"mean_present must be > 0, got {self.mean_present}")
-        if not self.mean_stay_frames >= 1:
-            problems.append(f"mean_stay_frames must be >= 1, got {self.mean_stay_frames}")
-        if self.frame_width < 800 or self.frame_height < 800:
-            problems.append(
-                f"frame must be at least 800x800 px to hold the crops, got "
-                f"{self.frame_width}x{self.frame_height}"
-            )
-        if self.layout not in ("per-frame", "flat"):
-            problems.append(f"layout must be 'per-frame' or 'flat', got {self.layout!r}")
-        if self.identifier is not None and not _IDENTIFIER_RE.match(self.identifier):
-            problems.append(
-                f"identifier must be letters, digits or '-' (it sits between '_' in "
-                f"file names), got {self.identifier!r}"
-            )
-        if self.rate_fps is not None and not self.rate_fps > 0:
-            problems.append(f"rate_fps must be > 0 when set, got {self.rate_fps}")
-        if self.crop_format != "png":
-            problems.append(f"crop_format must be 'png' (RGBA), got {self.crop_format!r}")
-        if not 0.0 <= self.miss_prob < 1.0:
-            problems.append(f"miss_prob must be in [0, 1), got {self.miss_prob}")
-        if problems:
-            raise ValueError("invalid simulation config: " + "; ".join(problems))
+# --- results ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -126,6 +77,7 @@ class SimSummary:
     individuals: int
     species: int
     labels_path: Path
+    truth_path: Path
 
 
 def frame_name(when: datetime) -> str:
@@ -142,94 +94,14 @@ class _Detection:
     box: tuple[int, int, int, int]
     area: int
     conf: float
+    blur: bool  # motion-blurred
+    visit: int
+    still: bool
 
 
-# --- the world -------------------------------------------------------------------------
-
-
-class _World:
-    """Arrivals, stays, movement and light; all randomness flows from the seed."""
-
-    def __init__(self, config: SimConfig) -> None:
-        self.config = config
-        self.rng = np.random.default_rng([config.seed, 0x7A1D])
-        self.species = make_species(config.species, config.seed)
-        # Some species are common, some rare; pairs are not all at the bottom.
-        weights = 1.0 / (1.0 + self.rng.permutation(config.species)) ** 0.6
-        self.weights = weights / weights.sum()
-        self.present: list[Individual] = []
-        self.next_id = 0
-        self.arrival_rate = config.mean_present / config.mean_stay_frames
-        self.leave_prob = 1.0 / config.mean_stay_frames
-        self.margin = 260.0
-        self.light_phase = self.rng.uniform(0.0, 2.0 * math.pi, size=3)
-        self.light_walk = 0.0
-
-    def _arrive(self) -> None:
-        cfg = self.config
-        sp = self.species[int(self.rng.choice(cfg.species, p=self.weights))]
-        ident = self.next_id
-        self.next_id += 1
-        master = draw_individual(sp, np.random.default_rng([cfg.seed, ident, 0x10C]))
-        home = float(self.rng.normal(1.0, 0.03))
-        self.present.append(
-            Individual(
-                ident=ident,
-                species=sp,
-                master=master,
-                cx=float(self.rng.uniform(self.margin, cfg.frame_width - self.margin)),
-                cy=float(self.rng.uniform(self.margin, cfg.frame_height - self.margin)),
-                angle=float(self.rng.uniform(0.0, 360.0)),
-                scale=home,
-                home_scale=home,
-            )
-        )
-
-    def _move(self, ind: Individual) -> None:
-        cfg, rng = self.config, self.rng
-        ind.blur_next = False
-        if rng.random() < 0.03:
-            # A walk or short hop to another spot of the screen.
-            dist = rng.uniform(80.0, 500.0)
-            heading = rng.uniform(0.0, 2.0 * math.pi)
-            ind.cx += dist * math.cos(heading)
-            ind.cy += dist * math.sin(heading)
-            ind.angle += rng.normal(0.0, 60.0)
-            ind.blur_next = rng.random() < 0.5
-        else:
-            ind.cx += rng.normal(0.0, 2.5)
-            ind.cy += rng.normal(0.0, 2.5)
-            ind.angle += rng.normal(0.0, 4.0) if rng.random() < 0.9 else rng.normal(0.0, 35.0)
-        ind.cx = float(np.clip(ind.cx, self.margin, cfg.frame_width - self.margin))
-        ind.cy = float(np.clip(ind.cy, self.margin, cfg.frame_height - self.margin))
-        ind.angle = float(ind.angle % 360.0)
-        pull = 0.1 * (ind.home_scale - ind.scale)  # scale wanders but stays near home
-        ind.scale = float(np.clip(ind.scale * rng.normal(1.0, 0.012) + pull, 0.8, 1.2))
-
-    def step(self, index: int) -> Light:
-        """Advance to frame ``index``: leave, arrive, move; return the frame's light."""
-        cfg, rng = self.config, self.rng
-        if index == 0:
-            # Start in the steady state rather than with an empty screen.
-            for _ in range(int(rng.poisson(cfg.mean_present))):
-                self._arrive()
-        else:
-            stay = rng.random(len(self.present)) >= self.leave_prob
-            self.present = [ind for ind, keep in zip(self.present, stay, strict=True) if keep]
-            for ind in self.present:
-                self._move(ind)
-            for _ in range(int(rng.poisson(self.arrival_rate))):
-                self._arrive()
-        # The light cycle runs on frames, not on the run length, so a shorter run is a
-        # prefix of a longer one with the same seed.
-        t = index / 900.0
-        self.light_walk = 0.97 * self.light_walk + rng.normal(0.0, 0.01)
-        flicker = rng.normal(0.0, 0.03)
-        level = 1.0 + 0.12 * math.sin(2 * math.pi * t + self.light_phase[0])
-        level += self.light_walk + flicker
-        warm = 0.06 * math.sin(2 * math.pi * 0.7 * t + self.light_phase[1])
-        gains = (level * (1.0 + warm), level, level * (1.0 - warm))
-        return Light(gains=(float(gains[0]), float(gains[1]), float(gains[2])))
+TRUTH_COLUMNS = ("filename", "individual", "visit", "frame", "time_s", "cx", "cy", "jump",
+                 "blur", "still")  # fmt: skip
+"""The columns of ``truth.csv``, one row per crop (see the module docstring)."""
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -290,8 +162,10 @@ def simulate(
     """
     out = Path(out)
     _prepare_out(config, out)
-    world = _World(config)
+    world = make_world(config)
     labels: list[tuple[str, str]] = []
+    truth: list[tuple[object, ...]] = []
+    last_visit: dict[int, int] = {}  # individual -> visit of its last detection
     seen_species: set[int] = set()
     noise = noise_tile(config.seed)
     period = None if config.rate_fps is None else 1.0 / config.rate_fps
@@ -302,20 +176,25 @@ def simulate(
         frame = frame_name(config.start + timedelta(seconds=index * config.interval_s))
         detections = _detect(config, world, index, light, noise)
         for name, det in _write_frame(config, out, frame, detections):
-            labels.append((name, f"{det.individual.species.code}-ind{det.individual.ident:04d}"))
-            seen_species.add(det.individual.species.index)
+            ind = det.individual
+            label = f"{ind.species.code}-ind{ind.ident:04d}"
+            labels.append((name, label))
+            truth.append(_truth_row(config, name, label, index, det, last_visit))
+            seen_species.add(ind.species.index)
         if on_frame is not None:
             on_frame(frame)
         if period is not None and index + 1 < config.frames:
             sleep(max(0.0, period - (time.monotonic() - began)))
 
-    labels_path = _write_labels(out, labels)
+    labels_path = _write_csv(out / "labels.csv", ("filename", "label"), labels)
+    truth_path = _write_csv(out / "truth.csv", TRUTH_COLUMNS, truth)
     summary = SimSummary(
         frames=config.frames,
         crops=len(labels),
         individuals=world.next_id,
         species=len(seen_species),
         labels_path=labels_path,
+        truth_path=truth_path,
     )
     _write_report(config, out, summary, world)
     return summary
@@ -331,18 +210,39 @@ def _prepare_out(config: SimConfig, out: Path) -> None:
         (out / "metadata").mkdir()
 
 
+def _truth_row(
+    config: SimConfig,
+    name: str,
+    label: str,
+    index: int,
+    det: _Detection,
+    last_visit: dict[int, int],
+) -> tuple[object, ...]:
+    """The ``truth.csv`` row of one written crop; clears its individual's move flag."""
+    ind = det.individual
+    # A jump needs a detection before it in the same visit to jump from.
+    jump = ind.moved and last_visit.get(ind.ident) == det.visit
+    ind.moved = False
+    last_visit[ind.ident] = det.visit
+    x1, y1, x2, y2 = det.box
+    time_s = index * config.interval_s
+    return (name, label, det.visit, index, f"{time_s:g}", f"{(x1 + x2) / 2:g}",
+            f"{(y1 + y2) / 2:g}", int(jump), int(det.blur), int(det.still))  # fmt: skip
+
+
 def _detect(
-    config: SimConfig, world: _World, index: int, light: Light, noise: FloatArray
+    config: SimConfig, world: World, index: int, light: Light, noise: FloatArray
 ) -> list[_Detection]:
     """Render the crops of frame ``index``: who is seen, in flat-bug's arbitrary order."""
     frame_size = (config.frame_width, config.frame_height)
-    visible = [ind for ind in world.present if world.rng.random() >= config.miss_prob]
+    visible = world.visible()
+    classic = config.behaviour == "classic"
     order = world.rng.permutation(len(visible))  # flat-bug's order says nothing of who
     detections: list[_Detection] = []
     for pos in order:
         ind = visible[int(pos)]
         rng = np.random.default_rng([config.seed, index, ind.ident, 0xC20B])
-        crop, area = render_crop(ind, light, frame_size, noise, rng)
+        crop, area, blur = render_crop(ind, light, frame_size, noise, rng, classic_blur=classic)
         x1 = int(np.clip(round(ind.cx - crop.width / 2), 0, config.frame_width - crop.width))
         y1 = int(np.clip(round(ind.cy - crop.height / 2), 0, config.frame_height - crop.height))
         buf = io.BytesIO()
@@ -354,6 +254,9 @@ def _detect(
                 box=(x1, y1, x1 + crop.width, y1 + crop.height),
                 area=area,
                 conf=round(float(rng.uniform(0.35, 0.99)), 4),
+                blur=blur,
+                visit=ind.visit,
+                still=ind.still and not ind.stepped,
             )
         )
     return detections
@@ -379,18 +282,17 @@ def _write_frame(
     return written
 
 
-def _write_labels(out: Path, labels: Sequence[tuple[str, str]]) -> Path:
-    """Write ``labels.csv`` (``filename,label``) atomically; returns its path."""
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
+    """Write a CSV file with ``header`` atomically; returns its path."""
     buf_csv = io.StringIO()
     writer = csv.writer(buf_csv, lineterminator="\n")
-    writer.writerow(["filename", "label"])
-    writer.writerows(labels)
-    labels_path = out / "labels.csv"
-    _write(labels_path, buf_csv.getvalue().encode(), atomic=True)
-    return labels_path
+    writer.writerow(header)
+    writer.writerows(rows)
+    _write(path, buf_csv.getvalue().encode(), atomic=True)
+    return path
 
 
-def _write_report(config: SimConfig, out: Path, summary: SimSummary, world: _World) -> None:
+def _write_report(config: SimConfig, out: Path, summary: SimSummary, world: World) -> None:
     """Write ``simulation.json``: the config, the summary and every species."""
     report = {
         "config": _config_json(config),
@@ -435,10 +337,18 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="capture time of the first frame, ISO format (default %(default)s)",
     )
     parser.add_argument(
+        "--behaviour",
+        choices=("trap", "classic"),
+        default=d.behaviour,
+        help="trap: visits with returns, still periods and walks, blur when moving, runs "
+        "of missed detections; classic: the first simulator's model, byte for byte "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--species",
         type=int,
-        default=d.species,
-        help="number of species, with look-alike pairs (default %(default)s)",
+        default=None,
+        help="number of species, with look-alike pairs (default 20 for trap, 8 for classic)",
     )
     parser.add_argument(
         "--present",
@@ -449,9 +359,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stay",
         type=float,
-        default=d.mean_stay_frames,
-        help="mean frames an individual stays (default %(default)s)",
+        default=None,
+        help="mean frames an individual stays (trap: per visit; default 150 for trap, "
+        "60 for classic)",
     )
+    parser.add_argument(
+        "--miss",
+        type=float,
+        default=d.miss_prob,
+        help="chance a detection is missed (trap: after a detection; default %(default)s)",
+    )
+    _add_trap_arguments(parser, d)
     parser.add_argument(
         "--layout",
         choices=("per-frame", "flat"),
@@ -474,6 +392,47 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trap_arguments(parser: argparse.ArgumentParser, d: SimConfig) -> None:
+    """The flags of the trap behaviour (ignored by classic)."""
+    group = parser.add_argument_group("trap behaviour (ignored with --behaviour classic)")
+    group.add_argument(
+        "--return-prob",
+        type=float,
+        default=d.return_prob,
+        help="share of visits after which the individual comes back (default %(default)s)",
+    )
+    group.add_argument(
+        "--return-after",
+        type=float,
+        default=d.return_after_s,
+        help="mean seconds away before it comes back (default %(default)s)",
+    )
+    group.add_argument(
+        "--still",
+        type=float,
+        default=d.still_s,
+        help="mean seconds of a still period (default %(default)s)",
+    )
+    group.add_argument(
+        "--walk",
+        type=float,
+        default=d.walk_s,
+        help="mean seconds of a walk between still periods (default %(default)s)",
+    )
+    group.add_argument(
+        "--hop-every",
+        type=float,
+        default=d.hop_every_s,
+        help="mean seconds between short flights of 80-500 px (default %(default)s)",
+    )
+    group.add_argument(
+        "--miss-run",
+        type=float,
+        default=d.miss_after_miss,
+        help="chance of another miss after a miss (default %(default)s)",
+    )
+
+
 def config_from_args(ns: argparse.Namespace) -> SimConfig:
     """Build a ``SimConfig`` from arguments parsed with ``add_simulate_arguments``."""
     return SimConfig(
@@ -488,6 +447,14 @@ def config_from_args(ns: argparse.Namespace) -> SimConfig:
         identifier=None if ns.no_identifier else SimConfig().identifier,
         rate_fps=ns.rate,
         atomic=not ns.non_atomic,
+        miss_prob=ns.miss,
+        behaviour=ns.behaviour,
+        return_prob=ns.return_prob,
+        return_after_s=ns.return_after,
+        still_s=ns.still,
+        walk_s=ns.walk,
+        hop_every_s=ns.hop_every,
+        miss_after_miss=ns.miss_run,
     )
 
 
@@ -496,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="simulate_trap",
         description="Write a seeded synthetic camera-trap night in flat-bug's format, "
-        "with ground-truth labels.csv.",
+        "with ground-truth labels.csv and truth.csv.",
     )
     add_simulate_arguments(parser)
     ns = parser.parse_args(argv)

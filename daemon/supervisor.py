@@ -3,7 +3,8 @@
 Start-up: lock the state folder (one daemon per folder, see ``statelock``), open
 it (refusing one built with other settings),
 restore the linker from it without re-embedding anything, load the model, start
-the stages and the observer (the intake's first act is a full scan), then tell
+the stages (the intake's first act is a scan of the folders changed since the
+stored one) and the observer, without waiting for its watches, then tell
 systemd READY=1. While running, the main thread publishes STATUS= and the
 ``status`` figures every second, restarts a dead observer, and leaves the
 watchdog pings to a thread that withholds them when a stage hangs. SIGTERM and
@@ -40,6 +41,7 @@ from .log import get_logger
 from .notify import Notifier, Progress, WatchdogPinger, install_stack_dump
 from .pipeline import EMBED_INBOX_SIZE, LINK_INBOX_SIZE, Pipeline, intake_options
 from .records import BatchCommitted, IntakeUnit, MicroBatch
+from .scancache import SCAN_CACHE_NAME, ScanCache
 from .sessionbook import SessionBook
 from .sessions import session_rule
 from .snapshot import OutputFiles, SnapshotError, SnapshotWriter
@@ -47,7 +49,7 @@ from .stage import Stop
 from .statelock import StateLock
 from .store import StateError, StateStore, session_cluster_sizes
 from .storedfiles import StoredFiles
-from .watch import ObserverFactory, Watcher
+from .watch import DirMtimes, ObserverFactory, Watcher
 
 log = get_logger(__name__)
 
@@ -216,7 +218,11 @@ class Daemon:
         pipeline = self._build(store, runtime, book, embedder, next_batch, known)
         for stage in (pipeline.link, pipeline.embed, pipeline.intake):
             stage.start()
-        pipeline.watcher.start()
+        # READY does not wait for the watches (they grow all season), nor does the
+        # first scan compete with setting them; the intake rescans once they are
+        # set, then verifies every file (see intake.py).
+        intake = pipeline.intake
+        pipeline.watcher.start_in_background(intake.watches_set, after=intake.first_scan_done)
         pipeline.pinger.start()
         log.info(
             "daemon_started",
@@ -257,6 +263,14 @@ class Daemon:
             known=known,
             committed=committed,
             clock=self.clock,
+            dirs=DirMtimes(
+                freeze_after_s=config.watch.freeze_after_s,
+                cache=ScanCache(
+                    config.state.folder / SCAN_CACHE_NAME,
+                    root=config.watch.folder,
+                    recursive=config.watch.recursive,
+                ),
+            ),
         )
         embed = EmbedStage(
             embedder,
@@ -351,6 +365,7 @@ class Daemon:
             or p.link_inbox.qsize()
             or self.progress.busy()
             or p.intake.scans == 0
+            or not p.intake.verified
         )
         # Work that came and went between two looks counts too.
         with self._lock:

@@ -114,7 +114,9 @@ def session(folder: Path, crops: int, seed: int, mean_present: float = 12.0) -> 
     """Simulate a trap session of about ``crops`` crops; return its frame folders in time order."""
     # The simulator misses ~2% of visible animals per frame, and presence varies.
     frames = max(2, math.ceil(crops / (mean_present * 0.98)))
-    simulate(SimConfig(seed=seed, frames=frames, mean_present=mean_present), folder)
+    simulate(
+        SimConfig(seed=seed, frames=frames, mean_present=mean_present, behaviour="classic"), folder
+    )
     return sorted(p for p in folder.iterdir() if p.is_dir())
 
 

@@ -1,121 +1,156 @@
 #!/usr/bin/env python3
-"""Benchmark ``cosine`` against ``track`` on the simulator's ground truth.
+"""What each linking setting gets right and wrong, per session, by kind of error.
 
-Simulates a session (or reuses one), embeds its crops once with the batch
-command, then re-clusters the embeddings pickle over a grid of thresholds for
-both methods, with and without spatio-temporal gating (``-mf``), and scores
-every run against ``labels.csv`` (ARI, AMI, B-cubed, purity). Prints a table,
-the best threshold per method, and optionally writes everything as JSON.
+For each simulated session (seeds x simulator behaviours) and the real crops of
+``../shared/seed-example/`` (labelled by eye in ``scripts/seed_example_labels.csv``:
+41 crops, 9 individuals), embeds the crops once with the batch command, then
+re-clusters the embeddings pickle with each setting and reports ARI, B-cubed
+precision and recall, clusters per individual and the error kinds of
+:mod:`crop_clusterd.trackerrors` (breaks within a visit, of those with a blurred
+crop, at a move, at a return; takeovers, swaps, singletons, mixed clusters).
+
+Truth comes from the simulator's ``truth.csv`` when the session has one; else it
+is derived from labels, frame times and box centres (one visit per individual,
+a jump where the centre moved more than 60 px, no blur), and the output says so.
 
 Run from the repository root with the package installed::
 
-    python scripts/bench_methods.py --work /tmp/bench --json bench.json
-    python scripts/bench_methods.py --work /tmp/bench -e dino -fp facebook/dinov2-base \\
-        --allow-download --track-thresholds 0.4 0.5 0.6 0.7
+    python scripts/bench_methods.py --work /tmp/bench --json errors.json
+    python scripts/bench_methods.py --work /tmp/bench --settings track track:0.7 cosine:0.9
+    python scripts/bench_methods.py --grid --work /tmp/grid   # the old threshold grid
 
-``--work DIR`` keeps the simulation (``DIR/sim``) and each embedder's pickle
-(``DIR/embed-<name>``), so a second run skips straight to clustering.
+``--work DIR`` keeps each session (``DIR/<session>/sim``) and its pickle
+(``DIR/<session>/embed-<embedder>-<hash>``), so a second run only re-clusters.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
+import dataclasses
 import json
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchgrid import _embed_flags, prepare_embeddings
 
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.cli import build_parser, config_from_args
-from crop_clusterd.csvfiles import CLUSTERS_CSV
+from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.defaults import DEFAULT_EMBEDDER, METHODS
-from crop_clusterd.embfile import EMBEDDINGS_PKL
+from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.evaluate import Evaluation, load_labels_csv, match_labels
+from crop_clusterd.flatbug import TimeFormat
 from crop_clusterd.log import configure_logging
 from crop_clusterd.simulate import SimConfig, simulate
+from crop_clusterd.trackerrors import (
+    TrackErrors,
+    Truth,
+    analyse,
+    derive_truth,
+    load_truth_csv,
+    metadata_centres,
+)
 
-# Wide enough to see both sides of the optimum for the bundled model; the
-# refinement pass then looks at 0.01 steps around each best value.
-DEFAULT_COSINE_GRID = (0.70, 0.75, 0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
-DEFAULT_TRACK_GRID = (0.40, 0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
-DEFAULT_FRAMES = 340  # ~5,200 crops with the simulator's defaults (300 give ~4,600)
-
-
-@dataclass(frozen=True)
-class SpeciesMixing:
-    """How much cross-species (and look-alike) confusion a clustering keeps.
-
-    A cluster is *mixed* when its crops come from two or more species; it is a
-    *look-alike* mix when two of those species are a simulated look-alike pair.
-    ``cross_species_pairs`` is the share of same-cluster crop pairs whose
-    species differ; ``lookalike_share`` the part of those that are look-alikes.
-    """
-
-    mixed_clusters: int
-    lookalike_clusters: int
-    crops_in_mixed: float
-    cross_species_pairs: float
-    lookalike_share: float
+REPO = Path(__file__).resolve().parents[1]
+SEED_EXAMPLE = REPO.parent / "shared" / "seed-example"
+SEED_LABELS = REPO / "scripts" / "seed_example_labels.csv"
+DEFAULT_SETTINGS = ("track", "cosine:0.9")
+TIME_FORMAT = "%Y%m%d%H%M%S"  # the simulator's and the seed example's frame names
 
 
 @dataclass(frozen=True)
-class Run:
-    """One clustering of the embeddings and its scores."""
+class Session:
+    """One set of crops with labels: where they are and where its cache goes."""
+
+    name: str
+    work: Path
+    crops: Path
+    labels: Path
+    metadata: Path | None
+    truth_csv: Path | None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A linking method and its threshold (None: the method's default)."""
 
     method: str
-    gated: bool
+    threshold: float | None
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """``METHOD`` or ``METHOD:THRESHOLD``; raises ``argparse.ArgumentTypeError``."""
+        method, _, th = text.partition(":")
+        if method not in METHODS:
+            raise argparse.ArgumentTypeError(f"{text!r}: method must be one of {METHODS}")
+        try:
+            return cls(method, float(th) if th else None)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: threshold is not a number") from None
+
+    def __str__(self) -> str:
+        return self.method if self.threshold is None else f"{self.method}:{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One setting on one session: its threshold, scores and errors."""
+
+    session: str
+    setting: str
     threshold: float
     seconds: float
     evaluation: Evaluation
-    mixing: SpeciesMixing | None
+    errors: TrackErrors
 
 
-@dataclass(frozen=True)
-class Workspace:
-    """Where the simulation and the embeddings of one embedder live."""
-
-    sim: Path
-    labels: Path
-    embed_dir: Path
-
-    @property
-    def pickle(self) -> Path:
-        """The embeddings pickle the batch command writes."""
-        return self.embed_dir / str(EMBEDDINGS_PKL)
+def behaviours_available() -> tuple[str, ...]:
+    """The simulator's behaviours (``trap``/``classic``), or none before it has them."""
+    field = {f.name: f for f in dataclasses.fields(SimConfig)}.get("behaviour")
+    return () if field is None else ("trap", "classic")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The benchmark's command line."""
     p = argparse.ArgumentParser(
         prog="bench_methods",
-        description="Compare cosine and track clustering on simulated ground truth.",
+        description="Score linking settings on simulated sessions and the seed example, "
+        "with error kinds. --grid (first) runs the old threshold grid instead.",
     )
-    p.add_argument("--work", type=Path, help="working folder, reused when it already holds "
-                   "a simulation/embeddings (default: a new temporary folder)")  # fmt: skip
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
-                   help="frames to simulate (default %(default)s)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--gating", choices=("both", "on", "off"), default="both",
-                   help="run with -mf, without, or both (default both)")  # fmt: skip
-    p.add_argument("--cosine-thresholds", nargs="+", type=float,
-                   default=list(DEFAULT_COSINE_GRID))  # fmt: skip
-    p.add_argument("--track-thresholds", nargs="+", type=float,
-                   default=list(DEFAULT_TRACK_GRID))  # fmt: skip
-    p.add_argument("--no-refine", action="store_true",
-                   help="skip the 0.01-step pass around each best threshold")  # fmt: skip
-    p.add_argument("--json", type=Path, help="write all runs and the best thresholds here")
-    p.add_argument("--config", type=Path,
-                   help="TOML config for the re-clusterings (other gating windows)")  # fmt: skip
-    p.add_argument("--species", action="store_true",
-                   help="also measure cross-species / look-alike mixing per run")  # fmt: skip
+    p.add_argument("--work", type=Path, help="cache folder, reused across runs "
+                   "(default: a new temporary folder)")  # fmt: skip
+    p.add_argument("--frames", type=int, default=220,
+                   help="frames per simulated session (default %(default)s)")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                   help="simulation seeds (default 0 1 2; none: no simulated session)")  # fmt: skip
+    p.add_argument(
+        "--behaviour",
+        nargs="+",
+        choices=("trap", "classic"),
+        help="simulator behaviours (default: both where the simulator has them)",
+    )
+    p.add_argument("--settings", nargs="+", type=Setting.parse,
+                   default=[Setting.parse(s) for s in DEFAULT_SETTINGS],
+                   help="METHOD or METHOD:THRESHOLD each (default: "
+                   f"{' '.join(DEFAULT_SETTINGS)})")  # fmt: skip
+    p.add_argument("--real", type=Path, default=SEED_EXAMPLE,
+                   help="the seed example folder (crops/, metadata/); skipped when absent "
+                   "(default ../shared/seed-example)")  # fmt: skip
+    p.add_argument("--no-real", action="store_true", help="leave out the seed example")
+    p.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="re-cluster without box positions (-mf) where sessions have them",
+    )
+    p.add_argument("--config", type=Path, help="TOML config for the re-clusterings")
+    p.add_argument("--json", type=Path, help="write every result here")
     emb = p.add_argument_group("embedder (passed to crop-clusterd cluster)")
     emb.add_argument("-e", "--embed", default=DEFAULT_EMBEDDER)
     emb.add_argument("-fp", "--from_pretrained")
@@ -127,282 +162,209 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _embed_flags(ns: argparse.Namespace) -> list[str]:
-    flags = ["-e", ns.embed]
-    for flag, value in (
-        ("-fp", ns.from_pretrained),
-        ("--arch", ns.arch),
-        ("-d", ns.device),
-        ("--batch-size", ns.batch_size),
-        ("--workers", ns.workers),
-    ):
-        if value is not None:
-            flags += [flag, str(value)]
-    if ns.allow_download:
-        flags.append("--allow-download")
-    return flags
-
-
-def prepare_simulation(work: Path, frames: int, seed: int) -> tuple[Path, Path]:
-    """Simulate into ``work/sim`` unless a matching simulation is already there."""
-    sim = work / "sim"
-    report = sim / "simulation.json"
-    if report.exists():
-        config = json.loads(report.read_text())["config"]
-        if (config["frames"], config["seed"]) != (frames, seed):
-            raise SystemExit(
-                f"bench_methods: {sim} holds a simulation with frames={config['frames']}, "
-                f"seed={config['seed']}, not frames={frames}, seed={seed}; pass matching "
-                f"--frames/--seed or another --work folder"
-            )
-        print(f"reusing simulation {sim}")
-    else:
+def simulated_session(work: Path, frames: int, seed: int, behaviour: str | None) -> Session:
+    """Simulate into ``work/<name>/sim`` unless it is already there."""
+    name = f"s{seed}-f{frames}" if behaviour is None else f"{behaviour}-s{seed}-f{frames}"
+    folder = work / name
+    sim = folder / "sim"
+    if not (sim / "simulation.json").exists():
+        extra = {} if behaviour is None else {"behaviour": behaviour}
         began = time.monotonic()
-        summary = simulate(SimConfig(seed=seed, frames=frames), sim)
-        print(
-            f"simulated {summary.crops} crops of {summary.individuals} individuals "
-            f"({summary.species} species) in {time.monotonic() - began:.0f} s -> {sim}"
-        )
-    return sim, sim / "labels.csv"
+        summary = simulate(SimConfig(seed=seed, frames=frames, **extra), sim)  # type: ignore[arg-type]
+        print(f"simulated {name}: {summary.crops} crops of {summary.individuals} individuals "
+              f"in {time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
+    truth = sim / "truth.csv"
+    return Session(name, folder, sim, sim / "labels.csv", sim, truth if truth.exists() else None)
 
 
-def prepare_embeddings(work: Path, sim: Path, labels: Path, flags: list[str]) -> Path:
-    """Embed the simulation once with the batch command; reuse a matching pickle."""
-    # The folder name carries a hash of the embedder flags, so -fp/--arch changes
-    # can never silently reuse another model's vectors.
-    key = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
-    embed_dir = work / f"embed-{flags[1]}-{key}"
-    pickle = embed_dir / EMBEDDINGS_PKL
-    if pickle.exists():
-        print(f"reusing embeddings {pickle}")
-        return embed_dir
-    cmd = [
-        sys.executable, "-m", "crop_clusterd.cli", "cluster",
-        "-i", str(sim), "--recursive", "-o", str(embed_dir),
-        "--labels", str(labels), "--log-level", "warning", *flags,
-    ]  # fmt: skip
-    print("embedding:", " ".join(cmd), flush=True)
-    began = time.monotonic()
-    subprocess.run(cmd, check=True)
-    print(f"embedded in {time.monotonic() - began:.0f} s")
-    (embed_dir / "embed-flags.json").write_text(json.dumps(flags) + "\n")
-    return embed_dir
+def real_session(work: Path, folder: Path) -> Session:
+    """The seed example, its metadata only when it has flat-bug JSON (it has Markdown)."""
+    meta = folder / "metadata"
+    has_json = meta.is_dir() and any(meta.glob("metadata_*.json"))
+    return Session(
+        "seed-example", work / "seed-example", folder / "crops", SEED_LABELS,
+        meta if has_json else None, None,
+    )  # fmt: skip
 
 
-def load_lookalikes(sim: Path) -> set[frozenset[str]]:
-    """The look-alike species pairs of a simulation, as sets of species codes."""
-    species = json.loads((sim / "simulation.json").read_text()).get("species", [])
-    pairs = set()
-    for sp in species:
-        if sp.get("look_alike_of") is not None:
-            pairs.add(frozenset({f"sp{sp['index']:02d}", f"sp{sp['look_alike_of']:02d}"}))
-    return pairs
+def session_truth(session: Session, names: Sequence[str]) -> Truth:
+    """The session's truth rows keyed to ``names`` (the pickle's paths)."""
+    if session.truth_csv is not None:
+        return Truth(tuple(load_truth_csv(session.truth_csv)))
+    labels = load_labels_csv(session.labels)
+    known = {n: lab for n, lab in zip(names, match_labels(names, labels), strict=True) if lab}
+    centres = None if session.metadata is None else metadata_centres(session.metadata)
+    return derive_truth(names, known, TimeFormat.compile(TIME_FORMAT), centres)
 
 
-def species_mixing(
-    clusters: Sequence[int], labels: Sequence[str], lookalikes: set[frozenset[str]]
-) -> SpeciesMixing:
-    """Cross-species confusion of a clustering; labels read ``<species>-<individual>``."""
-    members: dict[int, Counter[str]] = defaultdict(Counter)
-    for c, label in zip(clusters, labels, strict=True):
-        members[c][label.split("-", 1)[0]] += 1
-    mixed = lookalike = crops_mixed = 0
-    pairs_same = pairs_cross = pairs_lookalike = 0
-    for counts in members.values():
-        size = sum(counts.values())
-        pairs_same += size * (size - 1) // 2
-        if len(counts) < 2:
-            continue
-        mixed += 1
-        crops_mixed += size
-        codes = sorted(counts)
-        has_lookalike = False
-        for i, a in enumerate(codes):
-            for b in codes[i + 1 :]:
-                n = counts[a] * counts[b]
-                pairs_cross += n
-                if frozenset({a, b}) in lookalikes:
-                    pairs_lookalike += n
-                    has_lookalike = True
-        lookalike += has_lookalike
-    return SpeciesMixing(
-        mixed_clusters=mixed,
-        lookalike_clusters=lookalike,
-        crops_in_mixed=crops_mixed / max(1, len(labels)),
-        cross_species_pairs=pairs_cross / max(1, pairs_same),
-        lookalike_share=pairs_lookalike / max(1, pairs_cross),
-    )
+def _basename(name: str) -> str:
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def _read_clusters(path: Path) -> tuple[list[str], list[int]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return [r["filename"] for r in rows], [int(r["cluster"]) for r in rows]
-
-
-def cluster_once(
-    ws: Workspace,
-    method: str,
-    gated: bool,
-    threshold: float,
-    labels: dict[str, str],
-    lookalikes: set[frozenset[str]] | None,
-    config_file: Path | None = None,
-) -> Run:
-    """Re-cluster the pickle exactly as ``crop-clusterd cluster --from-embeddings`` would."""
-    tag = f"{method}-{'gated' if gated else 'ungated'}-{threshold:.2f}"
-    if config_file is not None:
-        tag += f"-{config_file.stem}"
-    out = ws.embed_dir / "runs" / tag
-    argv = [
-        "cluster", "--from-embeddings", str(ws.pickle), "-o", str(out),
-        "-c", method, "-th", repr(threshold), "--labels", str(ws.labels),
-    ]  # fmt: skip
-    if gated:
-        argv += ["-mf", str(ws.sim)]
-    if config_file is not None:
-        argv += ["--config", str(config_file)]
+def run_setting(
+    session: Session, embed_dir: Path, setting: Setting, truth: Truth, ns: argparse.Namespace
+) -> Result:
+    """Re-cluster the session's pickle as ``cluster --from-embeddings`` would; score it."""
+    pickle = embed_dir / str(EMBEDDINGS_PKL)
+    out = embed_dir / "runs" / str(setting).replace(":", "-")
+    argv = ["cluster", "--from-embeddings", str(pickle), "-o", str(out),
+            "-c", setting.method, "--labels", str(session.labels), "-e", ns.embed]  # fmt: skip
+    if setting.threshold is not None:
+        argv += ["-th", repr(setting.threshold)]
+    if session.metadata is not None and not ns.no_metadata:
+        argv += ["-mf", str(session.metadata)]
+    if ns.config is not None:
+        argv += ["--config", str(ns.config)]
     config = config_from_args(build_parser().parse_args(argv))
     began = time.perf_counter()
-    result = run_batch(BatchRequest(config=config, from_embeddings=ws.pickle, labels_csv=ws.labels))
+    result = run_batch(
+        BatchRequest(config=config, from_embeddings=pickle, labels_csv=session.labels)
+    )
     seconds = time.perf_counter() - began
     if result.evaluation is None:
-        raise SystemExit(f"bench_methods: no crop of {ws.pickle} matched {ws.labels}")
-    mixing = None
-    if lookalikes is not None:
-        names, ids = _read_clusters(out / CLUSTERS_CSV)
-        known = [
-            (c, lab)
-            for c, lab in zip(ids, match_labels(names, labels), strict=True)
-            if lab is not None
-        ]
-        mixing = species_mixing([c for c, _ in known], [lab for _, lab in known], lookalikes)
-    return Run(method, gated, threshold, seconds, result.evaluation, mixing)
+        raise SystemExit(f"bench_methods: no crop of {pickle} matched {session.labels}")
+    ids = {_basename(n): c for n, c in read_clusters_csv(out / "clusters.csv")}
+    rows = [r for r in truth.rows if _basename(r.filename) in ids]
+    errors = analyse([ids[_basename(r.filename)] for r in rows], rows)
+    return Result(session.name, str(setting), result.threshold, seconds, result.evaluation, errors)
 
 
-def best_runs(runs: Sequence[Run]) -> dict[tuple[str, bool], Run]:
-    """The highest-ARI run per (method, gating); ties go to the higher threshold."""
-    best: dict[tuple[str, bool], Run] = {}
-    for run in runs:
-        key = (run.method, run.gated)
-        cur = best.get(key)
-        if cur is None or (run.evaluation.ari, run.threshold) > (
-            cur.evaluation.ari,
-            cur.threshold,
-        ):
-            best[key] = run
-    return best
+COLUMNS = (
+    ("session", 18), ("setting", 10), ("th", 5), ("crops", 5), ("ind", 4), ("clus", 4),
+    ("cl/ind", 6), ("ARI", 6), ("B3-P", 6), ("B3-R", 6), ("brk-v", 5), ("blur", 4),
+    ("brk-m", 5), ("brk-r", 5), ("take", 4), ("swap", 4), ("single", 6), ("mixed", 5),
+)  # fmt: skip
+FRACTIONS = frozenset({"cl/ind", "ARI", "B3-P", "B3-R"})
+HEADER = " ".join(f"{name:>{w}}" if i > 1 else f"{name:<{w}}" for i, (name, w) in
+                  enumerate(COLUMNS))  # fmt: skip
 
 
-def _refine_grid(grid: Sequence[float], best: float) -> list[float]:
-    """0.01 steps strictly between the best threshold's grid neighbours."""
-    ordered = sorted(grid)
-    i = ordered.index(best)
-    low = ordered[i - 1] if i > 0 else best - 0.05
-    high = ordered[i + 1] if i + 1 < len(ordered) else min(0.999, best + 0.05)
-    steps = round((high - low) / 0.01)
+def format_row(session: str, setting: str, th: float | None, values: Sequence[float]) -> str:
+    """One table line: ``values`` in the order of :data:`COLUMNS` after ``th``."""
+    cells = [f"{session:<18}", f"{setting:<10}", "  -  " if th is None else f"{th:>5.2f}"]
+    for (name, width), value in zip(COLUMNS[3:], values, strict=True):
+        if name in FRACTIONS:
+            text = f"{value:.3f}"
+        else:  # a count; a mean of counts keeps one decimal
+            text = f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+        cells.append(f"{text:>{width}}")
+    return " ".join(cells)
+
+
+def row_values(r: Result) -> list[float]:
+    """A result's figures in table order."""
+    e, x = r.evaluation, r.errors
     return [
-        round(low + k * 0.01, 2)
-        for k in range(1, steps)
-        if round(low + k * 0.01, 2) not in {round(g, 2) for g in grid}
-    ]
+        x.crops, x.individuals, x.clusters, x.clusters_per_individual, e.ari,
+        e.bcubed_precision, e.bcubed_recall, x.breaks_within_visit, x.breaks_blurred,
+        x.breaks_at_move, x.breaks_at_return, x.takeovers, x.swaps, x.singletons,
+        x.mixed_clusters,
+    ]  # fmt: skip
 
 
-HEADER = (
-    f"{'method':<7} {'gating':<6} {'thresh':>6} {'clusters':>8} {'ARI':>7} {'AMI':>7} "
-    f"{'B3-P':>7} {'B3-R':>7} {'B3-F1':>7} {'purity':>7} {'secs':>6}"
-)
-
-
-def format_row(run: Run) -> str:
-    """One table line for a run."""
-    e = run.evaluation
-    line = (
-        f"{run.method:<7} {'-mf' if run.gated else 'none':<6} {run.threshold:>6.2f} "
-        f"{e.n_clusters:>8d} {e.ari:>7.4f} {e.ami:>7.4f} {e.bcubed_precision:>7.4f} "
-        f"{e.bcubed_recall:>7.4f} {e.bcubed_f1:>7.4f} {e.purity:>7.4f} {run.seconds:>6.1f}"
-    )
-    if run.mixing is not None:
-        m = run.mixing
-        line += (
-            f"  mixed={m.mixed_clusters} lookalike={m.lookalike_clusters} "
-            f"crops_in_mixed={m.crops_in_mixed:.3f} xsp_pairs={m.cross_species_pairs:.4f}"
-        )
-    return line
-
-
-def _run_dict(run: Run) -> dict[str, object]:
-    return {
-        "method": run.method,
-        "gated": run.gated,
-        "threshold": run.threshold,
-        "seconds": round(run.seconds, 3),
-        **run.evaluation.to_dict(),
-        **({"species_mixing": asdict(run.mixing)} if run.mixing is not None else {}),
-    }
+def mean_rows(results: Sequence[Result], simulated: Sequence[str]) -> list[str]:
+    """Per setting and behaviour, the mean over simulated sessions of every figure."""
+    lines = []
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        if r.session in simulated:
+            behaviour = r.session.split("-s")[0] if "-s" in r.session else "sim"
+            groups.setdefault((behaviour, r.setting), []).append(r)
+    for (behaviour, setting), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        columns = zip(*(row_values(r) for r in rs), strict=True)
+        means = [round(statistics.fmean(col), 3) for col in columns]
+        lines.append(format_row(f"mean {behaviour} x{len(rs)}", setting, None, means))
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--grid"]:
+        import benchgrid
+
+        return benchgrid.main(argv[1:])
     ns = parse_args(argv)
     configure_logging("console", "warning")
     work = ns.work or Path(tempfile.mkdtemp(prefix="bench-methods-"))
     work.mkdir(parents=True, exist_ok=True)
-    sim, labels_csv = prepare_simulation(work, ns.frames, ns.seed)
+    sessions = collect_sessions(ns, work)
     flags = _embed_flags(ns)
-    ws = Workspace(sim, labels_csv, prepare_embeddings(work, sim, labels_csv, flags))
-    labels = load_labels_csv(labels_csv)
-    lookalikes = load_lookalikes(sim) if ns.species else None
-    gatings = {"both": (False, True), "on": (True,), "off": (False,)}[ns.gating]
-    grids = {"cosine": ns.cosine_thresholds, "track": ns.track_thresholds}
-
-    runs: list[Run] = []
-    print(HEADER)
-    for method in ns.methods:
-        for gated in gatings:
-            done: list[Run] = []
-            for th in grids[method]:
-                done.append(cluster_once(ws, method, gated, th, labels, lookalikes, ns.config))
-                print(format_row(done[-1]), flush=True)
-            if not ns.no_refine:
-                top = best_runs(done)[(method, gated)].threshold
-                for th in _refine_grid(grids[method], top):
-                    done.append(cluster_once(ws, method, gated, th, labels, lookalikes, ns.config))
-                    print(format_row(done[-1]), flush=True)
-            runs.extend(done)
-
-    best = best_runs(runs)
-    n_crops = runs[0].evaluation.n_items if runs else 0
-    print(f"\nbest threshold by ARI ({n_crops} crops, embedder {ns.embed}):")
-    print(HEADER)
-    for key in sorted(best):
-        print(format_row(best[key]))
-    for gated in gatings:
-        pair = [best.get((m, gated)) for m in METHODS]
-        if all(r is not None for r in pair):
-            cos, trk = pair
-            assert cos is not None and trk is not None
-            verdict = "beats" if trk.evaluation.ari > cos.evaluation.ari else "does NOT beat"
-            print(
-                f"{'with' if gated else 'without'} gating: track (th {trk.threshold:.2f}, "
-                f"ARI {trk.evaluation.ari:.4f}) {verdict} cosine (th {cos.threshold:.2f}, "
-                f"ARI {cos.evaluation.ari:.4f})"
-            )
-
+    results: list[Result] = []
+    notes: dict[str, list[str]] = {}
+    for s in sessions:
+        embed_dir = prepare_embeddings(s.work, s.crops, s.labels, flags)
+        names = load_embeddings_pickle(embed_dir / str(EMBEDDINGS_PKL)).names
+        truth = session_truth(s, names)
+        notes[s.name] = ["truth.csv"] if s.truth_csv is not None else list(truth.derived)
+        for setting in ns.settings:
+            results.append(run_setting(s, embed_dir, setting, truth, ns))
+            r = results[-1]
+            print(f"{r.session} {r.setting}: ARI {r.evaluation.ari:.3f}", flush=True)
+    print("\n" + HEADER)
+    for r in results:
+        print(format_row(r.session, r.setting, r.threshold, row_values(r)))
+    simulated = [s.name for s in sessions if s.name != "seed-example"]
+    for line in mean_rows(results, simulated):
+        print(line)
+    print(
+        "\ncolumns: brk-v breaks within a visit (blur: of those, touching a blurred crop), "
+        "brk-m at a move, brk-r at a return; take takeovers; mixed: clusters of 2+ individuals"
+    )
+    for name, why in notes.items():
+        print(f"truth of {name}: {'; '.join(why) or 'truth.csv'}")
     if ns.json is not None:
-        payload = {
-            "embedder_flags": flags,
-            "simulation": {"folder": str(sim), "frames": ns.frames, "seed": ns.seed},
-            "crops": n_crops,
-            "runs": [_run_dict(r) for r in runs],
-            "best": {
-                f"{m}-{'gated' if g else 'ungated'}": _run_dict(r)
-                for (m, g), r in sorted(best.items())
-            },
-        }
-        ns.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(ns.json, flags, ns, results, notes)
         print(f"wrote {ns.json}")
     return 0
+
+
+def collect_sessions(ns: argparse.Namespace, work: Path) -> list[Session]:
+    """The simulated sessions asked for, then the seed example when present."""
+    available = behaviours_available()
+    if ns.behaviour and not available:
+        raise SystemExit("bench_methods: this simulator has no --behaviour option yet")
+    behaviours: Sequence[str | None] = ns.behaviour or available or (None,)
+    sessions = [
+        simulated_session(work, ns.frames, seed, b) for b in behaviours for seed in ns.seeds
+    ]
+    if ns.no_real:
+        pass
+    elif (ns.real / "crops").is_dir():
+        sessions.append(real_session(work, ns.real))
+    else:
+        print(f"seed example skipped: no crops folder at {ns.real / 'crops'}")
+    return sessions
+
+
+def write_json(
+    path: Path,
+    flags: list[str],
+    ns: argparse.Namespace,
+    results: Sequence[Result],
+    notes: dict[str, list[str]],
+) -> None:
+    """Every result, with the truth's provenance per session."""
+    payload = {
+        "embedder_flags": flags,
+        "frames": ns.frames,
+        "settings": [str(s) for s in ns.settings],
+        "truth": notes,
+        "results": [
+            {
+                "session": r.session,
+                "setting": r.setting,
+                "threshold": r.threshold,
+                "seconds": round(r.seconds, 3),
+                "evaluation": r.evaluation.to_dict(),
+                "errors": r.errors.to_dict(),
+            }
+            for r in results
+        ],
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

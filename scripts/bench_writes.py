@@ -89,7 +89,7 @@ def run_method(
         staged = [(label, sn.stage_night(n, root / "staging"), n.crops) for label, n in sequence]
         daemon = nb.RunningDaemon(config, events)
         try:
-            daemon.wait_idle()
+            daemon.wait_verified()
             for label, folder, crops in staged:
                 figures = nb.run_night(daemon, folder, crops, rate=args.rate)
                 rows.append({"method": method, "scenario": label, **figures.row()})

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 rm -rf demo
 mkdir -p demo
-.venv/bin/crop-clusterd simulate -o demo/session --frames 100 --seed 1 --rate 1 --non-atomic \
+.venv/bin/crop-clusterd simulate -o demo/session --frames 100 --seed 1 --behaviour classic --rate 1 --non-atomic \
     > demo/simulate.log 2>&1 &
 simulator=$!
 trap 'kill "$simulator" 2>/dev/null || true' EXIT

@@ -355,7 +355,7 @@ def bench_config(
         input=dataclasses.replace(c.input, recursive=True),
         embed=dataclasses.replace(c.embed, model=model),
         link=dataclasses.replace(c.link, method=method, threshold=threshold),  # type: ignore[arg-type]
-        watch=dataclasses.replace(c.watch, folder=root / "watch"),
+        watch=dataclasses.replace(c.watch, folder=root / "watch", freeze_after_s=BENCH_FREEZE_S),
         metadata=dataclasses.replace(c.metadata, enabled=True),
         state=dataclasses.replace(c.state, folder=root / "state"),
         output=dataclasses.replace(c.output, folder=root / "out"),
@@ -367,6 +367,12 @@ def bench_config(
         config = dataclasses.replace(config, session=session)
     config.watch.folder.mkdir(parents=True, exist_ok=True)
     return config
+
+
+# A bench night lasts seconds, not hours: its folders are frozen (see DirMtimes) after
+# BENCH_FREEZE_S of quiet, as a real night's are after watch.freeze_after_s (6 h), so
+# that restarts and rescans behave as they would the day after a real night.
+BENCH_FREEZE_S = 2.0
 
 
 def committed(state: Path) -> int:
@@ -428,7 +434,9 @@ class RunningDaemon:
         return self._wait(lambda: self.daemon.pipeline is not None, "start", timeout_s)
 
     def idle(self) -> bool:
-        """First scan done, nothing queued, settling, decoding or being linked."""
+        """Caught up: the first scan (of the folders changed since the stored walk)
+        done, nothing queued, settling, decoding or being linked. The verify walk
+        after a start may still be going (see :meth:`verified`)."""
         p = self.daemon.pipeline
         return (
             p is not None
@@ -440,9 +448,19 @@ class RunningDaemon:
         )
 
     def wait_idle(self, timeout_s: float = 3600.0) -> float:
-        """Seconds from construction until :meth:`idle`."""
+        """Seconds from construction until :meth:`idle` (caught up)."""
         self.wait_ready(timeout_s)
         return self._wait(self.idle, "idle", timeout_s)
+
+    def verified(self) -> bool:
+        """Idle, and the verify walk after the start (every file stat'ed) is over."""
+        p = self.daemon.pipeline
+        return p is not None and p.intake.verified and self.idle()
+
+    def wait_verified(self, timeout_s: float = 3600.0) -> float:
+        """Seconds from construction until :meth:`verified`."""
+        self.wait_ready(timeout_s)
+        return self._wait(self.verified, "verify walk done", timeout_s)
 
     def wait_done(self, expected: int, since: float, timeout_s: float = 3600.0) -> None:
         """Until ``expected`` files are committed in all, the daemon is idle, a snapshot

@@ -73,7 +73,9 @@ def make_night(cache: Path, index: int, crops: int, seed: int = 0) -> Night:
     while True:
         if folder.exists():
             shutil.rmtree(folder)
-        config = SimConfig(seed=seed + index, frames=frames, start=start, mean_present=14.0)
+        config = SimConfig(
+            seed=seed + index, frames=frames, start=start, mean_present=14.0, behaviour="classic"
+        )
         simulate(config, folder)
         if _trim(folder, crops) >= crops:
             break

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a seeded synthetic camera-trap night (flat-bug crops plus labels.csv).
+"""Write a seeded synthetic camera-trap night (flat-bug crops, labels.csv and truth.csv).
 
 Run from the repository root with the package installed, e.g.
 ``python scripts/simulate_trap.py -o demo --frames 300``; ``--help`` lists the flags.

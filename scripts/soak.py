@@ -493,7 +493,12 @@ def _night_frames(crops: int, seed: int, dest: Path, night: int) -> list[Path]:
     start = datetime(2024, 7, 1, 22) + timedelta(days=night)
     frames = max(2, int(crops / 10.0) + 2)
     while True:
-        simulate(SimConfig(seed=seed, frames=frames, mean_present=14.0, start=start), dest)
+        simulate(
+            SimConfig(
+                seed=seed, frames=frames, mean_present=14.0, start=start, behaviour="classic"
+            ),
+            dest,
+        )
         if sum(1 for _ in dest.rglob("*.png")) >= crops:
             return sorted(p for p in dest.iterdir() if p.is_dir())
         # Fewer insects visited than expected: a longer night, from scratch.

@@ -403,7 +403,7 @@ def test_labels_from_folders(fake: str, hues: dict[str, list[Path]], tmp_path: P
 def sim(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SimSummary]:
     """A seeded 6-frame simulated session in flat-bug's per-frame layout."""
     root = tmp_path_factory.mktemp("sim") / "session"
-    return root, simulate(SimConfig(seed=1, frames=6, mean_present=6), root)
+    return root, simulate(SimConfig(seed=1, frames=6, mean_present=6, behaviour="classic"), root)
 
 
 def frames_of(names: Sequence[str]) -> list[str]:

@@ -77,7 +77,16 @@ def two_traps(
     interval), different individuals and boxes."""
     traps = (root / "trapA", root / "trapB")
     for trap, identifier, seed in zip(traps, ids, seeds, strict=True):
-        simulate(SimConfig(seed=seed, frames=frames, mean_present=6.0, identifier=identifier), trap)
+        simulate(
+            SimConfig(
+                seed=seed,
+                frames=frames,
+                mean_present=6.0,
+                identifier=identifier,
+                behaviour="classic",
+            ),
+            trap,
+        )
     names_a = {p.name for p in traps[0].iterdir() if p.is_dir()}
     names_b = {p.name for p in traps[1].iterdir() if p.is_dir()}
     assert names_a == names_b and len(names_a) == frames, "the traps must share frame names"

@@ -41,7 +41,12 @@ def two_nights(tmp: Path, frames: int = 10) -> list[Path]:
     for k, night in enumerate(NIGHTS):
         start = datetime.fromisoformat(f"{night}T22:00:00")
         src = tmp / f"src{k}"
-        simulate(SimConfig(seed=11 + k, frames=frames, mean_present=5.0, start=start), src)
+        simulate(
+            SimConfig(
+                seed=11 + k, frames=frames, mean_present=5.0, start=start, behaviour="classic"
+            ),
+            src,
+        )
         out += frame_dirs(src)
     return out
 

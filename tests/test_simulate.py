@@ -34,6 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 CROP_RE = re.compile(r"^crop_(?P<frame>.+)_CROPNUMBER_(?P<index>\d+)_(?:UUID_(?P<id>[^.]*))?\.png$")
 META_RE = re.compile(r"^metadata_(?P<frame>.+)_UUID_(?P<id>.+)\.json$")
 SMALL = SimConfig(seed=3, frames=12, mean_present=6.0, mean_stay_frames=8.0)
+# A trap session small enough to render in seconds, with behaviour compressed in time
+# (visits of 30 s, returns after 40 s, still periods of 30 s) so that every feature
+# shows up often; misses are likelier so that there are enough runs to count.
+TRAP = SimConfig(
+    seed=5, frames=80, mean_present=8.0, mean_stay_frames=15.0, return_after_s=40.0,
+    return_min_s=10.0, still_s=30.0, walk_s=8.0, hop_every_s=60.0, miss_prob=0.06,
+)  # fmt: skip
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -186,7 +193,7 @@ def test_individuals_persist_and_appear_once_per_frame(
 def test_look_alike_pairs_are_much_closer_in_colour_than_unrelated(tmp_path: Path) -> None:
     config = SimConfig(seed=0, frames=2, mean_present=60.0, layout="flat")
     simulate(config, tmp_path)
-    species = make_species(config.species, config.seed)
+    species = make_species(config.species_count, config.seed)
     pairs = [(sp.look_alike_of, sp.index) for sp in species if sp.look_alike_of is not None]
     assert len(pairs) >= 2
     for a, b in pairs:
@@ -245,6 +252,7 @@ def test_flat_layout_holds_the_same_crops(tmp_path: Path) -> None:
         "labels.csv",
         "metadata",
         "simulation.json",
+        "truth.csv",
     ]
     flat_crops = {p.name: p.read_bytes() for p in (tmp_path / "f" / "crops").iterdir()}
     per_frame = {p.name: p.read_bytes() for p in (tmp_path / "p").glob("*/crops/*")}
@@ -326,3 +334,181 @@ def test_script_runs_from_repo_root(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "o" / "labels.csv").is_file()
+
+
+# --- the trap behaviour and truth.csv ----------------------------------------------------
+
+# sha256 of the classic session SimConfig(seed=3, frames=40, mean_present=6.0,
+# mean_stay_frames=8.0, behaviour="classic"), computed with the code before the trap
+# behaviour existed (commit 5e1bbd1): every file but simulation.json (by path and
+# content), and simulation.json with only the config keys that code knew.
+CLASSIC_FILES_SHA = "5d571f9ab4e869cdec470e6e741b6a37ef5140c0f8251761eb79520bf435534d"
+CLASSIC_REPORT_SHA = "3d24ccc15858e8703a6abb3110cf7c932f238b240b025214656ca33e34d61240"
+OLD_CONFIG_KEYS = ("seed", "frames", "interval_s", "start", "species", "mean_present",
+                   "mean_stay_frames", "frame_width", "frame_height", "layout", "identifier",
+                   "rate_fps", "crop_format", "atomic", "miss_prob")  # fmt: skip
+
+Truth = list[dict[str, str]]
+
+
+def read_truth(root: Path) -> Truth:
+    with (root / "truth.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def visits(truth: Truth) -> dict[tuple[str, int], list[dict[str, str]]]:
+    """(individual, visit) -> its rows in frame order."""
+    out: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
+    for row in truth:
+        out[(row["individual"], int(row["visit"]))].append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: int(r["frame"]))
+    return out
+
+
+def centre_step(a: dict[str, str], b: dict[str, str]) -> float:
+    return float(np.hypot(float(a["cx"]) - float(b["cx"]), float(a["cy"]) - float(b["cy"])))
+
+
+@pytest.fixture(scope="module")
+def trap_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Truth]:
+    out = tmp_path_factory.mktemp("trap") / "night"
+    simulate(TRAP, out)
+    return out, read_truth(out)
+
+
+def test_classic_reproduces_the_old_files_byte_for_byte(tmp_path: Path) -> None:
+    config = SimConfig(
+        seed=3, frames=40, mean_present=6.0, mean_stay_frames=8.0, behaviour="classic"
+    )
+    simulate(config, tmp_path)
+    files = hashlib.sha256()
+    for path in sorted(tmp_path.rglob("*")):
+        if path.is_file() and path.name not in ("simulation.json", "truth.csv"):
+            digest = hashlib.sha256(path.read_bytes()).digest()
+            files.update(str(path.relative_to(tmp_path)).encode() + b"\0" + digest)
+    assert files.hexdigest() == CLASSIC_FILES_SHA
+    report = json.loads((tmp_path / "simulation.json").read_text())
+    assert report["config"]["behaviour"] == "classic"
+    report["config"] = {key: report["config"][key] for key in OLD_CONFIG_KEYS}
+    old = hashlib.sha256(json.dumps(report, indent=1).encode()).hexdigest()
+    assert old == CLASSIC_REPORT_SHA
+
+
+def test_defaults_follow_the_behaviour() -> None:
+    trap, classic = SimConfig(), SimConfig(behaviour="classic")
+    assert trap.behaviour == "trap"
+    assert (trap.species_count, trap.stay_frames) == (20, 150.0)
+    assert (classic.species_count, classic.stay_frames) == (8, 60.0)
+    assert SimConfig(species=5, behaviour="classic").species_count == 5
+    with pytest.raises(ValueError, match="miss_after_miss"):
+        SimConfig(miss_after_miss=1.0)
+    with pytest.raises(ValueError, match="return_min_s"):
+        SimConfig(return_min_s=500.0)
+
+
+@pytest.mark.parametrize("behaviour", ["trap", "classic"])
+def test_truth_rows_match_labels_one_to_one(tmp_path: Path, behaviour: str) -> None:
+    config = SimConfig(seed=8, frames=6, mean_present=5.0, behaviour=behaviour)  # type: ignore[arg-type]
+    summary = simulate(config, tmp_path)
+    assert summary.truth_path == tmp_path / "truth.csv"
+    truth = read_truth(tmp_path)
+    labels = read_labels(tmp_path)
+    assert [(r["filename"], r["individual"]) for r in truth] == labels
+    assert len(truth) == summary.crops > 0
+    frames = frame_crops(tmp_path, "per-frame")
+    order = sorted(frames)
+    for row in truth:
+        match = CROP_RE.match(row["filename"])
+        assert match
+        meta, _ = frames[match["frame"]]
+        frame = int(row["frame"])
+        assert order[frame] == match["frame"]
+        assert float(row["time_s"]) == frame * config.interval_s
+        x1, y1, x2, y2 = meta["boxes"][int(match["index"])]  # type: ignore[index]
+        assert (float(row["cx"]), float(row["cy"])) == ((x1 + x2) / 2, (y1 + y2) / 2)
+        assert {row["jump"], row["blur"], row["still"]} <= {"0", "1"}
+        if behaviour == "classic":
+            assert (row["visit"], row["still"]) == ("0", "0")
+
+
+def test_trap_individuals_return_with_the_same_label_and_a_new_visit(
+    trap_run: tuple[Path, Truth],
+) -> None:
+    _, truth = trap_run
+    by_visit = visits(truth)
+    returned = {ind for ind, visit in by_visit if visit > 0}
+    assert len(returned) >= 3
+    moved_back = []
+    for ind in returned:
+        numbers = sorted({visit for i, visit in by_visit if i == ind})
+        spans = [by_visit[(ind, v)] for v in numbers]
+        for before, after in itertools.pairwise(spans):
+            # A new visit starts after the last one ended, at least return_min_s later.
+            gap_s = float(after[0]["time_s"]) - float(before[-1]["time_s"])
+            assert gap_s >= TRAP.return_min_s
+            moved_back.append(centre_step(before[-1], after[0]))
+            assert after[0]["jump"] == "0"  # nothing to jump from within the new visit
+    # It comes back at another place of the screen, not where it left.
+    assert float(np.median(moved_back)) > 300.0
+
+
+def test_trap_blur_only_while_moving_and_still_means_not_a_pixel(
+    trap_run: tuple[Path, Truth],
+) -> None:
+    _, truth = trap_run
+    blurred = [r for r in truth if r["blur"] == "1"]
+    still = [r for r in truth if r["still"] == "1"]
+    assert blurred and len(still) > len(truth) / 2
+    assert all(r["still"] == "0" for r in blurred)
+    for rows in visits(truth).values():
+        for a, b in itertools.pairwise(rows):
+            if a["still"] == b["still"] == "1" and b["jump"] == "0":
+                # Only the box's rounding around a slightly squashed crop moves.
+                assert centre_step(a, b) <= 1.5
+            if centre_step(a, b) > 15.0:
+                assert b["jump"] == "1"
+
+
+def gap_runs(truth: Truth) -> tuple[list[int], int]:
+    """Runs of missed frames between detections of one visit, and the frames seen."""
+    runs: list[int] = []
+    for rows in visits(truth).values():
+        frames = [int(r["frame"]) for r in rows]
+        runs += [b - a - 1 for a, b in itertools.pairwise(frames) if b - a > 1]
+    return runs, len(truth)
+
+
+def test_trap_misses_come_in_runs(trap_run: tuple[Path, Truth]) -> None:
+    _, truth = trap_run
+    runs, seen = gap_runs(truth)
+    assert len(runs) >= 10
+    miss_rate = sum(runs) / (sum(runs) + seen)
+    # Independent misses at this rate would give runs of 1 / (1 - rate) frames.
+    independent = 1.0 / (1.0 - miss_rate)
+    assert float(np.mean(runs)) > 1.8 * independent
+    assert max(runs) >= 4
+
+
+def test_classic_misses_are_independent(tmp_path: Path) -> None:
+    config = SimConfig(seed=2, frames=30, mean_present=6.0, miss_prob=0.15, behaviour="classic")
+    simulate(config, tmp_path)
+    runs, seen = gap_runs(read_truth(tmp_path))
+    assert len(runs) >= 10
+    miss_rate = sum(runs) / (sum(runs) + seen)
+    assert float(np.mean(runs)) < 1.5 / (1.0 - miss_rate)
+
+
+def test_behaviour_flags_map_to_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    ns = parser.parse_args(
+        ["-o", "x", "--behaviour", "classic", "--miss", "0.1", "--return-prob", "0.5",
+         "--return-after", "90", "--still", "60", "--walk", "5", "--hop-every", "200",
+         "--miss-run", "0.6"]
+    )  # fmt: skip
+    config = config_from_args(ns)
+    assert (config.behaviour, config.species_count, config.stay_frames) == ("classic", 8, 60.0)
+    assert (config.miss_prob, config.return_prob, config.return_after_s) == (0.1, 0.5, 90.0)
+    assert (config.still_s, config.walk_s, config.hop_every_s) == (60.0, 5.0, 200.0)
+    assert config.miss_after_miss == 0.6

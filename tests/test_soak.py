@@ -150,10 +150,10 @@ def test_events_lost_by_the_observer_are_found_by_the_rescan(
     runner.start()
     try:
         wait_for(lambda: bool(built) and built[0].is_alive())
-        # The intake's first act is the start-up scan, but on a busy machine its
-        # thread may get there after the observer started: wait for it, or the
-        # scan (not a rescan) would find the files copied below.
-        wait_for(lambda: daemon.pipeline is not None and daemon.pipeline.intake.scans >= 1)
+        # The start-up scan, one more walk of the changed folders once the watches
+        # are set, and the verify walk: wait for all three, or one of them (not a
+        # periodic rescan) would find the files copied below.
+        wait_for(lambda: daemon.pipeline is not None and daemon.pipeline.intake.verified)
         next_rescan = time.monotonic() + rescan_s
         for frame in frame_dirs(src):
             shutil.copytree(frame, watch / frame.name)
