@@ -35,9 +35,9 @@ COSINE_THRESHOLD: Final = 0.9
 # Track thresholds chosen on the simulator's ground truth. efficientnet-lite0: 0.4
 # (issue 11; was 0.65 before margin matching): with TRACK_MARGIN it is the margin
 # that decides (a match needs similarity > 0.45 + move cost), the threshold is only
-# the floor; 0.5 kept ARI but gave 1.23 clusters per individual on seed 0, 0.65 gave
-# 2.36 (scripts: see README "Benchmarks", three sessions `simulate --frames 220`,
-# tuned on seeds 0 and 1, seed 2 held out). The real crops of shared/seed-example
+# the floor; 0.5 kept ARI but gave 1.23 clusters per individual on seed 0, 0.65
+# gave 2.36 (README "Benchmarks": three sessions `simulate --behaviour classic
+# --frames 220`, tuned on seeds 0 and 1, seed 2 held out). The real crops of shared/seed-example
 # give their 9 individuals at 0.4 as at 0.65. dino and hierarchical were NOT
 # benchmarked: placeholders until someone measures them.
 TRACK_THRESHOLDS: Final[dict[str, float]] = {
@@ -54,9 +54,9 @@ ANY_WINDOW_S: Final = 30.0
 
 # --- track ------------------------------------------------------------------------------
 
-# Chosen on the simulator (`simulate --frames 220`, bundled model, with -mf; seeds
-# 0 and 1 tuned by coordinate search, seed 2 held out; README "Benchmarks",
-# issue 11). Mean ARI over seeds 0/1 at these values: 0.979, 1.03 clusters per
+# Chosen on the simulator (`simulate --behaviour classic --frames 220`, bundled
+# model, with -mf; seeds 0 and 1 tuned by coordinate search, seed 2 held out;
+# README "Benchmarks", issue 11). Mean ARI over seeds 0/1 at these values: 0.979, 1.03 clusters per
 # individual (before: 0.665, 1.63). Each note gives the neighbouring values.
 #
 # A track stays matchable this many frames of its own trap after its last crop,
