@@ -154,6 +154,10 @@ def test_track_stitches_live_equal_batch_across_a_restart(tmp_path: Path) -> Non
     Daemon(config, exit_when_idle_s=1.0).run()
     with StateStore(config.state.folder, readonly=True) as store:
         after = len(store.load_merges())
+        sizes = store.load_crops().sizes
     assert 0 < before < after, "stitches on both sides of the restart"
+    # The frame size reached the state (the simulator's metadata has it), so a
+    # restart's linker sees the move limits the first one used.
+    assert (sizes == [4000.0, 3000.0]).all()
     live = partition(night_rows(config, NIGHTS[0]))
     assert live == batch_nights(config, watch, tmp_path)[NIGHTS[0]]
