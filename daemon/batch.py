@@ -354,9 +354,10 @@ def _link_batch(data: _Embeddings) -> LinkBatch:
     crops = data.crops
     times = np.array([np.nan if c.time is None else c.time for c in crops], dtype=np.float64)
     centers = np.array([c.center or (np.nan, np.nan) for c in crops], dtype=np.float64)
-    return LinkBatch(
-        data.vectors, times, centers.reshape(len(crops), 2), tuple(c.frame for c in crops)
-    )
+    sizes = np.array([c.frame_size or (np.nan, np.nan) for c in crops], dtype=np.float64)
+    n = len(crops)
+    frames = tuple(c.frame for c in crops)
+    return LinkBatch(data.vectors, times, centers.reshape(n, 2), frames, sizes.reshape(n, 2))
 
 
 def _labels(request: BatchRequest, data: _Embeddings) -> tuple[str | None, ...] | None:

@@ -68,6 +68,9 @@ CLUSTER_FLAGS: Final[Mapping[str, str]] = {
     "log_format": "log.format",
     "log_level": "log.level",
     "session_split": "session.split",
+    "track_idle_frames": "link.track_idle_frames",
+    "track_max_move": "link.track_max_move",
+    "track_stitch": "link.track_stitch",
 }
 RUN_FLAGS: Final[Mapping[str, str]] = {
     "watch": "watch.folder",
@@ -86,6 +89,9 @@ RUN_FLAGS: Final[Mapping[str, str]] = {
     "log_format": "log.format",
     "log_level": "log.level",
     "session_split": "session.split",
+    "track_idle_frames": "link.track_idle_frames",
+    "track_max_move": "link.track_max_move",
+    "track_stitch": "link.track_stitch",
 }
 EXPORT_FLAGS: Final[Mapping[str, str]] = {"state": "state.folder"}
 FLAG_TABLES: Final[Mapping[str, Mapping[str, str]]] = {
@@ -198,6 +204,20 @@ def _add_new_options(new: argparse._ArgumentGroup) -> None:
                      "else console lines on stderr)")  # fmt: skip
     new.add_argument("--log-level", choices=_LOG_LEVELS,
                      help=f"least severe log level shown (default {_LOG.level})")  # fmt: skip
+    _add_track_flags(new)
+
+
+def _add_track_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    link = LinkConfig()
+    p.add_argument("--track-idle-frames", type=int, metavar="N",
+                   help="track: frames of its trap a track stays matchable "
+                   f"(link.track_idle_frames, default {link.track_idle_frames})")  # fmt: skip
+    p.add_argument("--track-max-move", type=float, metavar="FRACTION",
+                   help="track: how far a track may move, a fraction of the frame diagonal "
+                   f"(link.track_max_move, default {link.track_max_move:g})")  # fmt: skip
+    p.add_argument("--track-stitch", action=argparse.BooleanOptionalAction, default=None,
+                   help="track, with metadata: stitch tracklets in a second pass "
+                   f"(link.track_stitch, default {str(link.track_stitch).lower()})")  # fmt: skip
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -232,6 +252,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         help=f"log.format ({_LOG.format}: journald under systemd, else console)",
     )
     p.add_argument("--log-level", choices=_LOG_LEVELS, help="log.level")
+    _add_track_flags(p)
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                    help="stop cleanly once nothing new has arrived for this long "
                    "(demos and tests; a service runs until stopped)")  # fmt: skip

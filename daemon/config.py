@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from . import defaults
 from .schema import (
@@ -210,41 +210,79 @@ class LinkConfig:
             check=at_least(0),
         ),
     )
-    track_gap_s: float = field(
-        default=defaults.TRACK_GAP_S,
+    track_idle_frames: int = field(
+        default=defaults.TRACK_IDLE_FRAMES,
         metadata=_meta(
-            "track: a cluster stays matchable this long after its last crop, seconds",
+            "track: a track stays matchable this many frames of its own trap after its last crop",
             check=at_least(0),
         ),
     )
-    track_gap_frames: int = field(
-        default=defaults.TRACK_GAP_FRAMES,
+    track_idle_cap_s: float = field(
+        default=defaults.TRACK_IDLE_CAP_S,
         metadata=_meta(
-            "track: the same in frames, for crops without a time",
+            "track: ... and at most this long (capture time, when known), seconds",
             check=at_least(0),
         ),
     )
     track_memory: int = field(
         default=defaults.TRACK_MEMORY,
         metadata=_meta(
-            "track: a crop is compared with this many of a cluster's latest crops",
+            "track: a crop is compared with this many of a track's latest crops",
             check=at_least(1),
         ),
     )
-    track_max_move_px: float = field(
-        default=defaults.TRACK_MAX_MOVE_PX,
+    track_margin: float = field(
+        default=defaults.TRACK_MARGIN,
         metadata=_meta(
-            "track, with metadata: a cluster continues only within this distance "
-            "of its last box centre, pixels",
-            check=above(0),
+            "track: a match is made only when similarity - move penalty - margin > 0 "
+            "(better than starting a new track)",
+            check=at_least(0),
+        ),
+    )
+    track_max_move: float = field(
+        default=defaults.TRACK_MAX_MOVE,
+        metadata=_meta(
+            "track, with metadata: a track continues only within this fraction of the "
+            "frame diagonal of its last box centre",
+            check=within(1e-6, 1.0),
         ),
     )
     track_move_penalty: float = field(
         default=defaults.TRACK_MOVE_PENALTY,
         metadata=_meta(
             "track, with metadata: similarity taken off a match per max_move of distance, "
-            "so near clusters are preferred",
+            "so near tracks are preferred",
             check=at_least(0),
+        ),
+    )
+    track_stitch: bool = field(
+        default=True,
+        metadata=_meta("track, with metadata: join tracklets in a second pass (merges)"),
+    )
+    track_stitch_threshold: float = field(
+        default=defaults.STITCH_THRESHOLD,
+        metadata=_meta(
+            "track: two tracklets join when their mean embeddings are at least this similar",
+            check=within(-1.0, 1.0),
+        ),
+    )
+    track_stitch_gap_frames: int = field(
+        default=defaults.STITCH_GAP_FRAMES,
+        metadata=_meta(
+            "track: a tracklet may continue one that ended at most this many frames "
+            "of its trap before",
+            check=at_least(0),
+        ),
+    )
+    track_stitch_cap_s: float = field(
+        default=defaults.STITCH_CAP_S,
+        metadata=_meta("track: ... and at most this long before, seconds", check=at_least(0)),
+    )
+    track_stitch_max_move: float = field(
+        default=defaults.STITCH_MAX_MOVE,
+        metadata=_meta(
+            "track: ... and within this fraction of the frame diagonal of where it ended",
+            check=within(1e-6, 1.0),
         ),
     )
     hnsw_m: int = field(
@@ -520,6 +558,7 @@ def parse_config(
     torch. Raises `ConfigError` listing every problem.
     """
     errors: list[str] = []
+    data = _without_replaced_keys(data, errors)
     result = build_dataclass(Config, data, "", errors)
     model: Any = EmbedConfig().model
     embed = data.get("embed")
@@ -534,6 +573,26 @@ def parse_config(
     if result is None or errors:
         raise ConfigError(errors, source)
     return result
+
+
+# Keys replaced in issue 11, and what replaced them: refused with that message,
+# since reading them the old way would silently change what a track is.
+REPLACED_KEYS: Final = {
+    "track_gap_s": "link.track_idle_cap_s (seconds) with link.track_idle_frames",
+    "track_gap_frames": "link.track_idle_frames (frames of the track's own trap)",
+    "track_max_move_px": "link.track_max_move (a fraction of the frame diagonal)",
+}
+
+
+def _without_replaced_keys(data: Mapping[str, Any], errors: list[str]) -> Mapping[str, Any]:
+    """``data`` without replaced ``link`` keys, each reported in ``errors``."""
+    link = data.get("link")
+    if not isinstance(link, Mapping) or not REPLACED_KEYS.keys() & link.keys():
+        return data
+    for key in sorted(REPLACED_KEYS.keys() & link.keys()):
+        errors.append(f"link.{key}: no longer a setting; use {REPLACED_KEYS[key]}")
+    kept = {k: v for k, v in link.items() if k not in REPLACED_KEYS}
+    return {**data, "link": kept}
 
 
 def read_toml(path: Path | str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from . import defaults
 from .config import Config
 from .defaults import default_threshold
-from .linking import Gating, HnswParams, Linker, Motion, make_linker
+from .linking import Gating, HnswParams, Linker, Motion, Stitch, make_linker
 from .log import get_logger
 from .sessions import session_rule
 
@@ -38,9 +38,10 @@ class LinkerSpec:
 
     ``threshold`` is a cosine similarity in [-1, 1]; ``metadata`` is
     `Config.with_metadata`; ``gating`` is set only for ``cosine`` with
-    metadata, ``motion`` only for ``track`` with metadata. ``gap_s`` (seconds),
-    ``gap_frames`` and ``memory`` (crops) apply to ``track``, ``hnsw`` to
-    ungated ``cosine``.
+    metadata, ``motion`` and ``stitch`` only for ``track`` with metadata
+    (stitching needs positions). ``idle_frames``, ``idle_cap_s`` (seconds),
+    ``memory`` (crops) and ``margin`` apply to ``track``, ``hnsw`` to ungated
+    ``cosine``.
     """
 
     method: str
@@ -48,10 +49,12 @@ class LinkerSpec:
     metadata: bool
     gating: Gating | None
     motion: Motion | None
+    stitch: Stitch | None
     hnsw: HnswParams
-    gap_s: float
-    gap_frames: int
+    idle_frames: int
+    idle_cap_s: float
     memory: int
+    margin: float
 
 
 def linker_spec(config: Config) -> LinkerSpec:
@@ -63,24 +66,34 @@ def linker_spec(config: Config) -> LinkerSpec:
     metadata = config.with_metadata
     gating = None
     motion = None
+    stitch = None
     if metadata and link.method == "cosine":
         gating = Gating(link.max_center_dist_px, link.near_window_s, link.any_window_s)
     if metadata and link.method == "track":
-        motion = Motion(link.track_max_move_px, link.track_move_penalty)
+        motion = Motion(link.track_max_move, link.track_move_penalty)
+        if link.track_stitch:
+            stitch = Stitch(
+                link.track_stitch_threshold,
+                link.track_stitch_gap_frames,
+                link.track_stitch_max_move,
+                link.track_stitch_cap_s,
+            )
     return LinkerSpec(
         method=link.method,
         threshold=threshold,
         metadata=metadata,
         gating=gating,
         motion=motion,
+        stitch=stitch,
         hnsw=HnswParams(
             m=link.hnsw_m,
             ef_construction=link.hnsw_ef_construction,
             ef_search=link.hnsw_ef_search,
         ),
-        gap_s=link.track_gap_s,
-        gap_frames=link.track_gap_frames,
+        idle_frames=link.track_idle_frames,
+        idle_cap_s=link.track_idle_cap_s,
         memory=link.track_memory,
+        margin=link.track_margin,
     )
 
 
@@ -94,10 +107,12 @@ def linker_from_config(config: Config) -> Linker:
         spec.method,
         spec.threshold,
         spec.gating,
-        gap_s=spec.gap_s,
-        gap_frames=spec.gap_frames,
+        idle_frames=spec.idle_frames,
+        idle_cap_s=spec.idle_cap_s,
         memory=spec.memory,
+        margin=spec.margin,
         motion=spec.motion,
+        stitch=spec.stitch,
         hnsw=spec.hnsw,
     )
     log.info(
@@ -106,9 +121,10 @@ def linker_from_config(config: Config) -> Linker:
         threshold=spec.threshold,
         metadata=spec.metadata,
         gating=None if spec.gating is None else _gating_list(spec.gating),
-        motion=None if spec.motion is None else [spec.motion.max_move_px, spec.motion.penalty],
+        motion=None if spec.motion is None else [spec.motion.max_move, spec.motion.penalty],
+        stitch=None if spec.stitch is None else _stitch_list(spec.stitch),
         hnsw=[spec.hnsw.m, spec.hnsw.ef_construction, spec.hnsw.ef_search],
-        track=[spec.gap_s, spec.gap_frames, spec.memory],
+        track=[spec.idle_frames, spec.idle_cap_s, spec.memory, spec.margin],
     )
     return linker
 
@@ -146,13 +162,17 @@ def state_settings(config: Config) -> dict[str, object]:
         # Only dino's preparation changed; other state folders keep their keys.
         settings["embed.preprocess"] = defaults.DINO_PREPROCESS
     if spec.method == "track":
+        # Issue 11 replaced the gap and pixel limits: a state folder written
+        # before holds other values here and refuses to resume with these.
         settings["link.track"] = [
-            link.track_gap_s,
-            link.track_gap_frames,
+            link.track_idle_frames,
+            link.track_idle_cap_s,
             link.track_memory,
-            link.track_max_move_px,
+            link.track_max_move,
             link.track_move_penalty,
+            link.track_margin,
         ]
+        settings["link.track_stitch"] = None if spec.stitch is None else _stitch_list(spec.stitch)
     return settings
 
 
@@ -174,6 +194,10 @@ def embedder_from_config(config: Config) -> Embedder:
             background=config.input.background_rgb,
         ),
     )
+
+
+def _stitch_list(stitch: Stitch) -> list[float]:
+    return [stitch.threshold, stitch.gap_frames, stitch.max_move, stitch.cap_s]
 
 
 def _gating_list(gating: Gating) -> list[float]:

@@ -265,12 +265,30 @@ class TimeFormat:
 _Centers = tuple[tuple[float, float] | None, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """What one metadata JSON tells: box centres (None for a malformed box) and
+    the frame's (width, height) in pixels, None when absent or not positive."""
+
+    centers: _Centers
+    size: tuple[float, float] | None
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _load_centers(path: Path) -> _Centers | str:
-    """Box centres of one metadata JSON (None for a malformed box), or a problem code."""
+def _frame_size(data: dict[str, object]) -> tuple[float, float] | None:
+    width, height = data.get("image_width"), data.get("image_height")
+    if _is_number(width) and _is_number(height):
+        assert isinstance(width, int | float) and isinstance(height, int | float)
+        if width > 0 and height > 0:
+            return float(width), float(height)
+    return None
+
+
+def _load_frame(path: Path) -> _Frame | str:
+    """Box centres and frame size of one metadata JSON, or a problem code."""
     try:
         with open_text(path) as handle:  # a BOM is not "malformed"
             data = json.load(handle)
@@ -290,7 +308,7 @@ def _load_centers(path: Path) -> _Centers | str:
             centers.append(((x1 + x2) / 2.0, (y1 + y2) / 2.0))
         else:
             centers.append(None)
-    return tuple(centers)
+    return _Frame(tuple(centers), _frame_size(data))
 
 
 # Frames whose parsed boxes stay cached (a frame's crops arrive together, so a
@@ -327,7 +345,7 @@ class MetadataIndex:
         self._by_name: dict[tuple[str, str], set[FrameId]] = {}
         # Parsed boxes of the most recently used frames only: a season's frames
         # would otherwise all stay in memory; a frame read again is re-parsed.
-        self._cache: OrderedDict[FrameId, _Centers | str] = OrderedDict()
+        self._cache: OrderedDict[FrameId, _Frame | str] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -421,31 +439,39 @@ class MetadataIndex:
 
     def center(self, frame: FrameId, index: int) -> tuple[tuple[float, float] | None, str | None]:
         """Return (centre of box ``index`` of ``frame``, None) or (None, problem code)."""
+        center, _, problem = self.box(frame, index)
+        return center, problem
+
+    def box(
+        self, frame: FrameId, index: int
+    ) -> tuple[tuple[float, float] | None, tuple[float, float] | None, str | None]:
+        """(centre of box ``index``, frame (width, height), None), or with a
+        problem code: (None, frame size or None, code)."""
         self._recall(frame)
         with self._lock:
             found = self._resolve(frame)
             if isinstance(found, str):
-                return None, found
+                return None, None, found
             path = self._paths[found]
             cached = self._cache.get(found)
             if cached is not None:
                 self._cache.move_to_end(found)
         if cached is None:
             # Read outside the lock: a slow disk must not block the watcher thread.
-            cached = _load_centers(path)
+            cached = _load_frame(path)
             with self._lock:
                 if self._paths.get(found) == path:
                     self._cache[found] = cached
                     while len(self._cache) > METADATA_CACHE_FRAMES:
                         self._cache.popitem(last=False)
         if isinstance(cached, str):
-            return None, cached
-        if index < 0 or index >= len(cached):
-            return None, BOX_MISSING
-        center = cached[index]
+            return None, None, cached
+        if index < 0 or index >= len(cached.centers):
+            return None, cached.size, BOX_MISSING
+        center = cached.centers[index]
         if center is None:
-            return None, METADATA_MALFORMED
-        return center, None
+            return None, cached.size, METADATA_MALFORMED
+        return center, cached.size, None
 
 
 def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
@@ -484,8 +510,9 @@ def describe_crop(
         if time is None:
             problems.append(TIME_UNPARSED)
     center: tuple[float, float] | None = None
+    size: tuple[float, float] | None = None
     if metadata is not None:
-        center, problem = metadata.center(frame, parsed.index)
+        center, size, problem = metadata.box(frame, parsed.index)
         if problem is not None:
             problems.append(problem)
     crop = Crop(
@@ -495,6 +522,7 @@ def describe_crop(
         crop_index=parsed.index,
         time=time,
         center=center,
+        frame_size=size,
     )
     return crop, tuple(problems)
 

@@ -73,6 +73,8 @@ class Crop:
     ``inode`` are the file's stat when the daemon found it ready and ``content``
     its hash (:func:`crop_clusterd.identity.content_hash`): its identity, which
     the registry of processed files keeps; the batch command leaves them ``None``.
+    ``frame_size`` is the frame's (width, height) in pixels from its metadata
+    (``image_width``, ``image_height``), ``None`` when unknown.
     """
 
     path: Path
@@ -85,6 +87,7 @@ class Crop:
     mtime_ns: int | None = None
     inode: int | None = None
     content: str | None = None
+    frame_size: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,7 +67,8 @@ def restore_linker(linker: Linker, store: StateStore, session: str) -> int:
     if n == 0:
         return 0
     t0 = time.perf_counter()
-    merges = [m.merge for m in store.load_merges(session=session)]
+    history = store.load_merges(session=session)
+    merges = [m.merge for m in history]
     ids = current_clusters(stored.clusters, merges)
     used_index = linker.restore(
         StoredLinks(
@@ -79,11 +80,15 @@ def restore_linker(linker: Linker, store: StateStore, session: str) -> int:
                 # path the same way as at intake, so state folders written before
                 # frames had a trap resume unchanged.
                 tuple(frame_of_path(Path(p)) for p in stored.paths),
+                stored.sizes,
             ),
             cluster_ids=ids,
             batch_numbers=stored.batches,
             index_file=index_path(store.folder, session),
             index_covers=int(store.get_meta(index_covers_key(session)) or 0),
+            # track's checkpoint recorded the ids of its time; later stitches merged some.
+            commit_ids=stored.clusters,
+            merges=tuple((m.batch, m.merge) for m in history),
         )
     )
     # After the restore: track's replay must see the embeddings its stored ids came from.

@@ -65,6 +65,7 @@ class StoredCrops:
     crop_indexes: tuple[int | None, ...]
     times: npt.NDArray[np.float64]
     centers: npt.NDArray[np.float64]
+    sizes: npt.NDArray[np.float64]
     batches: npt.NDArray[np.int64]
     clusters: npt.NDArray[np.int64]
     vectors: npt.NDArray[np.float32]
@@ -312,8 +313,8 @@ class StateStore:
                 )
             self._db.executemany(
                 "INSERT INTO crops(seq, path, size, mtime_ns, inode, content, frame, crop_index, "
-                "time, cx, cy, batch, cluster, added, vector, session, local) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "time, cx, cy, batch, cluster, added, vector, session, local, fw, fh) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             self._db.executemany(
@@ -506,7 +507,7 @@ class StateStore:
         order = "seq" if session is None else "local"
         cursor = self._db.execute(
             "SELECT seq, local, path, frame, crop_index, time, cx, cy, batch, cluster, "
-            f"{blob_column} FROM crops WHERE {where} ORDER BY {order}",
+            f"{blob_column}, fw, fh FROM crops WHERE {where} ORDER BY {order}",
             args,
         )
         for i, row in enumerate(cursor):
@@ -518,7 +519,7 @@ class StateStore:
                 )
             if dim:
                 matrix[i] = np.frombuffer(blob, dtype=np.float32)
-            scalars.append(row[:10])
+            scalars.append((*row[:10], None, *row[11:]))  # not the blob
         if len(scalars) != n:
             raise StateError(f"state database {self.path} changed while it was read")
         return _stored_crops(scalars, matrix)
@@ -639,6 +640,10 @@ def _stored_crops(scalars: list[tuple[Any, ...]], vectors: npt.NDArray[np.float3
         centers=np.array(
             [(nan, nan) if r[6] is None else (r[6], r[7]) for r in scalars], dtype=np.float64
         ).reshape(n, 2),
+        sizes=np.array(
+            [(nan, nan) if r[11] is None or r[12] is None else (r[11], r[12]) for r in scalars],
+            dtype=np.float64,
+        ).reshape(n, 2),
         batches=np.array([r[8] for r in scalars], dtype=np.int64),
         clusters=np.array([r[9] for r in scalars], dtype=np.int64),
         vectors=vectors,
@@ -679,6 +684,7 @@ def _crop_row(c: CommittedCrop, batch: int, at: float, session: str) -> tuple[ob
     """One crops-table row of a committed crop (see the INSERT in ``commit_batch``)."""
     crop = c.item.crop
     center = crop.center if crop.center is not None else (None, None)
+    size = crop.frame_size if crop.frame_size is not None else (None, None)
     return (
         c.seq,
         crop.name,
@@ -697,4 +703,6 @@ def _crop_row(c: CommittedCrop, batch: int, at: float, session: str) -> tuple[ob
         np.ascontiguousarray(c.item.vector, dtype=np.float32).tobytes(),
         session,
         c.seq if c.local is None else c.local,
+        size[0],
+        size[1],
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 # The crops table, written once: the schema creates it, the migration rebuilds it.
 _CROPS_TABLE = """
@@ -125,4 +125,14 @@ CREATE TABLE sessions (
 INSERT INTO sessions(id, opened) SELECT 'all', min(added) FROM crops HAVING count(*) > 0;
 UPDATE meta SET value = '3' WHERE key = 'schema';
 """
-MIGRATIONS = {"1": _MIGRATE_1_TO_2, "2": _MIGRATE_2_TO_3}
+
+# Version 3 -> 4: each crop's frame size (image_width, image_height of its
+# metadata, pixels; issue 11), so a restart's replay or checkpoint sees the move
+# limits the linker used. Old rows get NULL: unknown, as they were then (track
+# estimates the diagonal from the boxes).
+_MIGRATE_3_TO_4 = """
+ALTER TABLE crops ADD COLUMN fw REAL;
+ALTER TABLE crops ADD COLUMN fh REAL;
+UPDATE meta SET value = '4' WHERE key = 'schema';
+"""
+MIGRATIONS = {"1": _MIGRATE_1_TO_2, "2": _MIGRATE_2_TO_3, "3": _MIGRATE_3_TO_4}

@@ -480,20 +480,48 @@ def test_schema_defaults_come_from_defaults_module() -> None:
         defaults.NEAR_WINDOW_S,
         defaults.ANY_WINDOW_S,
     )
-    assert (link.track_gap_s, link.track_gap_frames, link.track_memory) == (
-        defaults.TRACK_GAP_S,
-        defaults.TRACK_GAP_FRAMES,
+    assert (link.track_idle_frames, link.track_idle_cap_s, link.track_memory) == (
+        defaults.TRACK_IDLE_FRAMES,
+        defaults.TRACK_IDLE_CAP_S,
         defaults.TRACK_MEMORY,
     )
-    assert (link.track_max_move_px, link.track_move_penalty) == (
-        defaults.TRACK_MAX_MOVE_PX,
+    assert (link.track_max_move, link.track_move_penalty, link.track_margin) == (
+        defaults.TRACK_MAX_MOVE,
         defaults.TRACK_MOVE_PENALTY,
+        defaults.TRACK_MARGIN,
+    )
+    assert (
+        link.track_stitch_threshold,
+        link.track_stitch_gap_frames,
+        link.track_stitch_max_move,
+        link.track_stitch_cap_s,
+    ) == (
+        defaults.STITCH_THRESHOLD,
+        defaults.STITCH_GAP_FRAMES,
+        defaults.STITCH_MAX_MOVE,
+        defaults.STITCH_CAP_S,
     )
     assert (link.hnsw_m, link.hnsw_ef_construction, link.hnsw_ef_search) == (
         defaults.HNSW_M,
         defaults.HNSW_EF_CONSTRUCTION,
         defaults.HNSW_EF_SEARCH,
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "new"),
+    [
+        ("track_gap_s", "link.track_idle_cap_s"),
+        ("track_gap_frames", "link.track_idle_frames"),
+        ("track_max_move_px", "link.track_max_move"),
+    ],
+)
+def test_replaced_track_keys_are_refused_naming_their_replacement(key: str, new: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"link": {"method": "track", key: 300}})
+    message = str(err.value)
+    assert f"link.{key}: no longer a setting; use {new}" in message
+    assert "unknown" not in message  # one clear message, not also an unknown-key one
 
 
 def test_method_choices_are_the_engines_methods() -> None:

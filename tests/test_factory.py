@@ -15,6 +15,7 @@ import pytest
 from fakes import ColourEmbedder, write_png
 from structlog.testing import capture_logs
 
+from crop_clusterd import defaults
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.config import Config, parse_config
 from crop_clusterd.embed import register, unregister
@@ -71,7 +72,7 @@ def test_a_config_setting_reaches_the_batch_and_the_daemon_linker(tmp_path: Path
         "gating": [100.0, 123.0, 30.0],
         "motion": None,
         "hnsw": [32, 100, 77],
-        "track": [300.0, 150, 5],
+        "track": [defaults.TRACK_IDLE_FRAMES, defaults.TRACK_IDLE_CAP_S, 5, defaults.TRACK_MARGIN],
     }
     for logs in (batch_logs, daemon_logs):
         events = built(logs)
@@ -102,8 +103,26 @@ def test_state_settings_keep_their_keys_and_values() -> None:
     assert gated["metadata.enabled"] is True
     assert gated["link.gating"] == [100.0, 300.0, 30.0]
     track = state_settings(parse_config({"link": {"method": "track"}}))
-    assert track["link.threshold"] == 0.65
-    assert track["link.track"] == [300.0, 150, 3, 300.0, 0.3]
+    assert track["link.threshold"] == defaults.TRACK_THRESHOLDS["efficientnet-lite0"]
+    assert track["link.track"] == [
+        defaults.TRACK_IDLE_FRAMES,
+        defaults.TRACK_IDLE_CAP_S,
+        defaults.TRACK_MEMORY,
+        defaults.TRACK_MAX_MOVE,
+        defaults.TRACK_MOVE_PENALTY,
+        defaults.TRACK_MARGIN,
+    ]
+    # Stitching needs positions: off without metadata, recorded with it.
+    assert track["link.track_stitch"] is None
+    placed = state_settings(
+        parse_config({"link": {"method": "track"}, "metadata": {"enabled": True}})
+    )
+    assert placed["link.track_stitch"] == [
+        defaults.STITCH_THRESHOLD,
+        defaults.STITCH_GAP_FRAMES,
+        defaults.STITCH_MAX_MOVE,
+        defaults.STITCH_CAP_S,
+    ]
     assert "link.gating" not in track
     assert "embed.preprocess" not in track
 
@@ -117,9 +136,10 @@ def test_a_dino_state_folder_records_its_square_padding() -> None:
 
 def test_spec_resolves_auto_threshold_and_motion() -> None:
     spec = linker_spec(parse_config({"link": {"method": "track"}, "metadata": {"enabled": True}}))
-    assert spec.threshold == 0.65
+    assert spec.threshold == defaults.TRACK_THRESHOLDS["efficientnet-lite0"]
     assert spec.gating is None
-    assert spec.motion is not None and (spec.motion.max_move_px, spec.motion.penalty) == (
-        300.0,
-        0.3,
+    assert spec.motion is not None and (spec.motion.max_move, spec.motion.penalty) == (
+        defaults.TRACK_MAX_MOVE,
+        defaults.TRACK_MOVE_PENALTY,
     )
+    assert spec.stitch is not None and spec.stitch.threshold == defaults.STITCH_THRESHOLD

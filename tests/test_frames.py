@@ -341,9 +341,9 @@ def test_track_matches_only_tracks_of_the_frame_s_trap(timed: bool) -> None:
             tuple(fr(names[i % n], traps[i // n]) for i in range(len(rows))),
         )
 
-    alone = TrackLinker(0.9, Motion(), gap_frames=1)
+    alone = TrackLinker(0.9, Motion(), idle_frames=1)
     alone.add(batch(["A"]))
-    both = TrackLinker(0.9, Motion(), gap_frames=1)
+    both = TrackLinker(0.9, Motion(), idle_frames=1)
     both.add(batch(["A", "B"]))
     n = len(emb)
     ids = both.cluster_ids()

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from oracles import cosine_oracle, partition
 from structlog.testing import capture_logs
 
+from crop_clusterd import defaults
 from crop_clusterd.linking import (
     CosineLinker,
     Gating,
     HnswParams,
     LinkBatch,
     Motion,
+    Stitch,
     StoredLinks,
     TrackLinker,
     make_linker,
@@ -349,7 +351,7 @@ def trap_sessions(draw: st.DrawFn) -> tuple[LinkBatch, float, int]:
     emb, times, names, centers = [], [], [], []
     for f in range(frames):
         present = rng.permutation(n_ind)[: rng.integers(0, n_ind + 1)]
-        # Individuals drift, and now and then hop further than max_move_px.
+        # Individuals drift, and now and then hop further than the move limit.
         position += (
             rng.normal(0, 40, position.shape) * np.where(rng.random(n_ind) < 0.1, 5, 1)[:, None]
         )
@@ -368,22 +370,31 @@ def trap_sessions(draw: st.DrawFn) -> tuple[LinkBatch, float, int]:
 
 
 @settings(max_examples=120, deadline=None)
-@given(session=trap_sessions(), gated=st.booleans())
+@given(
+    session=trap_sessions(),
+    gated=st.booleans(),
+    stitch=st.sampled_from([None, Stitch(), Stitch(0.5, gap_frames=4, max_move=0.3)]),
+    margin=st.sampled_from([0.0, defaults.TRACK_MARGIN]),
+)
 def test_track_invariants_and_incremental_equals_batch(
-    session: tuple[LinkBatch, float, int], gated: bool
+    session: tuple[LinkBatch, float, int], gated: bool, stitch: Stitch | None, margin: float
 ) -> None:
     batch, threshold, _ = session
-    motion = Motion(max_move_px=150.0) if gated else None
-    whole = TrackLinker(threshold, motion)
+    # Positions lie within 600 px: the diagonal estimate is its 1,000 px floor.
+    motion = Motion(max_move=0.15) if gated else None
+    options = {"idle_frames": 2, "stitch": stitch, "margin": margin}
+    whole = TrackLinker(threshold, motion, **options)  # type: ignore[arg-type]
     whole.add(batch)
     ids = whole.cluster_ids()
 
-    # Frames arriving one at a time, in time order, give the batch result.
-    live = TrackLinker(threshold, motion)
+    # Frames arriving one at a time, in time order, give the batch result, and
+    # the merges reported on the way lead every id given out to the final one.
+    live = TrackLinker(threshold, motion, **options)  # type: ignore[arg-type]
     frames = batch.frames
+    given_out: dict[int, int] = {}
     for frame in dict.fromkeys(frames):
         idx = [i for i, f in enumerate(frames) if f == frame]
-        live.add(
+        result = live.add(
             LinkBatch(
                 batch.embeddings[idx].copy(),
                 batch.times[idx],
@@ -391,15 +402,21 @@ def test_track_invariants_and_incremental_equals_batch(
                 tuple(frames[i] for i in idx),
             )
         )
+        for merge in result.merges:
+            given_out = {s: merge.into_cluster if c == merge.from_cluster else c
+                         for s, c in given_out.items()}  # fmt: skip
+        given_out.update(zip(idx, live.cluster_of(np.array(idx)).tolist(), strict=True))
     assert live.cluster_ids().tolist() == ids.tolist()
+    assert [given_out[i] for i in range(len(ids))] == ids.tolist()
 
     # Never two crops of one frame in one cluster; ids are the smallest member.
     for cluster in set(ids.tolist()):
         members = np.nonzero(ids == cluster)[0]
         assert members.min() == cluster
         assert len({frames[m] for m in members}) == len(members)
-    # Each crop that continued a cluster is similar enough to some earlier member.
-    for seq in range(len(batch)):
+    # Each crop that continued a cluster is similar enough to some earlier member
+    # (a stitch joins tracklets by their mean embeddings instead).
+    for seq in range(len(batch)) if stitch is None else ():
         earlier = [m for m in np.nonzero(ids == ids[seq])[0] if m < seq]
         if earlier:
             sims = pair_cosine(batch.embeddings, np.full(len(earlier), seq), np.array(earlier))
@@ -426,20 +443,23 @@ def test_track_prefers_the_nearer_of_two_equally_similar_clusters() -> None:
     emb = np.repeat(v[None, :], 3, axis=0)
     centers = np.array([[0.0, 0.0], [250.0, 0.0], [240.0, 5.0]])
     frames = fids("f0", "f0", "f1")
-    linker = TrackLinker(0.9, Motion(max_move_px=300.0, penalty=0.3))
+    linker = TrackLinker(0.9, Motion(max_move=0.3, penalty=0.3), margin=0.0)
     linker.add(LinkBatch(emb, np.array([0.0, 0.0, 2.0]), centers, frames))
     assert linker.cluster_ids().tolist() == [0, 1, 1]
     # Without positions the tie goes to the first cluster; the motion term decided.
-    blind = TrackLinker(0.9, None)
+    blind = TrackLinker(0.9, None, margin=0.0)
     blind.add(LinkBatch(emb.copy(), np.array([0.0, 0.0, 2.0]), centers, frames))
     assert blind.cluster_ids().tolist() == [0, 1, 0]
 
 
 def test_track_never_continues_beyond_max_move() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
-    linker = TrackLinker(0.9, Motion(max_move_px=100.0))
-    for f, x in enumerate((0.0, 90.0, 300.0)):
-        linker.add(LinkBatch(v.copy(), np.array([2.0 * f]), np.array([[x, 0.0]]), (fr(f"f{f}"),)))
+    # A 1,000 x 1,000 frame: a diagonal of 1,414 px, a move limit of 141 px.
+    linker = TrackLinker(0.9, Motion(max_move=0.1), stitch=None)
+    size = np.array([[1000.0, 1000.0]])
+    for f, x in enumerate((0.0, 130.0, 300.0)):
+        centre = np.array([[x, 0.0]])
+        linker.add(LinkBatch(v.copy(), np.array([2.0 * f]), centre, (fr(f"f{f}"),), size))
     assert linker.cluster_ids().tolist() == [0, 0, 2]
 
 
@@ -450,7 +470,7 @@ def test_track_compares_with_the_latest_crops_not_only_the_last() -> None:
     frames = fids("f0", "f1", "f2")
     times = np.array([0.0, 2.0, 4.0])
     for memory, expected in ((1, [0, 0, 2]), (3, [0, 0, 0])):
-        linker = TrackLinker(0.55, None, memory=memory)
+        linker = TrackLinker(0.55, None, memory=memory, margin=0.0)
         # A low threshold lets the blurred crop continue the cluster; a strict one
         # for the sharp crop after it: only memory reaches back past the blur.
         linker.add(LinkBatch(emb[:2].copy(), times[:2], np.zeros((2, 2)), frames[:2]))
@@ -459,9 +479,9 @@ def test_track_compares_with_the_latest_crops_not_only_the_last() -> None:
         assert linker.cluster_ids().tolist() == expected, memory
 
 
-def test_track_cluster_expires_after_the_gap() -> None:
+def test_track_cluster_expires_after_the_idle_cap() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
-    linker = TrackLinker(0.9, None, gap_s=300.0)
+    linker = TrackLinker(0.9, None, idle_cap_s=300.0, stitch=None)
     for t in (0.0, 300.0, 601.0):
         linker.add(LinkBatch(v.copy(), np.array([t]), np.zeros((1, 2)), (fr(f"f{t}"),)))
     assert linker.cluster_ids().tolist() == [0, 0, 2]
@@ -469,7 +489,7 @@ def test_track_cluster_expires_after_the_gap() -> None:
 
 def test_track_without_times_counts_frames() -> None:
     v = np.array([[1.0, 0.0]], dtype=np.float32)
-    linker = TrackLinker(0.9, None, gap_frames=2, memory=1)
+    linker = TrackLinker(0.9, None, idle_frames=2, memory=1)
     emb = np.repeat(v, 5, axis=0)
     frames = fids("a", "b", "c", "d", "e")
     # a, then nothing matching for two frames (other crops), then e

@@ -207,7 +207,8 @@ def test_a_state_from_before_sessions_resumes_as_one_session_with_split_none(
     version_2_state(tmp_path, config)
     with StateStore(tmp_path) as store:
         store.check_settings(state_settings(config))  # accepted
-        assert store.get_meta("schema") == "3"
+        assert store.get_meta("schema") == "4"
+        assert np.isnan(store.load_crops(session="all").sizes).all()  # unknown: NULL
         old = store.load_crops(session="all")
         assert old.locals.tolist() == old.seqs.tolist() == [0, 1, 2]
         assert [m.merge.from_cluster for m in store.load_merges(session="all")] == [1]

@@ -22,11 +22,13 @@ in one go, so the live daemon and the batch command cannot disagree.
 
 ``track`` (one individual appears at most once per frame; :mod:`.track`)
     Frames are processed in time order; each frame's crops are matched
-    one-to-one to the clusters still active (seen within ``track_gap_s``, or
-    ``track_gap_frames`` frames for crops without a time) by an optimal
-    assignment that maximises the summed similarity to each cluster's most
-    recent crop. Pairs below the threshold (or without gating support) are
-    never matched; unmatched crops start new clusters. Two crops of one frame
+    one-to-one to the tracks still active (seen within ``track_idle_frames``
+    frames of their trap and ``track_idle_cap_s`` seconds) by an optimal
+    assignment; a match scores its similarity minus a move penalty minus a
+    margin and is made only when that is positive. Pairs below the threshold
+    or beyond the move limit (a fraction of the frame diagonal) are never
+    matched; unmatched crops start new tracks. A second pass stitches
+    tracklets (:mod:`.stitch`): a stitch is a merge. Two crops of one frame
     never share a cluster.
 
 Cluster ids: every crop gets a sequence number in arrival order (the batch
@@ -49,6 +51,7 @@ from .base import (
     LinkBatch,
     Linker,
     Motion,
+    Stitch,
     StoredLinks,
 )
 from .cosine import CosineLinker
@@ -71,6 +74,7 @@ __all__ = [
     "Linker",
     "Motion",
     "Pairs",
+    "Stitch",
     "StoredLinks",
     "TrackLinker",
     "accept",
@@ -86,20 +90,30 @@ def make_linker(
     threshold: float,
     gating: Gating | None = None,
     *,
-    gap_s: float = defaults.TRACK_GAP_S,
-    gap_frames: int = defaults.TRACK_GAP_FRAMES,
+    idle_frames: int = defaults.TRACK_IDLE_FRAMES,
+    idle_cap_s: float = defaults.TRACK_IDLE_CAP_S,
     memory: int = defaults.TRACK_MEMORY,
+    margin: float = defaults.TRACK_MARGIN,
     motion: Motion | None = None,
+    stitch: Stitch | None = Stitch(),  # noqa: B008 - frozen, shared safely
     hnsw: HnswParams | None = None,
 ) -> Linker:
     """Create the linker for a method name (one of :data:`METHODS`).
 
-    ``gating`` and ``hnsw`` apply to ``cosine``; ``motion``, ``gap_s``,
-    ``gap_frames`` and ``memory`` to ``track``. Raises :class:`ValueError` for
-    an unknown method or an invalid setting.
+    ``gating`` and ``hnsw`` apply to ``cosine``; ``motion``, ``idle_frames``,
+    ``idle_cap_s``, ``memory``, ``margin`` and ``stitch`` to ``track``.
+    Raises :class:`ValueError` for an unknown method or an invalid setting.
     """
     if method == "cosine":
         return CosineLinker(threshold, gating, hnsw)
     if method == "track":
-        return TrackLinker(threshold, motion, gap_s=gap_s, gap_frames=gap_frames, memory=memory)
+        return TrackLinker(
+            threshold,
+            motion,
+            idle_frames=idle_frames,
+            idle_cap_s=idle_cap_s,
+            memory=memory,
+            margin=margin,
+            stitch=stitch,
+        )
     raise ValueError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")

@@ -66,14 +66,53 @@ class Gating:
 class Motion:
     """How far an individual moves between its crops, for ``track``.
 
-    A crop may continue a cluster only within ``max_move_px`` of the cluster's
-    last box centre, and the assignment prefers near clusters: a match scores
-    its similarity minus ``penalty * min(distance / max_move_px, 1)``. A crop
-    or cluster without a known position may match at the full penalty.
+    ``max_move`` is a fraction of the frame's diagonal (frames range from
+    1,000 to 4,000+ px wide, so a limit in pixels fits none of them): a crop
+    may continue a cluster only within ``max_move * diagonal`` of the
+    cluster's last box centre, and a match scores its similarity minus
+    ``penalty * min(distance / (max_move * diagonal), 1)``. A crop or cluster
+    without a known position may match at the full penalty. ValueError when
+    ``max_move`` is not in (0, 1] or ``penalty`` is negative.
     """
 
-    max_move_px: float = defaults.TRACK_MAX_MOVE_PX
+    max_move: float = defaults.TRACK_MAX_MOVE
     penalty: float = defaults.TRACK_MOVE_PENALTY
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_move <= 1.0:
+            raise ValueError(f"max_move is a fraction of the frame diagonal, got {self.max_move}")
+        if self.penalty < 0.0:
+            raise ValueError(f"move penalty must be >= 0, got {self.penalty}")
+
+
+@dataclass(frozen=True, slots=True)
+class Stitch:
+    """When ``track`` joins two tracklets of one trap (its second pass).
+
+    Two tracklets are joined when the cosine similarity of their prototypes
+    (the normalised mean of their crops' embeddings) is at least ``threshold``
+    (stricter than a single crop's) and either one starts at most
+    ``gap_frames`` frames of the trap (and ``cap_s`` seconds) after the other
+    ended, within ``max_move`` (fraction of the frame diagonal) of where it
+    ended, or the two overlap in time, never share a frame and their mean
+    positions are within ``max_move`` of each other (the blurred half of one
+    insect). Tracklets without a known position are never stitched.
+    ValueError for a threshold outside [-1, 1], a negative gap or cap, or a
+    ``max_move`` outside (0, 1].
+    """
+
+    threshold: float = defaults.STITCH_THRESHOLD
+    gap_frames: int = defaults.STITCH_GAP_FRAMES
+    max_move: float = defaults.STITCH_MAX_MOVE
+    cap_s: float = defaults.STITCH_CAP_S
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"stitch threshold must be within [-1, 1], got {self.threshold}")
+        if self.gap_frames < 0 or self.cap_s < 0:
+            raise ValueError("stitch gap_frames and cap_s must be >= 0")
+        if not 0.0 < self.max_move <= 1.0:
+            raise ValueError(f"stitch max_move is a fraction of the diagonal, got {self.max_move}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +156,16 @@ class LinkBatch:
     ``embeddings`` float32 n x d, L2-normalised; ``times`` seconds (NaN unknown);
     ``centers`` n x 2 pixels (NaN unknown); ``frames`` the flat-bug frame of
     each crop (None when the name is not a flat-bug name; all such crops count
-    as one trap of their own, see :attr:`CropColumns.traps`). Raises
-    :class:`ValueError` when the shapes disagree.
+    as one trap of their own, see :attr:`CropColumns.traps`); ``sizes`` n x 2
+    the frame's width and height in pixels (NaN unknown; None: all unknown).
+    Raises :class:`ValueError` when the shapes disagree.
     """
 
     embeddings: npt.NDArray[np.float32]
     times: FloatArray
     centers: FloatArray
     frames: tuple[FrameId | None, ...]
+    sizes: FloatArray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.embeddings)
@@ -132,6 +173,16 @@ class LinkBatch:
             raise ValueError("embeddings must be a float32 n x d array")
         if self.times.shape != (n,) or self.centers.shape != (n, 2) or len(self.frames) != n:
             raise ValueError("times, centers and frames must have one entry per embedding")
+        if self.sizes is None:
+            object.__setattr__(self, "sizes", np.full((n, 2), np.nan))
+        elif np.shape(self.sizes) != (n, 2):
+            raise ValueError("sizes must have one (width, height) per embedding")
+
+    @property
+    def frame_sizes(self) -> FloatArray:
+        """``sizes``, never None (n x 2 pixels, NaN unknown)."""
+        assert self.sizes is not None  # filled in by __post_init__
+        return self.sizes
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -143,6 +194,7 @@ class LinkBatch:
             self.times[rows],
             self.centers[rows],
             tuple(self.frames[i] for i in rows),
+            self.frame_sizes[rows],
         )
 
     @classmethod
@@ -174,7 +226,10 @@ class LinkBatch:
             ],
             dtype=np.float64,
         ).reshape(n, 2)
-        return cls(embeddings, times, centers, tuple(item.crop.frame for item in items))
+        sizes = np.array(
+            [item.crop.frame_size or (np.nan, np.nan) for item in items], dtype=np.float64
+        ).reshape(n, 2)
+        return cls(embeddings, times, centers, tuple(item.crop.frame for item in items), sizes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +248,10 @@ class StoredLinks:
     their current cluster ids (n, the smallest member's sequence number);
     ``batch_numbers`` the micro-batch each crop was committed in (n,
     non-decreasing); ``index_file`` the saved HNSW index, if any, and
-    ``index_covers`` how many of the first crops it holds (0: none). Raises
+    ``index_covers`` how many of the first crops it holds (0: none).
+    ``commit_ids`` (n, the id each crop got at its commit) and ``merges``
+    (batch number, merge) in commit order are the history :meth:`ids_at`
+    reads; without them the ids are taken to have never changed. Raises
     :class:`ValueError` when the columns disagree in length.
     """
 
@@ -202,12 +260,35 @@ class StoredLinks:
     batch_numbers: IntArray
     index_file: Path | None = None
     index_covers: int = 0
+    commit_ids: IntArray | None = None
+    merges: tuple[tuple[int, Merge], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.cluster_ids) != len(self.batch):
             raise ValueError("one cluster id per stored crop is needed")
         if len(self.batch_numbers) != len(self.batch):
             raise ValueError("one batch number per stored crop is needed")
+        if self.commit_ids is not None and len(self.commit_ids) != len(self.batch):
+            raise ValueError("one commit id per stored crop is needed")
+
+    def ids_at(self, m: int) -> IntArray:
+        """The first ``m`` crops' cluster ids as they were right after their last
+        micro-batch was committed (a checkpoint written then recorded these)."""
+        if self.commit_ids is None or m == 0:
+            return self.cluster_ids[:m]
+        last = self.batch_numbers[m - 1]
+        parent = self.commit_ids[:m].astype(np.int64, copy=True)
+        for batch, merge in self.merges:
+            if batch > last:
+                break
+            if merge.from_cluster < m:
+                parent[merge.from_cluster] = merge.into_cluster
+        # As store.current_clusters: each merge re-pointed a root; follow the pointers.
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -241,6 +322,7 @@ class CropColumns:
         self.embeddings: npt.NDArray[np.float32] = np.empty((0, 0), dtype=np.float32)
         self.times: FloatArray = np.empty(0)
         self.centers: FloatArray = np.empty((0, 2))
+        self.sizes: FloatArray = np.empty((0, 2))
         self.frames: list[FrameId | None] = []
         # Trap of each crop as a small int (0: crops without a flat-bug frame),
         # so the linkers can refuse cross-trap pairs with one vectorised compare.
@@ -286,6 +368,7 @@ class CropColumns:
             self.embeddings = batch.embeddings
             self.times = batch.times.copy()
             self.centers = batch.centers.copy()
+            self.sizes = batch.frame_sizes.copy()
             self.traps = np.empty(n_new, dtype=np.int64)
         else:
             if self.n == 0:
@@ -299,6 +382,7 @@ class CropColumns:
             self.embeddings[start : start + n_new] = batch.embeddings
             self.times[start : start + n_new] = batch.times
             self.centers[start : start + n_new] = batch.centers
+            self.sizes[start : start + n_new] = batch.frame_sizes
         self.frames.extend(batch.frames)
         codes = self._trap_codes
         for i, frame in enumerate(batch.frames):
@@ -313,7 +397,7 @@ class CropColumns:
             return
         grow = 2 * capacity if self._file is not None else capacity + capacity // 4
         new_capacity = max(needed, grow, 1024)
-        names = ["times", "centers", "traps"]
+        names = ["times", "centers", "sizes", "traps"]
         if self._file is not None:
             self.embeddings = self._map(new_capacity)
         else:

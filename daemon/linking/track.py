@@ -1,17 +1,27 @@
 """``track``: one individual appears at most once per frame.
 
 Frames are processed in time order; each frame's crops are matched one-to-one
-to the clusters still active (seen within ``gap_s``, or ``gap_frames`` frames
-for crops without a time) by an optimal assignment that maximises the summed
-similarity to each cluster's most recent crops. Pairs below the threshold (or
-out of :class:`~crop_clusterd.linking.base.Motion` reach) are never matched;
-unmatched crops start new clusters. Two crops of one frame never share a
-cluster, and clusters never merge.
+to the tracks of its trap still active (seen within ``idle_frames`` frames of
+that trap and ``idle_cap_s`` seconds) by an optimal assignment. A match scores
+its similarity to the track's most recent crops minus the move penalty minus
+``margin`` and is made only when that is positive, i.e. better than starting a
+new track; pairs below the threshold or beyond the move limit (a fraction of
+the frame diagonal, :class:`~crop_clusterd.linking.base.Motion`) are never
+matched. Unmatched crops start new tracks. Two crops of one frame never share
+a cluster.
+
+A second pass (:mod:`.stitch`) joins tracklets once their window has passed:
+a stitch is a merge, reported in :attr:`AddResult.merges`.
+
+The frame diagonal is the frame's own (``image_width``, ``image_height`` of
+its metadata); without one it is estimated as the diagonal of the smallest
+frame from the origin that holds every box centre seen in the trap so far, at
+least :data:`~crop_clusterd.defaults.TRACK_MIN_DIAGONAL_PX`.
 
 A frame is flat-bug's (name, identifier and trap folder: :class:`FrameId`), and
 each trap is tracked on its own: a frame's crops are matched only to tracks of
-its trap, and the frame counts for ``gap_frames`` only in its trap, so a trap's
-clusters do not depend on another trap's files.
+its trap, and the frame counts for ``idle_frames`` only in its trap, so a
+trap's clusters do not depend on another trap's files.
 
 A restart resumes from a checkpoint (:mod:`.trackstate`, written by
 :meth:`TrackLinker.save`) and replays only the micro-batches committed after
@@ -22,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,68 +41,86 @@ from scipy.optimize import linear_sum_assignment
 from .. import defaults
 from ..atomic import remove_stale_temp_files
 from ..log import get_logger
-from ..records import FrameId, TrapId
-from .base import AddResult, FloatArray, IntArray, LinkBatch, Linker, Motion, StoredLinks
+from ..records import FrameId, Merge, TrapId
+from .base import AddResult, IntArray, LinkBatch, Linker, Motion, Stitch, StoredLinks
 from .exact import pair_cosine
+from .stitch import Tracklet, Unions, partner
 from .trackstate import CheckpointError, TrackCheckpoint, checkpoint_path, digest
 
 log = get_logger(__name__)
 
 
 class TrackLinker(Linker):
-    """Frame-by-frame one-to-one matching of crops to active clusters.
+    """Frame-by-frame one-to-one matching of crops to active tracks, then stitching.
 
-    ``motion`` (used when crops have box positions) limits and scores how far a
-    cluster may move; ``gap_s`` (seconds) and ``gap_frames`` are how long a
-    cluster stays active; ``memory`` (>= 1, ValueError otherwise) is how many of
-    a cluster's latest crops a new crop is compared with.
+    ``motion`` (used when crops have box positions) limits and scores how far
+    a track may move; ``idle_frames`` (frames of the track's trap) and
+    ``idle_cap_s`` (seconds, when both times are known) are how long a track
+    stays active; ``margin`` is what a match must score above (see the
+    module); ``memory`` (>= 1) is how many of a track's latest crops a new
+    crop is compared with; ``stitch`` the second pass (None: off).
+    ValueError for a memory below 1 or a negative idle limit.
     """
 
     def __init__(
         self,
         threshold: float,
         motion: Motion | None = None,
-        gap_s: float = defaults.TRACK_GAP_S,
-        gap_frames: int = defaults.TRACK_GAP_FRAMES,
+        *,
+        idle_frames: int = defaults.TRACK_IDLE_FRAMES,
+        idle_cap_s: float = defaults.TRACK_IDLE_CAP_S,
         memory: int = defaults.TRACK_MEMORY,
+        margin: float = defaults.TRACK_MARGIN,
+        stitch: Stitch | None = Stitch(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         super().__init__(threshold, None)
         if memory < 1:
             raise ValueError(f"memory must be at least 1, got {memory}")
+        if idle_frames < 0 or idle_cap_s < 0:
+            raise ValueError("idle_frames and idle_cap_s must be >= 0")
         self.motion = motion
-        self.gap_s = gap_s
-        self.gap_frames = gap_frames
+        self.idle_frames = idle_frames
+        self.idle_cap_s = idle_cap_s
         self.memory = memory
+        self.margin = margin
+        self.stitch = stitch
+        # A tracklet closes (is stitched or not, then forgotten) this many
+        # frames after its last crop: past its idle limit and stitch window.
+        self.window = max(idle_frames, stitch.gap_frames if stitch else 0)
         self._track_of: IntArray = np.empty(0, dtype=np.int64)
-        self._tracks: list[_Track] = []
-        # Per trap code (CropColumns.traps): track numbers that may still match,
-        # and how many frames of that trap were matched so far.
-        self._active: dict[int, list[int]] = {}
+        self._tracks: list[Tracklet] = []
+        self._unions = Unions()
+        # Per trap code (CropColumns.traps): open tracklets in creation order,
+        # frames matched so far, and the box-centre extent (diagonal estimate).
+        self._open: dict[int, list[int]] = {}
         self._frame_ordinal: dict[int, int] = {}
+        self._extent: dict[int, np.ndarray[Any, np.dtype[np.float64]]] = {}
+        self._merges: list[Merge] = []
+        self._published = 0
         self._stale_cleared = False  # temp files of a killed save, cleared once
 
     def add(self, batch: LinkBatch) -> AddResult:
-        """Match the batch's frames, in time order, to the active clusters."""
+        """Match the batch's frames, in time order; report the stitches as merges."""
         seqs = self._cols.append(batch)
         if len(self._track_of) < self._cols.n:
             grown = np.full(max(self._cols.n, 2 * len(self._track_of), 1024), -1, dtype=np.int64)
             grown[: len(self._track_of)] = self._track_of
             self._track_of = grown
+        self._merges = []
+        self._published = seqs.start
         for frame_seqs in self._frames_in_order(seqs):
             self._match_frame(frame_seqs)
-        return AddResult(seqs)
+        return AddResult(seqs, tuple(self._merges))
 
     def cluster_ids(self) -> IntArray:
         """Cluster id (smallest member's sequence number) of every crop."""
-        tracks = self._track_of[: self._cols.n]
-        first = np.array([t.first_seq for t in self._tracks], dtype=np.int64)
-        return first[tracks] if len(first) else np.empty(0, dtype=np.int64)
+        cid = np.array(self._unions.cluster_ids(), dtype=np.int64)
+        return cid[self._track_of[: self._cols.n]] if len(cid) else np.empty(0, dtype=np.int64)
 
     def cluster_of(self, seqs: IntArray) -> IntArray:
-        """Cluster id of the given crops (track clusters never merge)."""
-        return np.array(
-            [self._tracks[int(self._track_of[int(s)])].first_seq for s in seqs], dtype=np.int64
-        )
+        """Current cluster id of the given crops."""
+        u = self._unions
+        return np.array([u.cid[u.find(int(self._track_of[int(s)]))] for s in seqs], np.int64)
 
     # -- persistence (the daemon's state folder) -------------------------------------
 
@@ -101,7 +128,7 @@ class TrackLinker(Linker):
         """Write a checkpoint (see :mod:`.trackstate`) beside ``path``, atomically.
 
         The file is :func:`checkpoint_path` of ``path``; its size depends on the
-        active tracks, not on the crops before them. Returns how many crops it
+        open tracklets, not on the crops before them. Returns how many crops it
         covers (all held; 0 and nothing written when none). OSError on failure.
         """
         if self._cols.n == 0:
@@ -119,7 +146,7 @@ class TrackLinker(Linker):
         The checkpoint beside ``stored.index_file`` is used when it was written
         with these settings, covers a prefix of the stored crops that ends
         between two micro-batches, and agrees with them (the covered crops'
-        cluster ids, the latest crops of its active tracks). Only the
+        cluster ids, the latest crops of its open tracklets). Only the
         micro-batches after it are then replayed. Otherwise (no file, another
         settings or state, a damaged file: logged as ``track_checkpoint_unused``
         with the reason) every stored micro-batch is replayed, which reproduces
@@ -145,19 +172,23 @@ class TrackLinker(Linker):
         return checkpoint is not None
 
     def _settings(self) -> dict[str, Any]:
-        motion = self.motion
+        motion, stitch = self.motion, self.stitch
         return {
             "threshold": self.threshold,
-            "gap_s": self.gap_s,
-            "gap_frames": self.gap_frames,
+            "idle_frames": self.idle_frames,
+            "idle_cap_s": self.idle_cap_s,
             "memory": self.memory,
-            "motion": None if motion is None else [motion.max_move_px, motion.penalty],
+            "margin": self.margin,
+            "motion": None if motion is None else [motion.max_move, motion.penalty],
+            "stitch": None
+            if stitch is None
+            else [stitch.threshold, stitch.gap_frames, stitch.max_move, stitch.cap_s],
         }
 
     def _checkpoint(self) -> TrackCheckpoint:
         """The state after every crop held, as a checkpoint records it."""
         cols = self._cols
-        entries = [(trap, k) for trap, active in self._active.items() for k in active]
+        entries = [(trap, k) for trap, open_ in self._open.items() for k in open_]
         tracks = [self._tracks[k] for _, k in entries]
         recent = np.full((len(tracks), self.memory), -1, dtype=np.int64)
         for row, track in enumerate(tracks):
@@ -167,6 +198,13 @@ class TrackLinker(Linker):
         ordinals = np.zeros(len(codes), dtype=np.int64)
         for code, ordinal in self._frame_ordinal.items():
             ordinals[code] = ordinal
+        u = self._unions
+        roots = dict.fromkeys(u.find(k) for _, k in entries)
+        frames = [(u.cid[r], o) for r in roots for o in sorted(u.frames[r])]
+        vsum = np.zeros((len(tracks), cols.dim))
+        for row, track in enumerate(tracks):
+            if track.vsum is not None:
+                vsum[row] = track.vsum
         return TrackCheckpoint(
             settings=self._settings(),
             covers=cols.n,
@@ -177,10 +215,17 @@ class TrackLinker(Linker):
             ordinals=ordinals,
             active_trap=np.array([trap for trap, _ in entries], dtype=np.int64),
             active_first=np.array([t.first_seq for t in tracks], dtype=np.int64),
+            first_ordinal=np.array([t.first_ordinal for t in tracks], dtype=np.int64),
+            first_time=np.array([t.first_time for t in tracks], dtype=np.float64),
             last_seq=np.array([t.last_seq for t in tracks], dtype=np.int64),
             last_ordinal=np.array([t.last_ordinal for t in tracks], dtype=np.int64),
             last_time=np.array([t.last_time for t in tracks], dtype=np.float64),
             recent=recent,
+            vsum=vsum,
+            csum=np.array([t.csum for t in tracks], dtype=np.float64).reshape(-1, 2),
+            ccount=np.array([t.ccount for t in tracks], dtype=np.int64),
+            frames_cluster=np.array([c for c, _ in frames], dtype=np.int64),
+            frames_ordinal=np.array([o for _, o in frames], dtype=np.int64),
             retired=self._retired.copy(),
             recent_seqs=seqs,
             recent_times=cols.times[seqs].copy(),
@@ -209,29 +254,47 @@ class TrackLinker(Linker):
     def _resume(self, checkpoint: TrackCheckpoint, stored: StoredLinks) -> None:
         """Take the checkpoint's state over the first ``covers`` stored crops,
         which :func:`_mismatch` found to agree with it."""
-        m = checkpoint.covers
-        batch = stored.batch
-        self._cols.append(
-            LinkBatch(batch.embeddings[:m], batch.times[:m], batch.centers[:m], batch.frames[:m])
-        )
-        Linker.retire(self, checkpoint.retired)
-        # Tracks are numbered by cluster id here; the numbers are internal, and
-        # the matching order lives in each trap's active list, which is kept.
-        firsts, track_of = np.unique(stored.cluster_ids[:m], return_inverse=True)
+        c, m = checkpoint, checkpoint.covers
+        self._cols.append(stored.batch.rows(np.arange(m)))
+        Linker.retire(self, c.retired)
+        # Closed tracklets are numbered by cluster here, one each; the numbers
+        # are internal. Open tracklets come after them, under their cluster.
+        ids = stored.ids_at(m)
+        firsts, track_of = np.unique(ids, return_inverse=True)
         self._track_of = np.full(max(m, 1024), -1, dtype=np.int64)
         self._track_of[:m] = track_of
-        self._tracks = [_Track(first_seq=int(f)) for f in firsts.tolist()]
-        self._frame_ordinal = dict(enumerate(checkpoint.ordinals.tolist()))
-        ks = np.searchsorted(firsts, checkpoint.active_first)
-        for row, k in enumerate(ks.tolist()):
-            track = self._tracks[k]
-            track.recent = [int(s) for s in checkpoint.recent[row] if s >= 0]
-            track.last_seq = int(checkpoint.last_seq[row])
-            track.last_time = float(checkpoint.last_time[row])
-            track.last_ordinal = int(checkpoint.last_ordinal[row])
-            track.last_frame = self._cols.frames[track.last_seq]
-            track.last_center = self._cols.centers[track.last_seq]
-            self._active.setdefault(int(checkpoint.active_trap[row]), []).append(k)
+        self._tracks = [Tracklet(first_seq=int(f)) for f in firsts.tolist()]
+        for f in firsts.tolist():
+            self._unions.add(int(f), is_open=False)
+        self._frame_ordinal = dict(enumerate(c.ordinals.tolist()))
+        cols = self._cols
+        for row, first in enumerate(c.active_first.tolist()):
+            k = self._unions.add(first, is_open=True)
+            cluster = int(np.searchsorted(firsts, ids[first]))
+            self._unions.attach(k, cluster)
+            last = int(c.last_seq[row])
+            self._tracks.append(
+                Tracklet(
+                    first_seq=first,
+                    first_ordinal=int(c.first_ordinal[row]),
+                    first_time=float(c.first_time[row]),
+                    first_center=cols.centers[first].copy(),
+                    last_seq=last,
+                    last_time=float(c.last_time[row]),
+                    last_ordinal=int(c.last_ordinal[row]),
+                    last_frame=cols.frames[last],
+                    last_center=cols.centers[last].copy(),
+                    recent=[int(s) for s in c.recent[row] if s >= 0],
+                    vsum=c.vsum[row].copy(),
+                    csum=c.csum[row].copy(),
+                    ccount=int(c.ccount[row]),
+                )
+            )
+            self._open.setdefault(int(c.active_trap[row]), []).append(k)
+        for cid, ordinal in zip(c.frames_cluster.tolist(), c.frames_ordinal.tolist(), strict=True):
+            self._unions.frames[int(np.searchsorted(firsts, cid))].add(ordinal)
+        for code in range(len(c.traps)):
+            self._extent_of(code, cols.centers[:m][cols.traps[:m] == code])
 
     # -- matching -----------------------------------------------------------------------
 
@@ -257,6 +320,27 @@ class TrackLinker(Linker):
 
         return [np.array(m, dtype=np.int64) for _, m in sorted(groups.items(), key=key)]
 
+    def _extent_of(self, trap: int, centers: np.ndarray[Any, np.dtype[np.float64]]) -> float:
+        """Grow the trap's box-centre extent by ``centers``; its estimated diagonal (px)."""
+        extent = self._extent.get(trap, np.zeros(2))
+        known = centers[~np.isnan(centers).any(axis=1)]
+        if len(known):
+            extent = np.maximum(extent, known.max(axis=0))
+            self._extent[trap] = extent
+        return max(defaults.TRACK_MIN_DIAGONAL_PX, float(np.hypot(*extent)))
+
+    def _diagonal(self, trap: int, crops: IntArray) -> float:
+        """The frame's diagonal in pixels: its own, else the trap's estimate."""
+        estimate = self._extent_of(trap, self._cols.centers[crops])
+        sizes = self._cols.sizes[crops]
+        sizes = sizes[~np.isnan(sizes).any(axis=1) & (sizes > 0).all(axis=1)]
+        return float(np.hypot(*sizes[0])) if len(sizes) else estimate
+
+    def _alive(self, track: Tracklet, t: float, ordinal: int) -> bool:
+        if ordinal - track.last_ordinal > self.idle_frames:
+            return False
+        return not abs(t - track.last_time) > self.idle_cap_s  # NaN: frames alone
+
     def _match_frame(self, crops: IntArray) -> None:
         cols = self._cols
         first = int(crops[0])
@@ -265,35 +349,61 @@ class TrackLinker(Linker):
         t = float(cols.times[first])
         ordinal = self._frame_ordinal.get(trap, 0)
         self._frame_ordinal[trap] = ordinal + 1
-        active = [k for k in self._active.get(trap, []) if self._tracks[k].alive(t, ordinal, self)]
-        self._active[trap] = active
-        candidates = [k for k in active if frame is None or self._tracks[k].last_frame != frame]
+        diagonal = self._diagonal(trap, crops)
+        open_ = self._open.setdefault(trap, [])
+        alive = [k for k in open_ if self._alive(self._tracks[k], t, ordinal)]
+        self._close(open_, ordinal, set(alive), diagonal)
+        candidates = [k for k in alive if frame is None or self._tracks[k].last_frame != frame]
         matched: dict[int, int] = {}
         if candidates:
-            matched = self._assign(crops, candidates, t)
+            matched = self._assign(crops, candidates, diagonal)
         for row, seq in enumerate(crops.tolist()):
             k = matched.get(row)
             if k is None:
-                k = len(self._tracks)
-                self._tracks.append(_Track(first_seq=seq))
-                active.append(k)
-            self._tracks[k].first_seq = min(self._tracks[k].first_seq, seq)
-            self._tracks[k].observe(seq, t, ordinal, frame, cols.centers[seq], self.memory)
+                k = self._unions.add(seq, is_open=True)
+                self._tracks.append(Tracklet(first_seq=seq))
+                open_.append(k)
+            vector = cols.embeddings[seq].astype(np.float64)
+            # A copy: a view would keep every grown-out centres column alive.
+            center = cols.centers[seq].copy()
+            self._tracks[k].observe(seq, t, ordinal, frame, center, vector, self.memory)
+            self._unions.saw(k, ordinal)
             self._track_of[seq] = k
 
-    def _assign(self, crops: IntArray, candidates: list[int], t: float) -> dict[int, int]:
+    def _close(self, open_: list[int], ordinal: int, alive: set[int], diagonal: float) -> None:
+        """Close the trap's tracklets whose window has passed, stitching each first."""
+        due = [k for k in open_ if ordinal - self._tracks[k].last_ordinal > self.window]
+        if not due:
+            return
+        closed: set[int] = set()
+        for k in due:
+            if self.stitch is not None:
+                remaining = [j for j in open_ if j not in closed]
+                reach = self.stitch.max_move * diagonal
+                b = partner(k, self._tracks, remaining, alive, self._unions, reach, self.stitch)
+                if b is not None:
+                    gone, kept = self._unions.union(k, b)
+                    if gone < self._published:
+                        self._merges.append(Merge(from_cluster=gone, into_cluster=kept))
+            self._unions.close(k)
+            # A closed tracklet is never compared again: drop its sum (dim floats).
+            self._tracks[k].vsum = None
+            closed.add(k)
+        open_[:] = [k for k in open_ if k not in closed]
+
+    def _assign(self, crops: IntArray, candidates: list[int], diagonal: float) -> dict[int, int]:
         cols = self._cols
-        last = np.array([self._tracks[k].last_seq for k in candidates], dtype=np.int64)
+        tracks = [self._tracks[k] for k in candidates]
+        last = np.array([tr.last_seq for tr in tracks], dtype=np.int64)
         rows = np.repeat(crops, len(last))
         others = np.tile(last, len(crops))
-        depth = max(len(self._tracks[k].recent) for k in candidates)
+        depth = max(len(tr.recent) for tr in tracks)
         recent = np.array(
-            [[*tr.recent, *[tr.recent[-1]] * (depth - len(tr.recent))]
-             for tr in (self._tracks[k] for k in candidates)],
+            [[*tr.recent, *[tr.recent[-1]] * (depth - len(tr.recent))] for tr in tracks],
             dtype=np.int64,
-        )  # fmt: skip
-        # Similarity to a cluster: the best over its most recent crops, so one
-        # blurred frame does not break a track.
+        )
+        # Similarity to a track: the best over its most recent crops, so one
+        # blurred frame does not break it.
         sims = np.max(
             [
                 pair_cosine(cols.embeddings, rows, np.tile(recent[:, j], len(crops)))
@@ -302,20 +412,20 @@ class TrackLinker(Linker):
             axis=0,
         ).reshape(len(crops), len(last))
         allowed = sims >= self.threshold
-        weights = sims.copy()
+        weights = sims - self.margin
         if self.motion is not None:
             dist = np.hypot(*(cols.centers[rows] - cols.centers[others]).T).reshape(sims.shape)
-            reach = dist / self.motion.max_move_px
+            reach = dist / (self.motion.max_move * diagonal)
             with np.errstate(invalid="ignore"):
                 allowed &= ~(reach >= 1.0)  # NaN (unknown position) stays allowed
             weights -= self.motion.penalty * np.nan_to_num(np.minimum(reach, 1.0), nan=1.0)
+        # A match must beat starting a new track (weight 0): the "stay new"
+        # columns make this a maximum-weight matching, not a forced assignment.
+        allowed &= weights > 0.0
         if not allowed.any():
             return {}
-        # Weights are shifted to be positive and one "stay new" column per crop
-        # with weight 0 is added: a maximum-weight matching over allowed pairs
-        # rather than a forced assignment.
         forbidden = -1e9
-        weights = np.where(allowed, weights + 1.0, forbidden)
+        weights = np.where(allowed, weights, forbidden)
         stay_new = np.full((len(crops), len(crops)), forbidden)
         np.fill_diagonal(stay_new, 0.0)
         row_ind, col_ind = linear_sum_assignment(np.hstack([weights, stay_new]), maximize=True)
@@ -347,20 +457,24 @@ def _mismatch(
         return f"ends inside a micro-batch (crop {m})"
     if c.dim != stored.batch.embeddings.shape[1]:
         return f"dimension {c.dim}, the state's is {stored.batch.embeddings.shape[1]}"
-    ids = stored.cluster_ids
-    if c.ids_digest != digest(ids[:m]):
+    ids = stored.ids_at(m)  # later stitches may have merged these since
+    if c.ids_digest != digest(ids):
         return "its cluster ids differ from the stored ones"
     if c.traps != _trap_order(stored.batch.frames[:m]) or len(c.ordinals) != len(c.traps):
         return "its traps differ from the stored crops' traps"
     recent = c.recent[c.recent >= 0]
-    seqs = (c.active_first, c.last_seq, recent, c.recent_seqs, c.retired)
+    seqs = (c.active_first, c.last_seq, recent, c.recent_seqs, c.retired, c.frames_cluster)
     if any(len(s) and (s.min() < 0 or s.max() >= m) for s in seqs) or (
         len(c.active_trap) and (c.active_trap.min() < 0 or c.active_trap.max() >= len(c.traps))
     ):
         return "it names crops or traps it does not cover"
-    members = np.where(c.recent >= 0, ids[np.maximum(c.recent, 0)], c.active_first[:, None])
-    if np.any(ids[c.active_first] != c.active_first) or np.any(members != c.active_first[:, None]):
+    # A tracklet's crops are in its first crop's cluster (stitches join clusters).
+    cluster = ids[c.active_first]
+    members = np.where(c.recent >= 0, ids[np.maximum(c.recent, 0)], cluster[:, None])
+    if np.any(members != cluster[:, None]) or not np.all(np.isin(c.frames_cluster, cluster)):
         return "its tracks differ from the stored clusters"
+    if not np.array_equal(c.first_time, stored.batch.times[c.active_first], equal_nan=True):
+        return "its tracklets' first crops differ from the stored ones"
     # Each row: the latest crops oldest first, padding only at the end, the
     # last of them the track's last crop; each one's vector is in the file.
     filled = (c.recent >= 0).sum(axis=1)
@@ -382,35 +496,3 @@ def _mismatch(
     ):
         return "its latest crops differ from the stored ones"
     return None
-
-
-@dataclass(slots=True)
-class _Track:
-    first_seq: int
-    last_seq: int = -1
-    last_time: float = math.nan
-    last_ordinal: int = -1
-    last_frame: FrameId | None = None
-    last_center: FloatArray = field(default_factory=lambda: np.full(2, np.nan))
-    recent: list[int] = field(default_factory=list)
-
-    def observe(
-        self,
-        seq: int,
-        t: float,
-        ordinal: int,
-        frame: FrameId | None,
-        center: FloatArray,
-        memory: int,
-    ) -> None:
-        self.recent = [*self.recent[-(memory - 1) :], seq] if memory > 1 else [seq]
-        self.last_seq = seq
-        self.last_time = t
-        self.last_ordinal = ordinal
-        self.last_frame = frame
-        self.last_center = center
-
-    def alive(self, t: float, ordinal: int, linker: TrackLinker) -> bool:
-        if math.isnan(t) or math.isnan(self.last_time):
-            return ordinal - self.last_ordinal <= linker.gap_frames
-        return abs(t - self.last_time) <= linker.gap_s

@@ -1,20 +1,22 @@
 """The ``track`` linker's checkpoint file: what later matching needs, no pickle.
 
 A checkpoint holds the state a :class:`~crop_clusterd.linking.track.TrackLinker`
-cannot read back from the stored crops: the active tracks of each trap (their
-first and last crop, last time and frame ordinal, latest crops), the frame
-ordinal of each trap and the retired crops. Which track every crop is in is
+cannot read back from the stored crops: the open tracklets of each trap (their
+first and last crop, first and last time and frame ordinal, latest crops, the
+sums of their embeddings and centres that stitching compares), the frames of
+each cluster that still has an open tracklet, the frame ordinal of each trap
+and the retired crops. Which track every crop is in is
 not written: each track's cluster id is its smallest member's sequence number,
 so the stored cluster ids give it back. The file's size therefore depends on
-how many tracks are active, not on how many crops came before.
+how many tracklets are open, not on how many crops came before.
 
 To tell a checkpoint that belongs to the stored crops from one that does not,
 it also holds a digest of the cluster ids it covers, and the times, centres and
 a digest of the vectors of the active tracks' latest crops (the only crops
 later matching reads); :mod:`.track` compares those with the stored crops
-before using it. Vectors are not written: a few active tracks' would already
-outweigh everything else in the file, which is rewritten every
-``state.index_save_s``.
+before using it. Crops' vectors are not written (only one sum per open
+tracklet): a few tracks' latest crops would already outweigh everything else in
+the file, which is rewritten every ``state.index_save_s``.
 
 Format: one NumPy ``.npz`` archive (read with ``allow_pickle=False``) whose
 ``meta`` member is UTF-8 JSON (format, version, settings, covered crops,
@@ -40,7 +42,7 @@ from .base import FloatArray, IntArray
 __all__ = ["CheckpointError", "TrackCheckpoint", "checkpoint_path", "digest"]
 
 FORMAT = "crop-clusterd track checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -74,12 +76,17 @@ class TrackCheckpoint:
     the vectors of ``recent_seqs`` (R x dim float32, rows of retired crops zero,
     as the linker holds them).
 
-    Arrays, A active tracks: ``ordinals`` (T,) frames matched so far per trap
-    code; ``active_trap``, ``active_first`` (A,) each active track's trap code
-    and cluster id (smallest member), in each trap's matching order;
-    ``last_seq``, ``last_ordinal`` (A,) int64 and ``last_time`` (A,) seconds
-    (NaN unknown) of its latest frame; ``recent`` (A, memory) its latest crops,
-    oldest first, padded with -1 at the end. ``retired`` the retired crops.
+    Arrays, A open tracklets (not yet closed by the stitching pass, see
+    :mod:`.stitch`): ``ordinals`` (T,) frames matched so far per trap code;
+    ``active_trap``, ``active_first`` (A,) each open tracklet's trap code and
+    first crop, in each trap's matching order; ``first_ordinal``,
+    ``first_time`` (A,) of its first frame; ``last_seq``, ``last_ordinal``
+    (A,) int64 and ``last_time`` (A,) seconds (NaN unknown) of its latest
+    frame; ``recent`` (A, memory) its latest crops, oldest first, padded with
+    -1 at the end; ``vsum`` (A, dim) float64 the sum of its embeddings,
+    ``csum`` (A, 2) and ``ccount`` (A,) of its known centres. F pairs
+    ``frames_cluster``, ``frames_ordinal``: the frame ordinals held by each
+    cluster with an open tracklet. ``retired`` the retired crops.
     R distinct latest crops: ``recent_seqs`` (R,) ascending, ``recent_times``
     (R,), ``recent_centers`` (R, 2) pixels.
     """
@@ -93,10 +100,17 @@ class TrackCheckpoint:
     ordinals: IntArray
     active_trap: IntArray
     active_first: IntArray
+    first_ordinal: IntArray
+    first_time: FloatArray
     last_seq: IntArray
     last_ordinal: IntArray
     last_time: FloatArray
     recent: IntArray
+    vsum: FloatArray
+    csum: FloatArray
+    ccount: IntArray
+    frames_cluster: IntArray
+    frames_ordinal: IntArray
     retired: IntArray
     recent_seqs: IntArray
     recent_times: FloatArray
@@ -147,20 +161,27 @@ class TrackCheckpoint:
             digests = str(meta["ids_digest"]), str(meta["vectors_digest"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CheckpointError(f"{path}: bad checkpoint header: {exc}") from exc
-        arrays = _checked(raw, int(settings.get("memory", 0)), path)
+        arrays = _checked(raw, {"m": int(settings.get("memory", 0)), "d": dim}, path)
         return cls(settings, covers, dim, traps, *digests, **arrays)
 
 
 # Each array's dtype and shape: "A", "R", "T" are counts shared between arrays,
-# "m" the track memory, "*" any length.
+# "m" the track memory, "d" the embedding dimension, "*" any length.
 _SHAPES: dict[str, tuple[str, tuple[str | int, ...]]] = {
     "ordinals": ("<i8", ("T",)),
     "active_trap": ("<i8", ("A",)),
     "active_first": ("<i8", ("A",)),
+    "first_ordinal": ("<i8", ("A",)),
+    "first_time": ("<f8", ("A",)),
     "last_seq": ("<i8", ("A",)),
     "last_ordinal": ("<i8", ("A",)),
     "last_time": ("<f8", ("A",)),
     "recent": ("<i8", ("A", "m")),
+    "vsum": ("<f8", ("A", "d")),
+    "csum": ("<f8", ("A", 2)),
+    "ccount": ("<i8", ("A",)),
+    "frames_cluster": ("<i8", ("F",)),
+    "frames_ordinal": ("<i8", ("F",)),
     "retired": ("<i8", ("*",)),
     "recent_seqs": ("<i8", ("R",)),
     "recent_times": ("<f8", ("R",)),
@@ -168,9 +189,9 @@ _SHAPES: dict[str, tuple[str, tuple[str | int, ...]]] = {
 }
 
 
-def _checked(raw: dict[str, npt.NDArray[Any]], memory: int, path: Path) -> dict[str, Any]:
+def _checked(raw: dict[str, npt.NDArray[Any]], known: dict[str, int], path: Path) -> dict[str, Any]:
     """The arrays with their dtypes and shapes checked; CheckpointError otherwise."""
-    sizes: dict[str | int, int] = {"m": memory}
+    sizes = dict(known)
     out: dict[str, Any] = {}
     for name, (dtype, shape) in _SHAPES.items():
         array = raw[name]
