@@ -4,8 +4,9 @@ The daemon's truth is the state database; the output folder is a view of it that
 other programs poll. :class:`SnapshotWriter` reads the database through its own
 read-only connection (so it never blocks the link stage's commits) and writes
 each session's folder (:func:`~crop_clusterd.sessionfiles.session_folder`):
-``clusters.csv``, ``merges.csv``, ``errors.csv``, the ``embeddings/`` Parquet
-parts, the optional cluster folders, and when the session closes
+``clusters.csv``, ``merges.csv``, ``errors.csv``, ``activity.csv`` and
+``activity.png``, the ``embeddings/`` Parquet parts, the optional cluster
+folders, and when the session closes
 ``embeddings.pkl`` and ``summary.json`` (last, so its presence means final).
 ``OUT/current`` links to the newest session's folder. Every file is replaced
 atomically.
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from .activity import ACTIVITY_CSV, ActivityWriter
 from .atomic import remove_stale_temp_files
 from .config import OutputConfig
 from .csvfiles import CLUSTERS_CSV
@@ -108,6 +110,7 @@ class _OpenCache:
         self.names: list[str] = []
         self._seqs = np.empty(0, dtype=np.int64)
         self._stored = np.empty(0, dtype=np.int64)
+        self._times = np.empty(0, dtype=np.float64)
         self.merges: list[StoredMerge] = []
         self.skipped: list[StoredSkip] = []
         self.retired: frozenset[int] = frozenset()
@@ -125,19 +128,30 @@ class _OpenCache:
         """Each crop's cluster id at commit, indexed by local number."""
         return self._stored[: len(self.names)]
 
+    @property
+    def times(self) -> npt.NDArray[np.float64]:
+        """Each crop's capture time (seconds, NaN when unknown), indexed by local number."""
+        return self._times[: len(self.names)]
+
     def append(
-        self, seqs: npt.NDArray[np.int64], names: Sequence[str], stored: npt.NDArray[np.int64]
+        self,
+        seqs: npt.NDArray[np.int64],
+        names: Sequence[str],
+        stored: npt.NDArray[np.int64],
+        times: npt.NDArray[np.float64],
     ) -> None:
         """Add rows; capacity doubles so a long session copies each row O(1) times."""
         n, k = len(self.names), len(names)
         if n + k > len(self._stored):
             capacity = max(n + k, 2 * len(self._stored), 1024)
-            for attr in ("_seqs", "_stored"):
-                grown = np.empty(capacity, dtype=np.int64)
-                grown[:n] = getattr(self, attr)[:n]
+            for attr in ("_seqs", "_stored", "_times"):
+                old = getattr(self, attr)
+                grown = np.empty(capacity, dtype=old.dtype)
+                grown[:n] = old[:n]
                 setattr(self, attr, grown)
         self._seqs[n : n + k] = seqs
         self._stored[n : n + k] = stored
+        self._times[n : n + k] = times
         self.names.extend(names)
 
 
@@ -151,7 +165,9 @@ class SnapshotWriter:
     (``clusters/``) and ``dedup`` (``dedup/``). ``session`` is the session
     rule: with ``split = "none"`` (or None) the one session writes straight
     into ``folder``, else each session into ``folder/<id>/``. ``files`` is the
-    seam that writes each file. Not thread-safe: call from one thread.
+    seam that writes each file. ``plot_every_s`` limits how often the open
+    session's ``activity.png`` is redrawn (wall-clock seconds; a closed
+    session's is drawn at close). Not thread-safe: call from one thread.
     """
 
     def __init__(
@@ -162,6 +178,7 @@ class SnapshotWriter:
         session: SessionRule | None = None,
         files: OutputFiles | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        plot_every_s: float = 60.0,
     ) -> None:
         self.state_folder = Path(state_folder)
         self.out = Path(output.folder)
@@ -174,6 +191,7 @@ class SnapshotWriter:
             dedup=output.dedup,
         )
         self._clock = clock
+        self._activity = ActivityWriter(plot_every_s=plot_every_s)
         self._store: StateStore | None = None
         self._store_ino: tuple[int, int] | None = None
         self._cache: _OpenCache | None = None
@@ -306,7 +324,7 @@ class SnapshotWriter:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
         skip = 1 if n else 0
         check_locals(store, session.id, rows.locals[skip:], n)
-        cache.append(rows.seqs[skip:], rows.paths[skip:], rows.clusters[skip:])
+        cache.append(rows.seqs[skip:], rows.paths[skip:], rows.clusters[skip:], rows.times[skip:])
         cache.merges.extend(new_merges)
         cache.skipped = skipped
         return cache
@@ -431,6 +449,7 @@ class SnapshotWriter:
         if vectors is not None and self.save_embeddings:
             w.pickle(folder, [crops.paths[i] for i in live.tolist()], vectors)
         w.listing(folder, Listing(crops.paths, live, current, rows.merges, rows.skipped), vectors)
+        self._write_activity(folder, session.id, current, crops.times[live], final=True)
         summary = summarize(session.id, current, crops.times[live], closed=session.closed)
         w.summary(folder, summary)
         self._final[session.id] = session.closed
@@ -471,7 +490,28 @@ class SnapshotWriter:
             if final and self.save_embeddings:
                 w.pickle(folder, [cache.names[i] for i in live.tolist()], vectors)
         listing = Listing(cache.names, live, current, cache.merges, cache.skipped)
-        return w.listing(folder, listing, vectors)
+        clusters = w.listing(folder, listing, vectors)
+        self._write_activity(folder, cache.id, current, cache.times[live], final=final)
+        return clusters
+
+    def _write_activity(
+        self,
+        folder: Path,
+        session: str,
+        current: npt.NDArray[np.int64],
+        times: npt.NDArray[np.float64],
+        *,
+        final: bool,
+    ) -> None:
+        """``activity.csv`` and (when due) ``activity.png`` of one session's live crops."""
+        target = folder / ACTIVITY_CSV
+        title = "" if session == ALL_SESSION else f"session {session}"
+        self._folders.step(
+            target,
+            lambda: self._activity.write(folder, current, times, final=final, title=title),
+        )
+        if final:
+            self._activity.forget(folder)
 
     def _open_vectors(self, store: StateStore, cache: _OpenCache) -> npt.NDArray[np.float32]:
         """The open session's vectors in local order, for the rows cached."""

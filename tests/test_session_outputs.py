@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 from structlog.testing import capture_logs
 
+from crop_clusterd.activity import ACTIVITY_CSV, ACTIVITY_PNG
 from crop_clusterd.cli import main
 from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import read_clusters_csv, read_errors_csv
@@ -124,6 +125,8 @@ def test_each_session_has_its_folder_and_current_points_at_the_newest(
     assert sorted(p.name for p in out.iterdir()) == [A, CURRENT_LINK]
     assert os.readlink(out / CURRENT_LINK) == A  # relative
     assert sorted(p.name for p in (out / A).iterdir()) == [
+        ACTIVITY_CSV,
+        ACTIVITY_PNG,
         "clusters.csv",
         EMBEDDINGS_DIR,
         "errors.csv",
@@ -373,6 +376,8 @@ def test_split_none_keeps_the_layout_from_before_sessions(tmp_path: Path) -> Non
     w.write_if_changed(now=T0)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
+        ACTIVITY_CSV,
+        ACTIVITY_PNG,
         "clusters.csv",
         EMBEDDINGS_DIR,
         "errors.csv",
