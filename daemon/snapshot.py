@@ -5,7 +5,8 @@ other programs poll. :class:`SnapshotWriter` reads the database through its own
 read-only connection (so it never blocks the link stage's commits) and writes
 each session's folder (:func:`~crop_clusterd.sessionfiles.session_folder`):
 ``clusters.csv``, ``merges.csv``, ``errors.csv``, ``activity.csv`` and
-``activity.png``, the ``embeddings/`` Parquet parts, the optional cluster
+``activity.png``, the gallery (``index.html``, ``gallery/``; thumbnails are
+the link stage's), the ``embeddings/`` Parquet parts, the optional cluster
 folders, and when the session closes
 ``embeddings.pkl`` and ``summary.json`` (last, so its presence means final).
 ``OUT/current`` links to the newest session's folder. Every file is replaced
@@ -44,11 +45,12 @@ from .config import OutputConfig
 from .csvfiles import CLUSTERS_CSV
 from .defaults import ALL_SESSION
 from .embfile import EMBEDDINGS_PKL
+from .gallery import INDEX_HTML, GalleryCrops, GalleryWriter
 from .log import get_logger
 from .outputfiles import FolderWriter, Listing, OutputFiles, SnapshotError
 from .sessionfiles import CURRENT_LINK, check_locals, live_current, read_session, session_folder
 from .store import DB_NAME, StateError, StateStore, StoredMerge, StoredSession, StoredSkip
-from .summary import SUMMARY_JSON, read_summary, summarize
+from .summary import SUMMARY_JSON, SessionSummary, read_summary, summarize
 
 if TYPE_CHECKING:
     from .sessions import SessionRule
@@ -108,6 +110,7 @@ class _OpenCache:
     def reset(self) -> None:
         """Forget the cached rows (kept: where the parts are)."""
         self.names: list[str] = []
+        self.frames: list[str | None] = []
         self._seqs = np.empty(0, dtype=np.int64)
         self._stored = np.empty(0, dtype=np.int64)
         self._times = np.empty(0, dtype=np.float64)
@@ -139,6 +142,7 @@ class _OpenCache:
         names: Sequence[str],
         stored: npt.NDArray[np.int64],
         times: npt.NDArray[np.float64],
+        frames: Sequence[str | None],
     ) -> None:
         """Add rows; capacity doubles so a long session copies each row O(1) times."""
         n, k = len(self.names), len(names)
@@ -153,6 +157,7 @@ class _OpenCache:
         self._stored[n : n + k] = stored
         self._times[n : n + k] = times
         self.names.extend(names)
+        self.frames.extend(frames)
 
 
 class SnapshotWriter:
@@ -192,6 +197,7 @@ class SnapshotWriter:
         )
         self._clock = clock
         self._activity = ActivityWriter(plot_every_s=plot_every_s)
+        self._gallery = GalleryWriter()
         self._store: StateStore | None = None
         self._store_ino: tuple[int, int] | None = None
         self._cache: _OpenCache | None = None
@@ -324,7 +330,13 @@ class SnapshotWriter:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
         skip = 1 if n else 0
         check_locals(store, session.id, rows.locals[skip:], n)
-        cache.append(rows.seqs[skip:], rows.paths[skip:], rows.clusters[skip:], rows.times[skip:])
+        cache.append(
+            rows.seqs[skip:],
+            rows.paths[skip:],
+            rows.clusters[skip:],
+            rows.times[skip:],
+            rows.frames[skip:],
+        )
         cache.merges.extend(new_merges)
         cache.skipped = skipped
         return cache
@@ -449,8 +461,13 @@ class SnapshotWriter:
         if vectors is not None and self.save_embeddings:
             w.pickle(folder, [crops.paths[i] for i in live.tolist()], vectors)
         w.listing(folder, Listing(crops.paths, live, current, rows.merges, rows.skipped), vectors)
+        names = [crops.paths[i] for i in live.tolist()]
         self._write_activity(folder, session.id, current, crops.times[live], final=True)
         summary = summarize(session.id, current, crops.times[live], closed=session.closed)
+        frames = [crops.frames[i] for i in live.tolist()]
+        gallery = GalleryCrops(names, current, crops.times[live], frames)
+        self._write_gallery(folder, summary, gallery)
+        self._gallery.forget(folder)
         w.summary(folder, summary)
         self._final[session.id] = session.closed
         if self._cache is not None and self._cache.id == session.id:
@@ -491,8 +508,22 @@ class SnapshotWriter:
                 w.pickle(folder, [cache.names[i] for i in live.tolist()], vectors)
         listing = Listing(cache.names, live, current, cache.merges, cache.skipped)
         clusters = w.listing(folder, listing, vectors)
-        self._write_activity(folder, cache.id, current, cache.times[live], final=final)
+        times = cache.times[live]
+        self._write_activity(folder, cache.id, current, times, final=final)
+        ids = live.tolist()
+        crops = GalleryCrops(
+            [cache.names[i] for i in ids], current, times, [cache.frames[i] for i in ids]
+        )
+        self._write_gallery(folder, summarize(cache.id, current, times), crops)
         return clusters
+
+    def _write_gallery(self, folder: Path, summary: SessionSummary, crops: GalleryCrops) -> None:
+        """The session's ``index.html`` and the data blocks that changed."""
+        title = "" if summary.session == ALL_SESSION else f"session {summary.session}"
+        self._folders.step(
+            folder / INDEX_HTML,
+            lambda: self._gallery.write(folder, crops, summary, title=title),
+        )
 
     def _write_activity(
         self,

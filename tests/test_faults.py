@@ -221,6 +221,8 @@ def test_failing_snapshots_keep_the_previous_files_and_the_daemon_ingesting(
             "clusters.csv",
             "embeddings",
             "errors.csv",
+            "gallery",
+            "index.html",
             "merges.csv",
             "thumbs",
         ]

@@ -20,6 +20,7 @@ from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import read_clusters_csv, read_errors_csv
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.embparts import EMBEDDINGS_DIR, read_parts
+from crop_clusterd.gallery import GALLERY_DIR, INDEX_HTML
 from crop_clusterd.records import (
     Assignment,
     CommittedCrop,
@@ -130,6 +131,8 @@ def test_each_session_has_its_folder_and_current_points_at_the_newest(
         "clusters.csv",
         EMBEDDINGS_DIR,
         "errors.csv",
+        GALLERY_DIR,
+        INDEX_HTML,
         "merges.csv",
     ]
     assert read_errors_csv(out / CURRENT_LINK / "errors.csv") == [("bad.png", "truncated image")]
@@ -381,6 +384,8 @@ def test_split_none_keeps_the_layout_from_before_sessions(tmp_path: Path) -> Non
         "clusters.csv",
         EMBEDDINGS_DIR,
         "errors.csv",
+        GALLERY_DIR,
+        INDEX_HTML,
         "merges.csv",
     ]
     w.write(now=T0)

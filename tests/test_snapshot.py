@@ -24,6 +24,7 @@ from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import CLUSTERS_CSV, ERRORS_CSV, MERGES_CSV, read_clusters_csv
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.embparts import EMBEDDINGS_DIR, read_parts
+from crop_clusterd.gallery import GALLERY_DIR, INDEX_HTML
 from crop_clusterd.records import (
     Assignment,
     CommittedCrop,
@@ -150,6 +151,8 @@ def test_snapshot_files_match_the_store(tmp_path: Path, built: Builder) -> None:
         EMBEDDINGS_DIR,
         "embeddings.pkl",
         "errors.csv",
+        GALLERY_DIR,
+        INDEX_HTML,
         "merges.csv",
     ]
 
@@ -442,6 +445,8 @@ def test_output_name_constants_are_what_the_writers_write(tmp_path: Path, built:
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         ACTIVITY_CSV,
         ACTIVITY_PNG,
+        GALLERY_DIR,
+        INDEX_HTML,
         CLUSTERS_CSV,
         EMBEDDINGS_DIR,
         EMBEDDINGS_PKL,
@@ -451,6 +456,6 @@ def test_output_name_constants_are_what_the_writers_write(tmp_path: Path, built:
     folders = replace(output(tmp_path, gen_cluster_dirs=True, dedup=True), folder=tmp_path / "o2")
     SnapshotWriter(tmp_path / "state2", folders).write(now=T0)
     files = {CLUSTERS_CSV, EMBEDDINGS_DIR, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV}
-    files |= {ACTIVITY_CSV, ACTIVITY_PNG}
+    files |= {ACTIVITY_CSV, ACTIVITY_PNG, GALLERY_DIR, INDEX_HTML}
     assert {p.name for p in (tmp_path / "o2").iterdir()} == files | {CLUSTER_DIRS, DEDUP_DIRS}
     assert (tmp_path / "o2" / CLUSTER_DIRS / NOT_CLUSTERED).is_dir()
