@@ -139,9 +139,17 @@ def plot_activity(figures: Activity, handle: BinaryIO, *, title: str = "") -> No
     ax.bar(x, figures.crops, width=width, align="edge", color="#b8c7d9", label="crops")
     ax.set_ylabel("crops per 10 min")
     ax2 = ax.twinx()
-    ax2.step(x, figures.present, where="post", color="#1b5e20", label="clusters present")
-    ax2.step(x, figures.new_clusters, where="post", color="#c62828", label="new clusters")
+    # One more point at the last bin's end, so its level is drawn across the bin too.
+    xs = np.append(x, x[-1] + BIN_S / 86400.0) if len(x) else x
+    for series, colour, label in (
+        (figures.present, "#1b5e20", "clusters present"),
+        (figures.new_clusters, "#c62828", "new clusters"),
+    ):
+        ys = np.append(series, series[-1]) if len(series) else series
+        ax2.step(xs, ys, where="post", color=colour, label=label)
     ax2.set_ylabel("clusters per 10 min")
+    ax.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _clock_text(v * 86400.0)))
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper left", fontsize="small")

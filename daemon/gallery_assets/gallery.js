@@ -14,7 +14,7 @@
   var $ = function (id) { return document.getElementById(id); };
 
   window.galleryIndex = function (data) { index = data; };
-  window.galleryBlock = function (k, list) { blocks[k] = list; };
+  window.galleryBlock = function (block) { blocks[block[0]] = block[1]; }; // [k, rows]
 
   function load(src, done) {
     var s = document.createElement("script");
@@ -62,6 +62,9 @@
     var row = document.createElement("section");
     row.className = "row" + (r[1] === 1 ? " singleton" : "");
     row.id = "c" + r[0];
+    row.dataset.size = String(r[1]);
+    row.dataset.first = r[3] || "";
+    row.dataset.last = r[4] || "";
     var meta = document.createElement("div");
     meta.className = "meta";
     meta.appendChild(text("b", "cluster " + r[0]));
