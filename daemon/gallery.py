@@ -132,6 +132,7 @@ class GalleryWriter:
 
     root: str = ""
     _blocks: dict[Path, dict[int, str]] = field(default_factory=dict)
+    _inputs: dict[Path, dict[int, bytes]] = field(default_factory=dict)
     _index: dict[Path, bytes] = field(default_factory=dict)
 
     def write(
@@ -143,15 +144,20 @@ class GalleryWriter:
         data.mkdir(parents=True, exist_ok=True)
         self._assets(folder)
         known = self._blocks.setdefault(folder, _blocks_on_disk(data))
-        rows = cluster_rows(crops)
-        blocks: dict[int, list[list[object]]] = {}
-        for c in sorted(rows):
-            blocks.setdefault(c // BLOCK, []).append(rows[c])
+        inputs = self._inputs.setdefault(folder, {})
         written = 0
         hashes: dict[int, str] = {}
-        for k, block_rows in blocks.items():
-            body = _script("galleryBlock", [k, block_rows])
+        for k, members in _block_members(crops.clusters).items():
+            # Rows are built only for a block whose crops changed: at 100,000
+            # crops building every row at every snapshot costs seconds.
+            signature = _signature(crops, members)
+            if inputs.get(k) == signature and k in known and (data / _block_file(k)).exists():
+                hashes[k] = known[k]
+                continue
+            rows = cluster_rows(_subset(crops, members))
+            body = _script("galleryBlock", [k, [rows[c] for c in sorted(rows)]])
             hashes[k] = _digest(body)
+            inputs[k] = signature
             if known.get(k) != hashes[k] or not (data / _block_file(k)).exists():
                 _put(data / _block_file(k), body)
                 written += 1
@@ -167,12 +173,14 @@ class GalleryWriter:
             self._index[folder] = body
         for k in set(known) - set(hashes):  # blocks whose clusters all merged away
             (data / _block_file(k)).unlink(missing_ok=True)
+            inputs.pop(k, None)
         self._blocks[folder] = hashes
         return written
 
     def forget(self, folder: Path) -> None:
         """Drop what is remembered of ``folder`` (a closed session's)."""
         self._blocks.pop(folder, None)
+        self._inputs.pop(folder, None)
         self._index.pop(folder, None)
 
     def _assets(self, folder: Path) -> None:
@@ -186,6 +194,36 @@ class GalleryWriter:
             except FileNotFoundError:
                 pass
             _put(target, body)
+
+
+def _block_members(clusters: npt.NDArray[np.int64]) -> dict[int, npt.NDArray[np.int64]]:
+    """Each block's crops (indexes, in crop order), blocks in id order."""
+    order = np.argsort(clusters // BLOCK, kind="stable")
+    blocks = (clusters // BLOCK)[order]
+    cuts = np.flatnonzero(np.diff(blocks)) + 1
+    return {int(blocks[g[0]]): order[g] for g in np.split(np.arange(len(order)), cuts) if len(g)}
+
+
+def _signature(crops: GalleryCrops, members: npt.NDArray[np.int64]) -> bytes:
+    """A digest of everything a block's rows are built from."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(members.tobytes())
+    h.update(crops.clusters[members].tobytes())
+    h.update(crops.times[members].tobytes())
+    idx = members.tolist()
+    h.update("\0".join(crops.names[i] for i in idx).encode("utf-8", "surrogateescape"))
+    h.update("\0".join(crops.frames[i] or "" for i in idx).encode("utf-8", "surrogateescape"))
+    return h.digest()
+
+
+def _subset(crops: GalleryCrops, members: npt.NDArray[np.int64]) -> GalleryCrops:
+    idx = members.tolist()
+    return GalleryCrops(
+        [crops.names[i] for i in idx],
+        crops.clusters[members],
+        crops.times[members],
+        [crops.frames[i] for i in idx],
+    )
 
 
 def _block_file(k: int) -> str:
