@@ -25,7 +25,7 @@ from typing import BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
-from .atomic import atomic_write
+from . import atomic
 
 __all__ = [
     "ACTIVITY_CSV",
@@ -198,13 +198,13 @@ class ActivityWriter:
         data = activity_csv_bytes(figures)
         state = self._written.setdefault(folder, _Written())
         if data != state.csv:
-            atomic_write(folder / ACTIVITY_CSV, lambda h: _put(h, data))
+            atomic.atomic_write(folder / ACTIVITY_CSV, lambda h: _put(h, data))
             state.csv = data
         now = self.clock()
         due = final or now - state.plotted_at >= self.plot_every_s
         if state.plotted == data or not due:
             return False
-        atomic_write(folder / ACTIVITY_PNG, lambda h: plot_activity(figures, h, title=title))
+        atomic.atomic_write(folder / ACTIVITY_PNG, lambda h: plot_activity(figures, h, title=title))
         state.plotted, state.plotted_at = data, now
         return True
 

@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster crops in one batch (the old tool's flags)",
         description="Embed crops and cluster them in one batch; writes clusters.csv, "
         "errors.csv, embeddings.pkl (not when re-clustering --from-embeddings) and, "
-        "with labels, eval.json into the output folder.",
+        "with labels, eval.json into the output folder (and with --gallery the gallery "
+        "index.html).",
     )
     _add_cluster_arguments(cluster)
     simulate = sub.add_parser(
@@ -443,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the daemon: watch a folder, cluster crops as they land",
         description="Watch the crop folder, embed new crops in micro-batches, assign them to "
         "clusters incrementally, keep the state in the state folder and snapshots "
-        "(clusters.csv, merges.csv, errors.csv, embeddings/ parts; embeddings.pkl and "
+        "(clusters.csv, merges.csv, errors.csv, embeddings/ parts, the gallery index.html "
+        "with thumbs/ and activity.png; embeddings.pkl and "
         "summary.json when a session closes) in the output folder, one folder per "
         "session (OUT/<id>/, OUT/current the newest) unless session.split = none. "
         "SIGTERM or Ctrl-C stops cleanly with a final snapshot.",
@@ -472,10 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     gallery = sub.add_parser(
         "gallery",
         help="write the cluster gallery of a batch output folder",
-        description="Write index.html (open it in a browser, offline), thumbs/, "
-        "activity.csv and activity.png next to each clusters.csv in OUT (or in its "
-        "session folders). Relative crop names are read from the current folder. "
-        "Thumbnails already made are kept.",
+        description="Write index.html (open it in a browser, offline), thumbs/ (keeping those "
+        "made before), activity.csv and activity.png next to each clusters.csv in OUT or its "
+        "session folders. Relative crop names are read from the current folder.",
     )
     gallery.add_argument("out", type=Path, metavar="OUT", help="the batch command's output folder")
     gallery.add_argument("--config", type=Path,

@@ -28,7 +28,7 @@ from typing import BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
-from .atomic import atomic_write
+from . import atomic
 from .summary import SessionSummary
 from .thumbs import thumb_name
 
@@ -114,7 +114,7 @@ def _put(path: Path, data: bytes) -> None:
     def write(handle: BinaryIO) -> None:
         handle.write(data)
 
-    atomic_write(path, write)
+    atomic.atomic_write(path, write)
 
 
 def _digest(data: bytes) -> str:

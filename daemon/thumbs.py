@@ -19,6 +19,8 @@ from typing import BinaryIO, Final
 
 from PIL import Image
 
+# Imported by name, not through the module: scripts/soak.py slows the snapshot's
+# writes by patching atomic.atomic_write, and thumbnails are the link stage's.
 from .atomic import atomic_write
 from .images import DEFAULT_BACKGROUND, RGB, DecodeError, load_rgb
 from .log import get_logger
