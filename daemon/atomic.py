@@ -80,7 +80,7 @@ def remove_stale_temp_files(path: Path) -> int:
     return removed
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, sync: bool = True) -> None:
     """Replace ``path`` with what ``write`` writes to the binary file it is given.
 
     The data goes to a hidden temporary file in the same folder
@@ -88,7 +88,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     ``path`` and the folder fsynced. On any error (including an ``OSError`` such
     as ENOSPC, which propagates unchanged) the temporary file is removed and the
     previous ``path`` is left intact. The new file keeps the old file's mode, or
-    gets ``0o666`` minus the umask.
+    gets ``0o666`` minus the umask. ``sync=False`` skips both fsyncs: readers
+    still never see a partial file, but a power cut may leave an empty one (for
+    files that can be made again, such as thumbnails, where two fsyncs per file
+    would cost more than the file).
     """
     path = Path(path)
     folder = path.parent
@@ -102,14 +105,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(handle)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         # BaseException too: a Ctrl-C mid-write must not leave temp files behind.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(folder)
+    if sync:
+        _fsync_dir(folder)
 
 
 def replace_symlink(link: Path, target: str) -> bool:

@@ -178,6 +178,9 @@ def _add_new_options(new: argparse._ArgumentGroup) -> None:
     new.add_argument("--config", type=Path, help="TOML config file (flags override it)")
     new.add_argument("--check-config", action="store_true",
                      help="validate the configuration, print it and exit")  # fmt: skip
+    new.add_argument("--gallery", action="store_true",
+                     help="also write the cluster gallery (index.html, thumbs/, "
+                     "activity.png) next to each clusters.csv")  # fmt: skip
     new.add_argument("--recursive", action="store_true", default=None,
                      help="scan input directories recursively")  # fmt: skip
     new.add_argument("--session-split", choices=_SPLITS,
@@ -425,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster crops in one batch (the old tool's flags)",
         description="Embed crops and cluster them in one batch; writes clusters.csv, "
         "errors.csv, embeddings.pkl (not when re-clustering --from-embeddings) and, "
-        "with labels, eval.json into the output folder.",
+        "with labels, eval.json into the output folder (and with --gallery the gallery "
+        "index.html).",
     )
     _add_cluster_arguments(cluster)
     simulate = sub.add_parser(
@@ -440,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the daemon: watch a folder, cluster crops as they land",
         description="Watch the crop folder, embed new crops in micro-batches, assign them to "
         "clusters incrementally, keep the state in the state folder and snapshots "
-        "(clusters.csv, merges.csv, errors.csv, embeddings/ parts; embeddings.pkl and "
+        "(clusters.csv, merges.csv, errors.csv, embeddings/ parts, the gallery index.html "
+        "with thumbs/ and activity.png; embeddings.pkl and "
         "summary.json when a session closes) in the output folder, one folder per "
         "session (OUT/<id>/, OUT/current the newest) unless session.split = none. "
         "SIGTERM or Ctrl-C stops cleanly with a final snapshot.",
@@ -466,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
         "embeddings/ Parquet parts.",
     )
     _add_export_arguments(export)
+    gallery = sub.add_parser(
+        "gallery",
+        help="write the cluster gallery of a batch output folder",
+        description="Write index.html (open it in a browser, offline), thumbs/ (keeping those "
+        "made before), activity.csv and activity.png next to each clusters.csv in OUT or its "
+        "session folders. Relative crop names are read from the current folder.",
+    )
+    gallery.add_argument("out", type=Path, metavar="OUT", help="the batch command's output folder")
+    gallery.add_argument("--config", type=Path,
+                         help="TOML config file (input.background, input.time_format)")  # fmt: skip
     return parser
 
 
@@ -512,6 +527,34 @@ def _cmd_cluster(ns: argparse.Namespace) -> int:
         print(f"crop-clusterd cluster: {exc}", file=sys.stderr)
         return 1
     _print_summary(result)
+    if ns.gallery:
+        return _write_galleries(config.output.folder, config, "cluster")
+    return 0
+
+
+def _cmd_gallery(ns: argparse.Namespace) -> int:
+    try:
+        config = load_config(ns.config, embedders=_embedder_names())
+    except ConfigError as exc:
+        print(f"crop-clusterd: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log.format, config.log.level)
+    return _write_galleries(ns.out, config, "gallery")
+
+
+def _write_galleries(out: Path, config: Config, command: str) -> int:
+    from .gallerybuild import build_galleries
+
+    try:
+        built = build_galleries(
+            out, background=config.input.background_rgb, time_format=config.input.time_format
+        )
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"crop-clusterd {command}: {exc}", file=sys.stderr)
+        return 1
+    for b in built:
+        missing = f", {b.thumbs_failed} crops without a thumbnail" if b.thumbs_failed else ""
+        print(f"gallery of {b.crops} crops, {b.clusters} clusters{missing}: {b.page}")
     return 0
 
 
@@ -543,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_status(ns)
     if ns.command == "export":
         return _cmd_export(ns)
+    if ns.command == "gallery":
+        return _cmd_gallery(ns)
     if ns.command == "simulate":
         from .simulate import main as simulate_main
 

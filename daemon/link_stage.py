@@ -12,7 +12,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +68,8 @@ class LinkStage(Stage[MicroBatch, None]):
     seconds (``clock``) without a commit. After each commit the paths whose
     rows it changed (:func:`~crop_clusterd.identity.touched_paths`) go to
     ``committed_paths``, so that the intake's registry lets them go.
+    ``after_commit`` is called with the session id and its committed crops
+    after each commit (the gallery's thumbnails); it must not raise.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class LinkStage(Stage[MicroBatch, None]):
         max_backoff_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        after_commit: Callable[[str, Sequence[CommittedCrop]], None] | None = None,
     ) -> None:
         super().__init__("link", inbox, None, stopping)
         self.book = book
@@ -101,6 +104,7 @@ class LinkStage(Stage[MicroBatch, None]):
         self.max_backoff_s = max_backoff_s
         self.clock = clock
         self.wall = wall
+        self.after_commit = after_commit
         self.commit_error: str | None = None
         self._index_saved_at = clock()
         self._last_commit = clock()
@@ -222,6 +226,12 @@ class LinkStage(Stage[MicroBatch, None]):
             self.committed_paths.put(tuple(touched_paths(names, moved)))
         self.next_seq += len(committed)
         session.crops = len(session.linker)
+        if self.after_commit is not None:
+            self.progress.begin("thumbs")
+            try:
+                self.after_commit(session.id, committed)
+            finally:
+                self.progress.end("thumbs")
         self._report(
             session, committed, merges, skipped, moved, [item.ready_at[i] for i in part.rows]
         )

@@ -4,8 +4,10 @@ The daemon's truth is the state database; the output folder is a view of it that
 other programs poll. :class:`SnapshotWriter` reads the database through its own
 read-only connection (so it never blocks the link stage's commits) and writes
 each session's folder (:func:`~crop_clusterd.sessionfiles.session_folder`):
-``clusters.csv``, ``merges.csv``, ``errors.csv``, the ``embeddings/`` Parquet
-parts, the optional cluster folders, and when the session closes
+``clusters.csv``, ``merges.csv``, ``errors.csv``, ``activity.csv`` and
+``activity.png``, the gallery (``index.html``, ``gallery/``; thumbnails are
+the link stage's), the ``embeddings/`` Parquet parts, the optional cluster
+folders, and when the session closes
 ``embeddings.pkl`` and ``summary.json`` (last, so its presence means final).
 ``OUT/current`` links to the newest session's folder. Every file is replaced
 atomically.
@@ -37,16 +39,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from .activity import ACTIVITY_CSV, ActivityWriter
 from .atomic import remove_stale_temp_files
 from .config import OutputConfig
 from .csvfiles import CLUSTERS_CSV
 from .defaults import ALL_SESSION
 from .embfile import EMBEDDINGS_PKL
+from .gallery import INDEX_HTML, GalleryCrops, GalleryWriter
 from .log import get_logger
 from .outputfiles import FolderWriter, Listing, OutputFiles, SnapshotError
 from .sessionfiles import CURRENT_LINK, check_locals, live_current, read_session, session_folder
 from .store import DB_NAME, StateError, StateStore, StoredMerge, StoredSession, StoredSkip
-from .summary import SUMMARY_JSON, read_summary, summarize
+from .summary import SUMMARY_JSON, SessionSummary, read_summary, summarize
 
 if TYPE_CHECKING:
     from .sessions import SessionRule
@@ -106,8 +110,10 @@ class _OpenCache:
     def reset(self) -> None:
         """Forget the cached rows (kept: where the parts are)."""
         self.names: list[str] = []
+        self.frames: list[str | None] = []
         self._seqs = np.empty(0, dtype=np.int64)
         self._stored = np.empty(0, dtype=np.int64)
+        self._times = np.empty(0, dtype=np.float64)
         self.merges: list[StoredMerge] = []
         self.skipped: list[StoredSkip] = []
         self.retired: frozenset[int] = frozenset()
@@ -125,20 +131,33 @@ class _OpenCache:
         """Each crop's cluster id at commit, indexed by local number."""
         return self._stored[: len(self.names)]
 
+    @property
+    def times(self) -> npt.NDArray[np.float64]:
+        """Each crop's capture time (seconds, NaN when unknown), indexed by local number."""
+        return self._times[: len(self.names)]
+
     def append(
-        self, seqs: npt.NDArray[np.int64], names: Sequence[str], stored: npt.NDArray[np.int64]
+        self,
+        seqs: npt.NDArray[np.int64],
+        names: Sequence[str],
+        stored: npt.NDArray[np.int64],
+        times: npt.NDArray[np.float64],
+        frames: Sequence[str | None],
     ) -> None:
         """Add rows; capacity doubles so a long session copies each row O(1) times."""
         n, k = len(self.names), len(names)
         if n + k > len(self._stored):
             capacity = max(n + k, 2 * len(self._stored), 1024)
-            for attr in ("_seqs", "_stored"):
-                grown = np.empty(capacity, dtype=np.int64)
-                grown[:n] = getattr(self, attr)[:n]
+            for attr in ("_seqs", "_stored", "_times"):
+                old = getattr(self, attr)
+                grown = np.empty(capacity, dtype=old.dtype)
+                grown[:n] = old[:n]
                 setattr(self, attr, grown)
         self._seqs[n : n + k] = seqs
         self._stored[n : n + k] = stored
+        self._times[n : n + k] = times
         self.names.extend(names)
+        self.frames.extend(frames)
 
 
 class SnapshotWriter:
@@ -151,7 +170,9 @@ class SnapshotWriter:
     (``clusters/``) and ``dedup`` (``dedup/``). ``session`` is the session
     rule: with ``split = "none"`` (or None) the one session writes straight
     into ``folder``, else each session into ``folder/<id>/``. ``files`` is the
-    seam that writes each file. Not thread-safe: call from one thread.
+    seam that writes each file. ``plot_every_s`` limits how often the open
+    session's ``activity.png`` is redrawn (wall-clock seconds; a closed
+    session's is drawn at close). Not thread-safe: call from one thread.
     """
 
     def __init__(
@@ -162,6 +183,7 @@ class SnapshotWriter:
         session: SessionRule | None = None,
         files: OutputFiles | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        plot_every_s: float = 60.0,
     ) -> None:
         self.state_folder = Path(state_folder)
         self.out = Path(output.folder)
@@ -174,6 +196,8 @@ class SnapshotWriter:
             dedup=output.dedup,
         )
         self._clock = clock
+        self._activity = ActivityWriter(plot_every_s=plot_every_s)
+        self._gallery = GalleryWriter()
         self._store: StateStore | None = None
         self._store_ino: tuple[int, int] | None = None
         self._cache: _OpenCache | None = None
@@ -306,7 +330,13 @@ class SnapshotWriter:
             raise StateError(f"cannot read state database {store.path}: {exc}") from exc
         skip = 1 if n else 0
         check_locals(store, session.id, rows.locals[skip:], n)
-        cache.append(rows.seqs[skip:], rows.paths[skip:], rows.clusters[skip:])
+        cache.append(
+            rows.seqs[skip:],
+            rows.paths[skip:],
+            rows.clusters[skip:],
+            rows.times[skip:],
+            rows.frames[skip:],
+        )
         cache.merges.extend(new_merges)
         cache.skipped = skipped
         return cache
@@ -431,7 +461,13 @@ class SnapshotWriter:
         if vectors is not None and self.save_embeddings:
             w.pickle(folder, [crops.paths[i] for i in live.tolist()], vectors)
         w.listing(folder, Listing(crops.paths, live, current, rows.merges, rows.skipped), vectors)
+        names = [crops.paths[i] for i in live.tolist()]
+        self._write_activity(folder, session.id, current, crops.times[live], final=True)
         summary = summarize(session.id, current, crops.times[live], closed=session.closed)
+        frames = [crops.frames[i] for i in live.tolist()]
+        gallery = GalleryCrops(names, current, crops.times[live], frames)
+        self._write_gallery(folder, summary, gallery)
+        self._gallery.forget(folder)
         w.summary(folder, summary)
         self._final[session.id] = session.closed
         if self._cache is not None and self._cache.id == session.id:
@@ -471,7 +507,42 @@ class SnapshotWriter:
             if final and self.save_embeddings:
                 w.pickle(folder, [cache.names[i] for i in live.tolist()], vectors)
         listing = Listing(cache.names, live, current, cache.merges, cache.skipped)
-        return w.listing(folder, listing, vectors)
+        clusters = w.listing(folder, listing, vectors)
+        times = cache.times[live]
+        self._write_activity(folder, cache.id, current, times, final=final)
+        ids = live.tolist()
+        crops = GalleryCrops(
+            [cache.names[i] for i in ids], current, times, [cache.frames[i] for i in ids]
+        )
+        self._write_gallery(folder, summarize(cache.id, current, times), crops)
+        return clusters
+
+    def _write_gallery(self, folder: Path, summary: SessionSummary, crops: GalleryCrops) -> None:
+        """The session's ``index.html`` and the data blocks that changed."""
+        title = "" if summary.session == ALL_SESSION else f"session {summary.session}"
+        self._folders.step(
+            folder / INDEX_HTML,
+            lambda: self._gallery.write(folder, crops, summary, title=title),
+        )
+
+    def _write_activity(
+        self,
+        folder: Path,
+        session: str,
+        current: npt.NDArray[np.int64],
+        times: npt.NDArray[np.float64],
+        *,
+        final: bool,
+    ) -> None:
+        """``activity.csv`` and (when due) ``activity.png`` of one session's live crops."""
+        target = folder / ACTIVITY_CSV
+        title = "" if session == ALL_SESSION else f"session {session}"
+        self._folders.step(
+            target,
+            lambda: self._activity.write(folder, current, times, final=final, title=title),
+        )
+        if final:
+            self._activity.forget(folder)
 
     def _open_vectors(self, store: StateStore, cache: _OpenCache) -> npt.NDArray[np.float32]:
         """The open session's vectors in local order, for the rows cached."""

@@ -49,6 +49,7 @@ from .stage import Stop
 from .statelock import StateLock
 from .store import StateError, StateStore, session_cluster_sizes
 from .storedfiles import StoredFiles
+from .thumbs import ThumbWriter
 from .watch import DirMtimes, ObserverFactory, Watcher
 
 log = get_logger(__name__)
@@ -294,6 +295,7 @@ class Daemon:
             shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,
+            after_commit=ThumbWriter(config.output.folder, background=config.input.background_rgb),
         )
         return Pipeline(
             store=store,

@@ -21,3 +21,4 @@ wait "$simulator" || true
 # points at it.
 .venv/bin/python scripts/score.py demo/out/current/clusters.csv demo/session/labels.csv
 echo "clusters: demo/out/current/clusters.csv   folders: demo/out/current/clusters/   state: demo/state/"
+echo "gallery: open $(pwd)/demo/out/current/index.html in a browser (offline, from the file system)"

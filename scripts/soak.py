@@ -183,14 +183,14 @@ def install_child_hooks(spec: ChildSpec, embedder: Any) -> None:
 
     atomic_write = atomic.atomic_write
 
-    def slow_atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    def slow_atomic_write(path: Path, write: Callable[[Any], None], *, sync: bool = True) -> None:
         def slow(handle: Any) -> None:
             write(handle)
             # The temp file now holds the data; it is neither fsynced nor renamed.
             log.info("soak_snapshot_tmp", file=Path(path).name)
             time.sleep(spec.snapshot_delay_s)
 
-        atomic_write(path, slow)
+        atomic_write(path, slow, sync=sync)
         log.info("soak_snapshot_tmp_done", file=Path(path).name)
 
     # Every output writer calls atomic.atomic_write through the module, so this

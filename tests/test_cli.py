@@ -692,7 +692,7 @@ def test_a_bad_flag_value_gets_the_files_error_and_names_the_flag(
 def test_every_flag_is_in_its_table_or_is_no_setting(command: str) -> None:
     not_settings = {
         "cluster": {"help", "input", "config", "check_config", "from_embeddings", "labels",
-                    "labels_from_folders", "num_classes"},
+                    "labels_from_folders", "num_classes", "gallery"},
         "run": {"help", "config", "check_config", "exit_when_idle"},
     }[command]  # fmt: skip
     sub = cli.build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr,index]

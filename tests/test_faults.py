@@ -216,10 +216,15 @@ def test_failing_snapshots_keep_the_previous_files_and_the_daemon_ingesting(
         assert set(csv_names(config)) == first
         # embeddings.pkl comes at stop; while running, embeddings are appended parts.
         assert sorted(p.name for p in config.output.folder.iterdir()) == [
+            "activity.csv",
+            "activity.png",
             "clusters.csv",
             "embeddings",
             "errors.csv",
+            "gallery",
+            "index.html",
             "merges.csv",
+            "thumbs",
         ]
         assert files.failures >= 1
         failed = named(log_lines, "snapshot_failed")

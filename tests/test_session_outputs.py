@@ -14,11 +14,13 @@ import numpy.typing as npt
 import pytest
 from structlog.testing import capture_logs
 
+from crop_clusterd.activity import ACTIVITY_CSV, ACTIVITY_PNG
 from crop_clusterd.cli import main
 from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import read_clusters_csv, read_errors_csv
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.embparts import EMBEDDINGS_DIR, read_parts
+from crop_clusterd.gallery import GALLERY_DIR, INDEX_HTML
 from crop_clusterd.records import (
     Assignment,
     CommittedCrop,
@@ -124,9 +126,13 @@ def test_each_session_has_its_folder_and_current_points_at_the_newest(
     assert sorted(p.name for p in out.iterdir()) == [A, CURRENT_LINK]
     assert os.readlink(out / CURRENT_LINK) == A  # relative
     assert sorted(p.name for p in (out / A).iterdir()) == [
+        ACTIVITY_CSV,
+        ACTIVITY_PNG,
         "clusters.csv",
         EMBEDDINGS_DIR,
         "errors.csv",
+        GALLERY_DIR,
+        INDEX_HTML,
         "merges.csv",
     ]
     assert read_errors_csv(out / CURRENT_LINK / "errors.csv") == [("bad.png", "truncated image")]
@@ -373,9 +379,13 @@ def test_split_none_keeps_the_layout_from_before_sessions(tmp_path: Path) -> Non
     w.write_if_changed(now=T0)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
+        ACTIVITY_CSV,
+        ACTIVITY_PNG,
         "clusters.csv",
         EMBEDDINGS_DIR,
         "errors.csv",
+        GALLERY_DIR,
+        INDEX_HTML,
         "merges.csv",
     ]
     w.write(now=T0)

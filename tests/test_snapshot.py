@@ -17,12 +17,14 @@ import numpy.typing as npt
 import pytest
 from structlog.testing import capture_logs
 
+from crop_clusterd.activity import ACTIVITY_CSV, ACTIVITY_PNG
 from crop_clusterd.atomic import atomic_write
 from crop_clusterd.clusterdirs import CLUSTER_DIRS, DEDUP_DIRS, NOT_CLUSTERED
 from crop_clusterd.config import OutputConfig
 from crop_clusterd.csvfiles import CLUSTERS_CSV, ERRORS_CSV, MERGES_CSV, read_clusters_csv
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.embparts import EMBEDDINGS_DIR, read_parts
+from crop_clusterd.gallery import GALLERY_DIR, INDEX_HTML
 from crop_clusterd.records import (
     Assignment,
     CommittedCrop,
@@ -143,10 +145,14 @@ def test_snapshot_files_match_the_store(tmp_path: Path, built: Builder) -> None:
     assert report.seconds >= 0
     # No temporary files left behind, and no folders when they are not asked for.
     assert sorted(p.name for p in out.iterdir()) == [
+        ACTIVITY_CSV,
+        ACTIVITY_PNG,
         "clusters.csv",
         EMBEDDINGS_DIR,
         "embeddings.pkl",
         "errors.csv",
+        GALLERY_DIR,
+        INDEX_HTML,
         "merges.csv",
     ]
 
@@ -437,6 +443,10 @@ def test_output_name_constants_are_what_the_writers_write(tmp_path: Path, built:
     b.commit([0, 0, 2], skipped=["bad.png"])
     SnapshotWriter(tmp_path / "state", output(tmp_path)).write(now=T0)
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        ACTIVITY_CSV,
+        ACTIVITY_PNG,
+        GALLERY_DIR,
+        INDEX_HTML,
         CLUSTERS_CSV,
         EMBEDDINGS_DIR,
         EMBEDDINGS_PKL,
@@ -446,5 +456,6 @@ def test_output_name_constants_are_what_the_writers_write(tmp_path: Path, built:
     folders = replace(output(tmp_path, gen_cluster_dirs=True, dedup=True), folder=tmp_path / "o2")
     SnapshotWriter(tmp_path / "state2", folders).write(now=T0)
     files = {CLUSTERS_CSV, EMBEDDINGS_DIR, EMBEDDINGS_PKL, MERGES_CSV, ERRORS_CSV}
+    files |= {ACTIVITY_CSV, ACTIVITY_PNG, GALLERY_DIR, INDEX_HTML}
     assert {p.name for p in (tmp_path / "o2").iterdir()} == files | {CLUSTER_DIRS, DEDUP_DIRS}
     assert (tmp_path / "o2" / CLUSTER_DIRS / NOT_CLUSTERED).is_dir()

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""How long the gallery takes to write and to open in headless Chromium (issue 12).
+
+Run from the repository root with the package, playwright and Debian's chromium::
+
+    python scripts/bench_gallery.py --crops 20000 --clusters 2000
+    python scripts/bench_gallery.py --crops 100000 --clusters 10000 --json /tmp/g.json
+
+A synthetic night: ``crops`` crop names over ``clusters`` clusters (sizes drawn
+from a geometric law, so many singletons and a few large clusters), capture
+times across 8 hours; every thumbnail is a hard link to a small JPEG (the
+page loads only the visible ones, lazily). Figures: seconds to write the
+gallery from scratch and again after one cluster grew (what a snapshot pays),
+bytes of data, and the page's open time in Chromium (navigation to the first
+rows rendered, and to its visible thumbnails loaded), best of ``--opens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from crop_clusterd.gallery import GALLERY_DIR, INDEX_HTML, GalleryCrops, GalleryWriter
+from crop_clusterd.summary import summarize
+from crop_clusterd.thumbs import THUMBS_DIR, thumb_name
+
+T0 = 1_719_871_200.0  # 2024-07-01 22:00 local capture time
+
+
+def night(crops: int, clusters: int, seed: int) -> GalleryCrops:
+    """A synthetic night; a cluster's id is its first crop's number, as in the daemon."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, clusters, size=crops)
+    labels[: min(clusters, crops)] = np.arange(min(clusters, crops))  # every cluster used
+    skew = rng.geometric(0.3, size=crops)  # a few clusters much larger than the rest
+    labels = np.where(skew > 4, labels % max(1, clusters // 50), labels)
+    order = np.argsort(rng.random(crops))
+    labels = labels[order]
+    first: dict[int, int] = {}
+    for i, c in enumerate(labels.tolist()):
+        first.setdefault(c, i)
+    ids = np.array([first[c] for c in labels.tolist()], dtype=np.int64)
+    times = T0 + np.sort(rng.uniform(0, 8 * 3600, size=crops))
+    names = [
+        f"/traps/night1/f{i // 10:06d}/crops/crop_20240701_{i // 10:06d}_CROPNUMBER_{i % 10}.png"
+        for i in range(crops)
+    ]
+    frames = [f"f{i // 10}" for i in range(crops)]
+    return GalleryCrops(names, ids, times, frames)
+
+
+def link_thumbs(folder: Path, names: Sequence[str]) -> None:
+    """Every crop's thumbnail: a hard link to one small JPEG."""
+    thumbs = folder / THUMBS_DIR
+    thumbs.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        one = folder / f"one-{i // 50_000}.jpg"  # under ext4's 65,000 links a file
+        if i % 50_000 == 0:
+            Image.new("RGB", (96, 72), (150, 90, 40)).save(one, "JPEG")
+        os.link(one, thumbs / thumb_name(name))
+
+
+def open_times(page_path: Path, chromium: str, opens: int) -> dict[str, float]:
+    """Best-of seconds to the first rows rendered and to the visible thumbnails loaded."""
+    from playwright.sync_api import sync_playwright
+
+    best: dict[str, float] = {"rows_s": float("inf"), "thumbs_s": float("inf")}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        for _ in range(opens):
+            page: Any = browser.new_page(viewport={"width": 1280, "height": 900})
+            t0 = time.perf_counter()
+            page.goto(page_path.as_uri())
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            rows = time.perf_counter() - t0
+            page.wait_for_function(
+                """() => Array.from(document.querySelectorAll('.strip img')).filter(i => {
+                     const r = i.getBoundingClientRect(); return r.top < innerHeight;
+                   }).every(i => i.complete && i.naturalWidth > 0)""",
+                timeout=60_000,
+            )
+            thumbs = time.perf_counter() - t0
+            best = {"rows_s": min(best["rows_s"], rows), "thumbs_s": min(best["thumbs_s"], thumbs)}
+            page.close()
+        browser.close()
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the gallery of a synthetic night, open it, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--crops", type=int, default=20_000)
+    parser.add_argument("--clusters", type=int, default=2_000)
+    parser.add_argument("--opens", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    crops = night(args.crops, args.clusters, args.seed)
+    summary = summarize("bench", crops.clusters, crops.times)
+    with tempfile.TemporaryDirectory(prefix="bench-gallery-") as tmp:
+        folder = Path(tmp)
+        writer = GalleryWriter()
+        t0 = time.perf_counter()
+        blocks = writer.write(folder, crops, summary, title="bench")
+        first_s = time.perf_counter() - t0
+        grown = GalleryCrops(
+            [*crops.names, crops.names[0] + ".late.png"],
+            np.append(crops.clusters, crops.clusters[0]),
+            np.append(crops.times, crops.times[-1] + 1),
+            [*crops.frames, "late"],
+        )
+        t0 = time.perf_counter()
+        rewritten = writer.write(folder, grown, summary, title="bench")
+        again_s = time.perf_counter() - t0
+        data = sum(p.stat().st_size for p in (folder / GALLERY_DIR).iterdir())
+        link_thumbs(folder, grown.names)
+        figures: dict[str, object] = {
+            "crops": len(grown.names),
+            "clusters": summary.clusters,
+            "singletons": summary.singletons,
+            "blocks": blocks,
+            "write_s": round(first_s, 3),
+            "rewrite_one_cluster_s": round(again_s, 3),
+            "blocks_rewritten": rewritten,
+            "data_bytes": data,
+        }
+        if chromium is None:
+            figures["open"] = "no chromium"
+        else:
+            opened = open_times(folder / INDEX_HTML, chromium, args.opens)
+            figures |= {k: round(v, 3) for k, v in opened.items()}
+    print(json.dumps(figures, indent=1))
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
