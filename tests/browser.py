@@ -62,7 +62,7 @@ class BrowserPage:
 
     def __post_init__(self) -> None:
         self.pw.on("console", self._on_console)
-        self.pw.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        self.pw.on("pageerror", lambda exc: self.page_errors.append(f"{exc.name}: {exc.message}"))
         self.pw.on("requestfailed", self._on_request_failed)
 
     def _on_console(self, message: ConsoleMessage) -> None:

@@ -98,7 +98,7 @@ def test_uncaught_exception_and_console_error_are_caught(page: BrowserPage, tmp_
     with page.pw.expect_event("pageerror"):  # it arrives after the click has returned
         page.pw.click("#boom")
 
-    assert any("index.json is corrupt" in m for m in page.page_errors)
+    assert page.page_errors == ["Error: index.json is corrupt"]
     assert page.console_errors == ["stale data"]
     with pytest.raises(AssertionError, match=r"uncaught: .*index\.json is corrupt"):
         page.assert_clean()
