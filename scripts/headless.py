@@ -58,8 +58,10 @@ def browser_missing() -> str | None:
     if reason is not None:
         return reason
     if find_chromium() is None:
-        where = os.environ.get(CHROMIUM_ENV) or "PATH (" + ", ".join(CANDIDATES) + ")"
-        return f"no Chromium found on {where}; apt-get install chromium (.ci/run does)"
+        explicit = os.environ.get(CHROMIUM_ENV)
+        if explicit:
+            return f"{CHROMIUM_ENV}={explicit} is not an executable file"
+        return f"no {'/'.join(CANDIDATES)} on PATH; apt-get install chromium (.ci/run does)"
     return None
 
 
