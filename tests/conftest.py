@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
+from browser import BrowserPage, open_tab, start_browser
 
 from crop_clusterd import log as log_mod
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 # The real sample crops live next to the repository, never inside it.
 SEED_EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "seed-example"
@@ -70,3 +75,18 @@ def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     logging.getLogger("crop_clusterd").setLevel(logging.NOTSET)
     logging.captureWarnings(False)
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """One headless system Chromium for the whole run (tests/browser.py); skips when absent."""
+    yield from start_browser()
+
+
+@pytest.fixture
+def page(chromium: Browser, tmp_path: Path) -> Iterator[BrowserPage]:
+    """A fresh offline tab that records console errors and failed requests.
+
+    Screenshots go to ``tmp_path``; see tests/browser.py for what it offers.
+    """
+    yield from open_tab(chromium, tmp_path)
