@@ -62,42 +62,41 @@ def visible_images_loaded(page: Any) -> tuple[int, int]:
     return result[0], result[1]
 
 
-def test_the_page_in_chromium(out: Path, tmp_path: Path) -> None:
+def test_the_page_in_chromium(out: Path, tmp_path: Path, chromium: Any) -> None:
     rows = read_clusters_csv(out / "clusters.csv")
     sizes = Counter(c for _, c in rows)
     errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto((out / INDEX_HTML).as_uri())
-        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
-        page.wait_for_load_state("networkidle")
-        page.evaluate("() => window.galleryShowAll()")
-        assert page.locator("section.row").count() == len(sizes)
-        page.evaluate("() => window.scrollTo(0, 0)")
-        page.wait_for_load_state("networkidle")
-        page.wait_for_timeout(300)
-        seen, loaded = visible_images_loaded(page)
-        assert seen > 1 and loaded == seen, "every visible thumbnail (and the plot) loaded"
-        page.screenshot(path=str(tmp_path / "gallery.png"))
+    # The run's one Chromium (conftest): a second sync Playwright would clash with it.
+    page = chromium.new_page(viewport={"width": 1200, "height": 900})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((out / INDEX_HTML).as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    page.wait_for_load_state("networkidle")
+    page.evaluate("() => window.galleryShowAll()")
+    assert page.locator("section.row").count() == len(sizes)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(300)
+    seen, loaded = visible_images_loaded(page)
+    assert seen > 1 and loaded == seen, "every visible thumbnail (and the plot) loaded"
+    page.screenshot(path=str(tmp_path / "gallery.png"))
 
-        shown = page.eval_on_selector_all("section.row", "rs => rs.map(r => +r.dataset.size)")
-        assert shown == sorted(shown, key=lambda n: (n == 1, -n)), "by size, singletons last"
-        page.select_option("#sort", "first")
-        firsts = page.eval_on_selector_all(
-            "section.row:not(.singleton)", "rs => rs.map(r => r.dataset.first)"
-        )
-        assert firsts == sorted(firsts)
-        page.fill("#minsize", "2")
-        page.dispatch_event("#minsize", "input")
-        assert page.locator("section.row").count() == sum(n >= 2 for n in sizes.values())
+    shown = page.eval_on_selector_all("section.row", "rs => rs.map(r => +r.dataset.size)")
+    assert shown == sorted(shown, key=lambda n: (n == 1, -n)), "by size, singletons last"
+    page.select_option("#sort", "first")
+    firsts = page.eval_on_selector_all(
+        "section.row:not(.singleton)", "rs => rs.map(r => r.dataset.first)"
+    )
+    assert firsts == sorted(firsts)
+    page.fill("#minsize", "2")
+    page.dispatch_event("#minsize", "input")
+    assert page.locator("section.row").count() == sum(n >= 2 for n in sizes.values())
 
-        name, cluster = next((n, c) for n, c in rows if sizes[c] == 1)
-        page.fill("#search", Path(name).name)
-        page.press("#search", "Enter")
-        assert page.get_attribute("body", "data-found") == str(cluster)
-        assert page.locator(f"#c{cluster}.hit").count() == 1
-        browser.close()
+    name, cluster = next((n, c) for n, c in rows if sizes[c] == 1)
+    page.fill("#search", Path(name).name)
+    page.press("#search", "Enter")
+    assert page.get_attribute("body", "data-found") == str(cluster)
+    assert page.locator(f"#c{cluster}.hit").count() == 1
+    page.close()
     assert errors == []
