@@ -38,12 +38,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchgrid import _embed_flags, prepare_embeddings
+from benchgrid import _embed_flags, add_embedder_arguments, prepare_embeddings
 
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.cli import build_parser, config_from_args
 from crop_clusterd.csvfiles import read_clusters_csv
-from crop_clusterd.defaults import DEFAULT_EMBEDDER, METHODS
+from crop_clusterd.defaults import METHODS
 from crop_clusterd.embfile import EMBEDDINGS_PKL, load_embeddings_pickle
 from crop_clusterd.evaluate import Evaluation, load_labels_csv, match_labels
 from crop_clusterd.flatbug import TimeFormat
@@ -151,14 +151,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--config", type=Path, help="TOML config for the re-clusterings")
     p.add_argument("--json", type=Path, help="write every result here")
-    emb = p.add_argument_group("embedder (passed to crop-clusterd cluster)")
-    emb.add_argument("-e", "--embed", default=DEFAULT_EMBEDDER)
-    emb.add_argument("-fp", "--from_pretrained")
-    emb.add_argument("--arch")
-    emb.add_argument("-d", "--device")
-    emb.add_argument("--batch-size", type=int)
-    emb.add_argument("--workers", type=int)
-    emb.add_argument("--allow-download", action="store_true")
+    add_embedder_arguments(p)
     return p.parse_args(argv)
 
 

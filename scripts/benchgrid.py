@@ -116,6 +116,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="TOML config for the re-clusterings (other gating windows)")  # fmt: skip
     p.add_argument("--species", action="store_true",
                    help="also measure cross-species / look-alike mixing per run")  # fmt: skip
+    add_embedder_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
+    """The embedder flags passed on to ``crop-clusterd cluster`` (see :func:`_embed_flags`)."""
     emb = p.add_argument_group("embedder (passed to crop-clusterd cluster)")
     emb.add_argument("-e", "--embed", default=DEFAULT_EMBEDDER)
     emb.add_argument("-fp", "--from_pretrained")
@@ -124,7 +130,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     emb.add_argument("--batch-size", type=int)
     emb.add_argument("--workers", type=int)
     emb.add_argument("--allow-download", action="store_true")
-    return p.parse_args(argv)
 
 
 def _embed_flags(ns: argparse.Namespace) -> list[str]:
