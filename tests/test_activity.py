@@ -14,7 +14,7 @@ import pytest
 from fakes import ColourEmbedder
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_session_daemon import NIGHTS, copy_frames, night_config, night_rows, two_nights
+from test_session_daemon import NIGHTS, daemon_over_two_nights, night_rows
 
 from crop_clusterd.activity import (
     ACTIVITY_CSV,
@@ -25,7 +25,6 @@ from crop_clusterd.activity import (
     activity_csv_bytes,
 )
 from crop_clusterd.embed import register, unregister
-from crop_clusterd.supervisor import Daemon
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -124,12 +123,7 @@ def test_the_plot_is_redrawn_only_when_changed_and_due(tmp_path: Path) -> None:
 
 
 def test_the_daemon_writes_each_nights_activity(tmp_path: Path) -> None:
-    frames = two_nights(tmp_path, frames=4)
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    config = night_config(tmp_path, watch, "cosine")
-    copy_frames(frames, watch)
-    Daemon(config, exit_when_idle_s=1.0).run()
+    config = daemon_over_two_nights(tmp_path)
     for night in NIGHTS:
         folder = config.output.folder / night
         rows = list(csv.DictReader((folder / ACTIVITY_CSV).open()))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fakes import ColourEmbedder
-from test_session_daemon import NIGHTS, copy_frames, night_config, night_rows, two_nights
+from test_session_daemon import NIGHTS, daemon_over_two_nights, night_rows
 
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.gallery import (
@@ -23,7 +23,6 @@ from crop_clusterd.gallery import (
     cluster_rows,
 )
 from crop_clusterd.summary import summarize
-from crop_clusterd.supervisor import Daemon
 from crop_clusterd.thumbs import thumb_name
 
 T0 = 1_719_871_200.0  # 2024-07-01 22:00 local capture time
@@ -121,12 +120,7 @@ def test_a_crop_name_cannot_close_the_script(tmp_path: Path) -> None:
 
 
 def test_the_daemon_writes_each_nights_gallery(tmp_path: Path) -> None:
-    frames = two_nights(tmp_path, frames=4)
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    config = night_config(tmp_path, watch, "cosine")
-    copy_frames(frames, watch)
-    Daemon(config, exit_when_idle_s=1.0).run()
+    config = daemon_over_two_nights(tmp_path)
     for night in NIGHTS:
         folder = config.output.folder / night
         live = night_rows(config, night)

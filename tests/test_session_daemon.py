@@ -77,6 +77,17 @@ def copy_frames(frames: list[Path], watch: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["cosine", "track"])
+def daemon_over_two_nights(tmp: Path) -> Config:
+    """Two short nights run through a daemon (``cosine``) until idle; its config."""
+    frames = two_nights(tmp, frames=4)
+    watch = tmp / "watch"
+    watch.mkdir()
+    config = night_config(tmp, watch, "cosine")
+    copy_frames(frames, watch)
+    Daemon(config, exit_when_idle_s=1.0).run()
+    return config
+
+
 def test_live_equals_batch_per_night_across_the_boundary_and_a_restart(
     tmp_path: Path, method: str
 ) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fakes import ColourEmbedder, write_png
 from PIL import Image
-from test_session_daemon import NIGHTS, copy_frames, night_config, night_rows, two_nights
+from test_session_daemon import NIGHTS, daemon_over_two_nights, night_rows
 
 from crop_clusterd.embed import register, unregister
 from crop_clusterd.records import CommittedCrop, Crop, Embedded
@@ -110,12 +110,7 @@ def test_writer_does_not_raise_when_the_disk_refuses(tmp_path: Path) -> None:
 
 
 def test_the_daemon_makes_one_thumb_per_committed_crop_once(tmp_path: Path) -> None:
-    frames = two_nights(tmp_path, frames=4)
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    config = night_config(tmp_path, watch, "cosine")
-    copy_frames(frames, watch)
-    Daemon(config, exit_when_idle_s=1.0).run()
+    config = daemon_over_two_nights(tmp_path)
     made: dict[Path, int] = {}
     for night in NIGHTS:
         thumbs = config.output.folder / night / THUMBS_DIR
