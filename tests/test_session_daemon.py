@@ -76,7 +76,6 @@ def copy_frames(frames: list[Path], watch: Path) -> None:
         shutil.copytree(frame, watch / frame.name)
 
 
-@pytest.mark.parametrize("method", ["cosine", "track"])
 def daemon_over_two_nights(tmp: Path) -> Config:
     """Two short nights run through a daemon (``cosine``) until idle; its config."""
     frames = two_nights(tmp, frames=4)
@@ -88,6 +87,7 @@ def daemon_over_two_nights(tmp: Path) -> Config:
     return config
 
 
+@pytest.mark.parametrize("method", ["cosine", "track"])
 def test_live_equals_batch_per_night_across_the_boundary_and_a_restart(
     tmp_path: Path, method: str
 ) -> None:
