@@ -54,13 +54,16 @@ _TIME_RANGE: Final = (-62_135_596_800.0, 253_402_300_799.0)
 @dataclass(frozen=True, slots=True, eq=False)
 class GalleryCrops:
     """One session's live crops: ``names`` (as in ``clusters.csv``), their current
-    ``clusters``, capture ``times`` (seconds, NaN when unknown) and ``frames``
-    (flat-bug frame name, None when unknown), all of length n."""
+    ``clusters``, capture ``times`` (seconds, NaN when unknown), ``frames``
+    (flat-bug frame name, None when unknown) and ``boxes`` (n×4: box centre x, y
+    and frame width, height from flat-bug's metadata, pixels, NaN when unknown;
+    None: no metadata at all), all of length n."""
 
     names: Sequence[str]
     clusters: npt.NDArray[np.int64]
     times: npt.NDArray[np.float64]
     frames: Sequence[str | None]
+    boxes: npt.NDArray[np.float64] | None = None
 
 
 def _iso(t: float) -> str | None:
@@ -70,12 +73,13 @@ def _iso(t: float) -> str | None:
 
 
 def cluster_rows(crops: GalleryCrops) -> dict[int, list[object]]:
-    """The page's row per cluster id: ``[id, crops, frames, first, last, members]``.
+    """The page's row per cluster id: ``[id, crops, frames, first, last, members, track]``.
 
     ``frames`` counts distinct known frames (a crop without one counts as its
     own frame); ``first``/``last`` are ISO local capture times (None when no
     crop has one); ``members`` lists ``[name, thumbnail file, time]`` in
-    capture-time order (crops without a time last, then by name).
+    capture-time order (crops without a time last, then by name). ``track`` is
+    the box track the page sketches (:func:`_track`), None without boxes.
     """
     by_cluster: dict[int, list[int]] = {}
     for i, c in enumerate(crops.clusters.tolist()):
@@ -99,8 +103,29 @@ def cluster_rows(crops: GalleryCrops) -> dict[int, list[object]]:
                 [crops.names[members[k]], thumb_name(crops.names[members[k]]), _iso(times[k])]
                 for k in order
             ],
+            _track(crops.boxes, [members[k] for k in order]),
         ]
     return rows
+
+
+def _track(boxes: npt.NDArray[np.float64] | None, members: list[int]) -> list[object] | None:
+    """``[frame width, frame height, [x0, y0, x1, y1, ...]]``: the box centres of
+    ``members`` (already in capture order) that have one, in whole pixels, and
+    the frame size most of them were captured in (None each when unknown; the
+    page then frames the track by its own extent). None when no member has a box.
+    """
+    if boxes is None:
+        return None
+    picked = boxes[members]
+    known = picked[np.isfinite(picked[:, :2]).all(axis=1)]
+    if len(known) == 0:
+        return None
+    sizes = known[np.isfinite(known[:, 2:]).all(axis=1), 2:]
+    frame: list[float | None] = [None, None]
+    if len(sizes):
+        values, counts = np.unique(sizes, axis=0, return_counts=True)
+        frame = [round(float(v)) for v in values[int(np.argmax(counts))]]
+    return [*frame, np.rint(known[:, :2]).astype(np.int64).ravel().tolist()]
 
 
 def _script(call: str, value: object) -> bytes:
@@ -210,6 +235,8 @@ def _signature(crops: GalleryCrops, members: npt.NDArray[np.int64]) -> bytes:
     h.update(members.tobytes())
     h.update(crops.clusters[members].tobytes())
     h.update(crops.times[members].tobytes())
+    if crops.boxes is not None:
+        h.update(crops.boxes[members].tobytes())
     idx = members.tolist()
     h.update("\0".join(crops.names[i] for i in idx).encode("utf-8", "surrogateescape"))
     h.update("\0".join(crops.frames[i] or "" for i in idx).encode("utf-8", "surrogateescape"))
@@ -223,6 +250,7 @@ def _subset(crops: GalleryCrops, members: npt.NDArray[np.int64]) -> GalleryCrops
         crops.clusters[members],
         crops.times[members],
         [crops.frames[i] for i in idx],
+        None if crops.boxes is None else crops.boxes[members],
     )
 
 

@@ -295,7 +295,11 @@ class Daemon:
             shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,
-            after_commit=ThumbWriter(config.output.folder, background=config.input.background_rgb),
+            after_commit=(
+                ThumbWriter(config.output.folder, background=config.input.background_rgb)
+                if config.output.gallery
+                else None
+            ),
         )
         return Pipeline(
             store=store,
