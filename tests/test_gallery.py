@@ -150,3 +150,39 @@ def test_the_daemon_writes_each_nights_gallery(tmp_path: Path) -> None:
         assert all((folder / "thumbs" / m[1]).is_file() for r in rows.values() for m in r[5])
         # The simulator writes flat-bug metadata: every crop has a box on its track.
         assert all(r[6] is not None and len(r[6][2]) == 2 * r[1] for r in rows.values())
+
+
+def test_a_snapshot_rebuilds_only_the_rows_of_clusters_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crop_clusterd import gallery
+
+    built: list[set[int]] = []
+    real = gallery.cluster_rows
+
+    def spy(crops: GalleryCrops) -> dict[int, list[object]]:
+        rows = real(crops)
+        built.append(set(rows))
+        return rows
+
+    monkeypatch.setattr(gallery, "cluster_rows", spy)
+    clusters = [0, 0, 1, 2, 3]
+    times = [T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4]
+    frames: list[str | None] = ["a", "b", "c", "d", "e"]
+    writer = GalleryWriter()
+    write(writer, tmp_path, crops_of(clusters, times, frames))
+    assert built == [{0, 1, 2, 3}]
+    write(writer, tmp_path, crops_of([*clusters, 2], [*times, T0 + 5], [*frames, "f"]))
+    assert built[1:] == [{2}], "only the cluster that grew"
+    # Same members by count, but one renamed (a move) and one with a new time.
+    moved = crops_of([*clusters, 2], [*times, T0 + 5], [*frames, "f"])
+    names = list(moved.names)
+    names[0] = "elsewhere/" + names[0]
+    moved_times = moved.times.copy()
+    moved_times[3] += 1.0
+    write(writer, tmp_path, GalleryCrops(names, moved.clusters, moved_times, moved.frames))
+    assert built[2:] == [{0, 2}]
+    assert (
+        page_clusters(tmp_path)[0][5][0][0]
+        == "elsewhere/" + crops_of(clusters, times, frames).names[0]
+    )
