@@ -2,15 +2,18 @@
 
 The page and its script and style ship in the package (``gallery_assets/``)
 and are copied next to the session's files; the data are JavaScript files that
-assign globals (``gallery/index.js`` and one ``gallery/block-<k>.js`` per
-block of cluster ids), since a page opened from ``file://`` cannot fetch JSON
-in Chromium but may load scripts. Cluster ``c`` is in block ``c // BLOCK``:
-cluster ids are the local number of a cluster's first crop, so a night's new
-clusters fill new blocks and an old block changes only when one of its
-clusters grows or merges. Only blocks whose bytes changed are written; the
-index (written last, every file atomically) names each block with a hash of
-its content, which the page adds to the block's URL so a reload never shows a
-cached old block. Thumbnails are :mod:`crop_clusterd.thumbs`'s.
+assign globals (``gallery/index.js`` and one ``gallery/block-<k>-<hash>.js``
+per block of cluster ids), since a page opened from ``file://`` cannot fetch
+JSON in Chromium but may load scripts. Cluster ``c`` is in block ``c //
+BLOCK``: cluster ids are the local number of a cluster's first crop, so a
+night's new clusters fill new blocks and an old block changes only when one
+of its clusters grows or merges. A block file is named by a hash of its
+content and never rewritten: a changed block is a new file. The index,
+written last (every file atomically), names the current files; those of the
+index before it are kept one more snapshot, so a page that read the previous
+index while the daemon wrote this one still finds every block it names and
+shows one consistent snapshot (and a reload never shows a cached old block).
+Thumbnails are :mod:`crop_clusterd.thumbs`'s.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ class _Remembered:
     digest, and each cluster's row (JSON text) with the key it was built from."""
 
     blocks: dict[int, str]
+    kept: set[str]
     keys: dict[int, tuple[int, int]] = field(default_factory=dict)
     rows: dict[int, str] = field(default_factory=dict)
     index: bytes = b""
@@ -186,19 +190,22 @@ class GalleryWriter:
         self._assets(folder)
         state = self._folders.get(folder)
         if state is None:
-            state = self._folders[folder] = _Remembered(_blocks_on_disk(data))
+            # After a restart nothing is known: every block file on disk is kept
+            # a snapshot, and one already holding the same rows is not written again.
+            state = self._folders[folder] = _Remembered({}, _block_files(data))
         dirty = _update_rows(state, crops)
         written = 0
         hashes: dict[int, str] = {}
         for k, clusters in _by_block(state.rows).items():
-            path = data / _block_file(k)
-            if k not in dirty and k in state.blocks and path.exists():
+            if k not in dirty and k in state.blocks:
                 hashes[k] = state.blocks[k]
-                continue
+                if (data / _block_file(k, hashes[k])).exists():
+                    continue
             rows = ",".join(state.rows[c] for c in clusters)
             block = f"galleryBlock([{k},[{rows}]]);\n".encode("ascii")
             hashes[k] = _digest(block)
-            if state.blocks.get(k) != hashes[k] or not path.exists():
+            path = data / _block_file(k, hashes[k])
+            if not path.exists():
                 _put(path, block)
                 written += 1
         index = {
@@ -211,9 +218,10 @@ class GalleryWriter:
         if state.index != body or not (data / "index.js").exists():
             _put(data / "index.js", body)
             state.index = body
-        for k in set(state.blocks) - set(hashes):  # blocks whose clusters all merged away
-            (data / _block_file(k)).unlink(missing_ok=True)
-        state.blocks = hashes
+        current = {_block_file(k, h) for k, h in hashes.items()}
+        for name in _block_files(data) - current - state.kept:
+            (data / name).unlink(missing_ok=True)
+        state.blocks, state.kept = hashes, current
         return written
 
     def forget(self, folder: Path) -> None:
@@ -297,19 +305,12 @@ def _subset(crops: GalleryCrops, members: npt.NDArray[np.int64]) -> GalleryCrops
     )
 
 
-def _block_file(k: int) -> str:
-    return f"block-{k}.js"
+def _block_file(k: int, digest: str) -> str:
+    return f"block-{k}-{digest}.js"
 
 
-def _blocks_on_disk(data: Path) -> dict[int, str]:
-    """The blocks a previous process wrote, with their hashes, so that a restart
-    rewrites none that is still the same."""
-    found: dict[int, str] = {}
-    for entry in os.scandir(data):
-        stem = entry.name.removeprefix("block-").removesuffix(".js")
-        if entry.name.startswith("block-") and entry.name.endswith(".js") and stem.isdigit():
-            try:
-                found[int(stem)] = _digest(Path(entry.path).read_bytes())
-            except FileNotFoundError:
-                continue
-    return found
+def _block_files(data: Path) -> set[str]:
+    """The names of the block files in ``data``."""
+    return {
+        e.name for e in os.scandir(data) if e.name.startswith("block-") and e.name.endswith(".js")
+    }

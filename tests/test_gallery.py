@@ -53,8 +53,8 @@ def page_clusters(folder: Path) -> dict[int, list[Any]]:
     index = read_script(folder / GALLERY_DIR / "index.js", "galleryIndex")
     assert isinstance(index, dict)
     out: dict[int, list[Any]] = {}
-    for k, _ in index["blocks"]:
-        block = read_script(folder / GALLERY_DIR / f"block-{k}.js", "galleryBlock")
+    for k, digest in index["blocks"]:
+        block = read_script(folder / GALLERY_DIR / f"block-{k}-{digest}.js", "galleryBlock")
         assert isinstance(block, list) and block[0] == k
         for row in block[1]:
             assert row[0] // BLOCK == k
@@ -99,7 +99,11 @@ def write(writer: GalleryWriter, folder: Path, crops: GalleryCrops) -> int:
     return writer.write(folder, crops, summary, title="s")
 
 
-def test_only_changed_blocks_are_rewritten(tmp_path: Path) -> None:
+def block_files(folder: Path) -> set[str]:
+    return {p.name for p in (folder / GALLERY_DIR).glob("block-*.js")}
+
+
+def test_only_changed_blocks_are_written_and_old_ones_kept_one_snapshot(tmp_path: Path) -> None:
     clusters = [0, 0, BLOCK + 3, 2 * BLOCK]
     frames: list[str | None] = ["a", "b", "c", "d"]
     crops = crops_of(clusters, [T0, T0 + 1, T0 + 2, T0 + 3], frames)
@@ -113,6 +117,7 @@ def test_only_changed_blocks_are_rewritten(tmp_path: Path) -> None:
     }
     data = tmp_path / GALLERY_DIR
     inodes = {p.name: p.stat().st_ino for p in data.iterdir()}
+    first = block_files(tmp_path)
     assert write(writer, tmp_path, crops) == 0
     assert {p.name: p.stat().st_ino for p in data.iterdir()} == inodes, "nothing changed"
     # Cluster BLOCK+3 grows; the cluster of block 2 merges into cluster 0.
@@ -120,18 +125,27 @@ def test_only_changed_blocks_are_rewritten(tmp_path: Path) -> None:
         [*clusters[:3], 0, BLOCK + 3], [T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4], [*frames, "e"]
     )
     assert write(writer, tmp_path, grown) == 2
-    after = {p.name: p.stat().st_ino for p in data.iterdir()}
-    assert "block-2.js" not in after, "a block whose clusters all merged away goes"
-    assert after["gallery.js"] == inodes["gallery.js"]
     assert {c: r[1] for c, r in page_clusters(tmp_path).items()} == {0: 3, BLOCK + 3: 2}
-    # A restart (a new writer) rewrites no block that is still the same.
+    second = block_files(tmp_path)
+    assert first <= second, "a page that read the previous index still finds its blocks"
+    assert len(second - first) == 2
+    assert (data / "gallery.js").stat().st_ino == inodes["gallery.js"]
+    # One snapshot later the first generation goes (every block of it changed, and
+    # block 2 is empty now): what is left is what the index names.
+    assert write(writer, tmp_path, grown) == 0
+    index = read_script(data / "index.js", "galleryIndex")
+    assert (
+        block_files(tmp_path) == second - first == {f"block-{k}-{h}.js" for k, h in index["blocks"]}
+    )
+    # A restart (a new writer) writes no block that is still the same.
     assert write(GalleryWriter(), tmp_path, grown) == 0
 
 
 def test_a_crop_name_cannot_close_the_script(tmp_path: Path) -> None:
     crops = GalleryCrops(["a</script><b>é.png"], np.array([0]), np.array([T0]), [None])
     write(GalleryWriter(), tmp_path, crops)
-    block = (tmp_path / GALLERY_DIR / "block-0.js").read_bytes()
+    (block_file,) = (tmp_path / GALLERY_DIR).glob("block-0-*.js")
+    block = block_file.read_bytes()
     assert b"</" not in block
     assert page_clusters(tmp_path)[0][5] == [
         ["a</script><b>é.png", thumb_name(crops.names[0]), "2024-07-01T22:00:00"]

@@ -1,6 +1,6 @@
-// crop-clusterd gallery: reads gallery/index.js and gallery/block-*.js (scripts that
-// call galleryIndex / galleryBlock, because file:// pages cannot fetch JSON) and
-// renders one row per cluster. Rows are rendered a page at a time as the reader
+// crop-clusterd gallery: reads gallery/index.js and the gallery/block-*.js files it
+// names (scripts that call galleryIndex / galleryBlock, because file:// pages cannot
+// fetch JSON) and renders one row per cluster. Rows are rendered a page at a time as the reader
 // scrolls, and thumbnails load lazily, so a night of 10,000 clusters opens fast.
 (function () {
   "use strict";
@@ -235,7 +235,7 @@
       var pending = index.blocks.length;
       if (!pending) { ready(); return; }
       index.blocks.forEach(function (b) {
-        load("gallery/block-" + b[0] + ".js?v=" + b[1], function () {
+        load("gallery/block-" + b[0] + "-" + b[1] + ".js", function () {
           if (--pending === 0) ready();
         });
       });
