@@ -128,7 +128,7 @@ def activity_csv_bytes(figures: Activity) -> bytes:
 def plot_activity(figures: Activity, handle: BinaryIO, *, title: str = "") -> None:
     """Draw the three series as a PNG (about 900 x 420 px) into ``handle``."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
 
     # Figure() without pyplot: no global state, no GUI backend, safe off the main thread.
     fig = Figure(figsize=(9, 4.2), dpi=100)
@@ -150,13 +150,30 @@ def plot_activity(figures: Activity, handle: BinaryIO, *, title: str = "") -> No
     ax2.set_ylabel("clusters per 10 min")
     ax.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MultipleLocator(_tick_step_s(len(x)) / 86400.0))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _clock_text(v * 86400.0)))
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper left", fontsize="small")
+    # Below the axes: inside, it hid the first bins of the night.
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1),
+        ncol=3,
+        frameon=False,
+        fontsize="small",
+    )
     if title:
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(handle, format="png")
+
+
+def _tick_step_s(bins: int) -> float:
+    """Seconds between time ticks: whole bins, at most about ten ticks a night."""
+    for step in (1, 3, 6, 12, 18, 36, 72):  # 10 min, 30 min, 1 h, 2 h, 3 h, 6 h, 12 h
+        if bins <= 10 * step:
+            return step * BIN_S
+    return 144 * BIN_S
 
 
 def _put(handle: BinaryIO, data: bytes) -> None:
