@@ -108,3 +108,39 @@ def test_the_page_in_chromium(out: Path, tmp_path: Path, chromium: Any) -> None:
     assert page.locator(f"#c{cluster}.hit").count() == 1
     page.close()
     assert errors == []
+
+
+def test_a_reload_shows_the_next_snapshot(tmp_path: Path, chromium: Any) -> None:
+    import numpy as np
+
+    from crop_clusterd.gallery import GalleryCrops, GalleryWriter
+    from crop_clusterd.summary import summarize
+
+    t0 = 1_719_871_200.0
+    writer = GalleryWriter()
+
+    def snapshot(clusters: list[int]) -> None:
+        names = [f"/night/crop_{i}.png" for i in range(len(clusters))]
+        ids = np.array(clusters, dtype=np.int64)
+        times = t0 + np.arange(len(clusters), dtype=np.float64)
+        crops = GalleryCrops(names, ids, times, [None] * len(names))
+        writer.write(tmp_path, crops, summarize("s", ids, times), title="s")
+
+    def sizes(page: Any) -> dict[str, int]:
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        found: dict[str, int] = page.eval_on_selector_all(
+            "section.row", "rs => Object.fromEntries(rs.map(r => [r.id, +r.dataset.size]))"
+        )
+        return found
+
+    snapshot([0, 0, 2])
+    page = chromium.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / INDEX_HTML).as_uri())
+    assert sizes(page) == {"c0": 2, "c2": 1}
+    snapshot([0, 0, 2, 2, 4, 0])  # cluster 2 grows, 4 is new, 0 grows
+    page.reload()
+    assert sizes(page) == {"c0": 3, "c2": 2, "c4": 1}
+    page.close()
+    assert errors == []
