@@ -1,0 +1,673 @@
+#!/usr/bin/env python3
+"""The CUDA path in one command: throughput, bf16, memory, live equals batch.
+
+Run from the repository root with the package installed::
+
+    python scripts/gpu_check.py --out gpu-check            # on the GPU machine (< 8 min)
+    python scripts/gpu_check.py --smoke --out /tmp/smoke   # the same steps, tiny, on CPU
+
+Writes ``gpu_check.json`` (every figure) and ``gpu_check.md`` (the table, also
+printed) to ``--out``, and the daemon's JSON log to ``gpu_check.log``. Steps:
+
+1. raw forward, crops/s: the bundled model and DINOv2-base (randomly
+   initialised from ``Dinov2Config()``: weights do not change speed; no
+   network), fp32 and bf16 autocast, batch sizes 32..512, on a batch already on
+   the device (``Embedder.embed``, output copied back);
+2. decode + preprocess, crops/s, with 1, 4, 8 and 16 worker threads on
+   simulated crops (:mod:`crop_clusterd.simulate`), as the daemon's intake does;
+3. the whole daemon on a burst of 20,000 simulated crops present at start
+   (DINOv2-base, bf16): crops/s between first and last commit, and its ratio to
+   the raw forward on the same crops in the same batches; device memory
+   (``torch.cuda.memory_allocated``) sampled over the run, peak and end;
+4. live equals batch on the device: the daemon's partition against the batch
+   command's on the same crops (bundled model, cosine and track);
+5. bf16 against fp32 on the same crops: per-crop cosine (median, minimum),
+   and whether the default thresholds still give the same partition.
+
+``--smoke`` runs every step tiny on CPU (a 2-layer DINOv2, batch sizes 2 and 4,
+1 and 2 workers, a 200-crop burst) in well under a minute; the test suite
+runs it. Needs only torch, transformers, pillow, numpy, scipy and this package
+(with its hnswlib, watchdog, structlog).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from crop_clusterd.batch import BatchRequest, run_batch
+from crop_clusterd.config import Config
+from crop_clusterd.csvfiles import read_clusters_csv
+from crop_clusterd.decode import prepare
+from crop_clusterd.defaults import COSINE_THRESHOLD, DEFAULT_EMBEDDER, TRACK_THRESHOLDS
+from crop_clusterd.embed import Embedder
+from crop_clusterd.factory import embedder_from_config
+from crop_clusterd.log import configure_logging
+from crop_clusterd.oomsplit import is_out_of_memory
+from crop_clusterd.records import Crop, Prepared
+from crop_clusterd.store import DB_NAME
+from crop_clusterd.supervisor import Daemon
+
+Vectors = npt.NDArray[np.float32]
+# Crops per simulated frame, about: mean_present less the simulator's misses.
+CROPS_PER_FRAME = 15.0 * 0.98
+MB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to run: the GPU sizes, or the smoke sizes on CPU."""
+
+    smoke: bool
+    out: Path
+    work: Path
+    device: str
+    batch_sizes: tuple[int, ...]
+    workers: tuple[int, ...]
+    burst_crops: int
+    decode_crops: int
+    sample_crops: int
+    live_crops: int
+    daemon_batch: int
+    min_seconds: float
+    processes: int
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON, table and log")
+    p.add_argument("--smoke", action="store_true", help="every step tiny, on CPU (< 1 min)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda, smoke: cpu)")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp one)")
+    p.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
+    p.add_argument("--burst", type=int, default=None, help="crops in the daemon burst")
+    p.add_argument("--daemon-batch", type=int, default=None, help="embed.batch_size for step 3")
+    a = p.parse_args(argv)
+    work = a.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    cores = multiprocessing.cpu_count()
+    sizes: dict[str, Any]
+    if a.smoke:
+        sizes = {"device": a.device or "cpu", "batch_sizes": (2, 4), "workers": (1, 2),
+                 "burst_crops": a.burst or 200, "decode_crops": 24, "sample_crops": 16,
+                 "live_crops": 30, "daemon_batch": a.daemon_batch or 8, "min_seconds": 0.0,
+                 "processes": 2}  # fmt: skip
+    else:
+        sizes = {"device": a.device or "cuda", "batch_sizes": (32, 64, 128, 256, 512),
+                 "workers": (1, 4, 8, 16), "burst_crops": a.burst or 20_000,
+                 "decode_crops": 2_000, "sample_crops": 512, "live_crops": 2_000,
+                 "daemon_batch": a.daemon_batch or 256, "min_seconds": 1.0,
+                 "processes": min(16, cores)}  # fmt: skip
+    s = Settings(smoke=bool(a.smoke), out=a.out, work=work, **sizes)
+    return s, bool(a.keep_work)
+
+
+# --- set-up: models, crops --------------------------------------------------------------
+
+
+def save_dinov2(folder: Path, smoke: bool) -> Path:
+    """A randomly initialised DINOv2 and the dinov2-base processor, saved locally.
+
+    Full: ``Dinov2Config()`` defaults are DINOv2-base's sizes (768 wide, 12
+    layers, patch 14); smoke: 2 layers, 32 wide, 56 px.
+    """
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    if smoke:
+        config = Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=56
+        )
+        size, crop = 64, 56
+    else:
+        config = Dinov2Config()
+        size, crop = 256, 224  # facebook/dinov2-base's preprocessor_config.json
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": crop, "width": crop},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    return folder
+
+
+def model_configs(s: Settings) -> dict[str, Config]:
+    """The two models as configs: the bundled one and DINOv2 (base, or tiny for smoke)."""
+    base = Config()
+    dino = save_dinov2(s.work / "dinov2", s.smoke)
+    embed = dataclasses.replace(base.embed, device=s.device)
+    return {
+        DEFAULT_EMBEDDER: dataclasses.replace(
+            base, embed=dataclasses.replace(embed, model=DEFAULT_EMBEDDER)
+        ),
+        "dinov2-tiny" if s.smoke else "dinov2-base": dataclasses.replace(
+            base, embed=dataclasses.replace(embed, model="dino", from_pretrained=str(dino))
+        ),
+    }
+
+
+def simulate_crops(root: Path, crops: int, processes: int) -> list[Path]:
+    """About ``crops`` simulated crops: up to ``processes`` traps simulated at once,
+    each in a fresh interpreter (no torch imported there, nothing forked from here)."""
+    traps = max(1, min(processes, math.ceil(crops / 100)))
+    frames = max(2, math.ceil(crops / traps / CROPS_PER_FRAME))
+    code = "import sys; from crop_clusterd.simulate import main; sys.exit(main(sys.argv[1:]))"
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "--out",
+                str(root / f"trap{k:02d}"),
+                "--seed",
+                str(k),
+                "--frames",
+                str(frames),
+                "--present",
+                "15",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for k in range(traps)
+    ]
+    failed = [job.args for job in jobs if job.wait() != 0]
+    if failed:
+        raise RuntimeError(f"simulating crops failed: {failed}")
+    return sorted(root.rglob("*.png"))
+
+
+# --- measuring helpers -------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def autocast_as(embedder: Embedder, dtype: torch.dtype | None) -> Iterator[None]:
+    """Run ``embedder``'s forwards under ``dtype`` autocast (None: fp32) for a while."""
+    before = embedder.autocast_dtype
+    embedder.autocast_dtype = dtype
+    try:
+        yield
+    finally:
+        embedder.autocast_dtype = before
+
+
+def rate(run: Callable[[], int], min_seconds: float, device: torch.device) -> float:
+    """Items per second of ``run`` (which returns items done): one untimed warm-up
+    call, then calls until ``min_seconds`` have passed (at least one).
+
+    Runs on a thread of its own, as the daemon's embed stage does: on a busy CPU
+    torch on the main thread measured less than half as fast (scripts/bench.py).
+    """
+    result: list[float] = []
+    error: list[BaseException] = []
+
+    def measure() -> None:
+        try:
+            run()
+            sync(device)
+            done, calls, t0 = 0, 0, time.perf_counter()
+            while calls < 1 or time.perf_counter() - t0 < min_seconds:
+                done += run()
+                calls += 1
+            sync(device)
+            result.append(done / (time.perf_counter() - t0))
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=measure, name="gpu-check-forward")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def prepared(files: Sequence[Path], embedder: Embedder, workers: int) -> list[Prepared]:
+    """Decode and preprocess ``files`` as the daemon's intake does."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = list(pool.map(lambda p: prepare(Crop(p, str(p)), embedder), files))
+    return [d for d in done if isinstance(d, Prepared)]
+
+
+def batches_of(tensors: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+    return [torch.stack(list(tensors[i : i + size])) for i in range(0, len(tensors), size)]
+
+
+class MemorySampler:
+    """Samples the device's allocated memory (MB) every ``every_s`` on a thread."""
+
+    def __init__(self, device: torch.device, every_s: float = 0.2) -> None:
+        self.device = device
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-memory", daemon=True)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def __enter__(self) -> MemorySampler:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            allocated = torch.cuda.memory_allocated(self.device) / MB
+            self.samples.append((time.time(), allocated))
+
+    def report(self, start: float, end: float) -> dict[str, Any]:
+        """Allocated MB in the first and last tenth of [start, end], the peak and now."""
+        if not self.cuda:
+            return {"measured": False, "reason": f"device {self.device} is not CUDA"}
+        span = [a for t, a in self.samples if start <= t <= end]
+        tenth = max(1, len(span) // 10)
+        early = max(span[:tenth], default=math.nan)
+        late = max(span[-tenth:], default=math.nan)
+        return {
+            "measured": True,
+            "samples": len(span),
+            "allocated_mb_early": early,
+            "allocated_mb_late": late,
+            "growth_mb": late - early,
+            "peak_mb": torch.cuda.max_memory_allocated(self.device) / MB,
+            "end_mb": torch.cuda.memory_allocated(self.device) / MB,
+            "flat": bool(late - early <= 64.0),
+        }
+
+
+# --- 1. raw forward ----------------------------------------------------------------------
+
+
+def step_forward(s: Settings, embedders: dict[str, Embedder]) -> list[dict[str, Any]]:
+    """Crops/s of ``Embedder.embed`` on a batch already on the device."""
+    rows: list[dict[str, Any]] = []
+    for name, embedder in embedders.items():
+        shape = sample_shape(embedder)
+        for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            for size in s.batch_sizes:
+                row: dict[str, Any] = {"model": name, "precision": precision, "batch_size": size}
+                with autocast_as(embedder, dtype):
+                    row["crops_per_s"] = forward_on_noise(embedder, (size, *shape), s.min_seconds)
+                if row["crops_per_s"] is None:
+                    row["error"] = "out of memory"
+                rows.append(row)
+    return rows
+
+
+def forward_on_noise(
+    embedder: Embedder, shape: tuple[int, ...], min_seconds: float
+) -> float | None:
+    """Crops/s on a random batch of ``shape`` on the device; None when it runs out of memory."""
+    x = torch.randn(*shape, device=embedder.device)
+    try:
+        return rate(lambda: len(embedder.embed(x)), min_seconds, embedder.device)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return None
+
+
+def sample_shape(embedder: Embedder) -> tuple[int, ...]:
+    from PIL import Image
+
+    return tuple(embedder.preprocess(Image.new("RGB", (120, 90), (90, 60, 30))).shape)
+
+
+# --- 2. decode + preprocess --------------------------------------------------------------
+
+
+def step_decode(
+    s: Settings, embedders: dict[str, Embedder], files: Sequence[Path]
+) -> list[dict[str, Any]]:
+    """Crops/s of decode + preprocess in a pool of each size (files read once first)."""
+    for path in files:
+        path.read_bytes()  # into the page cache: the first pool size must not pay for disk
+    rows: list[dict[str, Any]] = []
+    for name, embedder in embedders.items():
+        for workers in s.workers:
+            t0 = time.perf_counter()
+            done = prepared(files, embedder, workers)
+            seconds = time.perf_counter() - t0
+            rows.append(
+                {
+                    "model": name,
+                    "workers": workers,
+                    "crops": len(done),
+                    "crops_per_s": len(done) / seconds,
+                }
+            )
+    return rows
+
+
+# --- 3. the daemon on a burst --------------------------------------------------------------
+
+
+def daemon_config(base: Config, watch: Path, run: Path, **embed: Any) -> Config:
+    return dataclasses.replace(
+        base,
+        input=dataclasses.replace(base.input, recursive=True),
+        embed=dataclasses.replace(base.embed, **embed),
+        watch=dataclasses.replace(base.watch, folder=watch, recursive=True),
+        state=dataclasses.replace(base.state, folder=run / "state"),
+        output=dataclasses.replace(base.output, folder=run / "out"),
+        session=dataclasses.replace(base.session, split="none"),
+    )
+
+
+def commit_times(state: Path) -> list[tuple[float, int]]:
+    """(wall time, crops) of each committed micro-batch, in time order."""
+    db = sqlite3.connect(f"file:{state / DB_NAME}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute("SELECT min(added), count(*) FROM crops GROUP BY batch").fetchall()
+    finally:
+        db.close()
+    return sorted((float(t), int(n)) for t, n in rows)
+
+
+def forward_rate(
+    embedder: Embedder, tensors: Sequence[torch.Tensor], batch_size: int, min_seconds: float
+) -> float:
+    """Crops/s of ``Embedder.embed`` on these crops, already on the device, in batches."""
+    batches = batches_of([t.to(embedder.device) for t in tensors], batch_size)
+    return rate(lambda: sum(len(embedder.embed(b)) for b in batches), min_seconds, embedder.device)
+
+
+def sample_threshold(embedder: Embedder, tensors: Sequence[torch.Tensor]) -> float:
+    """A link threshold for random weights: the 99.9th percentile of the sample's
+    pairwise cosines, so each crop links to about as many others as in a real
+    session (random DINOv2 puts most crops above 0.9: one cluster of everything)."""
+    vectors = embedder.embed(torch.stack(list(tensors)))
+    sims = vectors @ vectors.T
+    off = sims[~np.eye(len(vectors), dtype=bool)]
+    return float(min(0.999, np.percentile(off, 99.9)))
+
+
+def step_daemon(s: Settings, name: str, config: Config, embedder: Embedder) -> dict[str, Any]:
+    """The daemon on ``s.burst_crops`` crops present at start, and the raw forward
+    on the same crops in batches of the same size."""
+    watch = s.work / "burst"
+    t0 = time.perf_counter()
+    files = simulate_crops(watch, s.burst_crops, s.processes)
+    simulate_s = time.perf_counter() - t0
+    workers = max(s.workers)
+    sample = prepared(files[: 8 * s.daemon_batch], embedder, workers)
+    forward = forward_rate(embedder, [p.tensor for p in sample], s.daemon_batch, s.min_seconds)
+    threshold = sample_threshold(embedder, [p.tensor for p in sample[:512]])
+    run = daemon_config(config, watch, s.work / "burst-run", batch_size=s.daemon_batch)
+    run = dataclasses.replace(
+        run,
+        input=dataclasses.replace(run.input, workers=workers),
+        link=dataclasses.replace(run.link, threshold=threshold),
+    )
+    with MemorySampler(embedder.device) as memory:
+        started = time.time()
+        summary = Daemon(run, embedder=embedder, exit_when_idle_s=1.0).run()
+    commits = commit_times(run.state.folder)
+    span = commits[-1][0] - commits[0][0] if len(commits) > 1 else math.nan
+    after_first = sum(n for _, n in commits[1:])
+    end_to_end = after_first / span if span > 0 else math.nan
+    return {
+        "model": name,
+        "crops": len(files),
+        "committed": summary.crops,
+        "clusters": summary.clusters,
+        "link_threshold": threshold,
+        "batch_size": s.daemon_batch,
+        "workers": workers,
+        "simulate_s": simulate_s,
+        "commits": len(commits),
+        "first_commit_after_s": commits[0][0] - started if commits else math.nan,
+        "commit_span_s": span,
+        "end_to_end_crops_per_s": end_to_end,
+        "wall_crops_per_s": summary.crops / (commits[-1][0] - started) if commits else math.nan,
+        "forward_same_batches_crops_per_s": forward,
+        "ratio_to_forward": end_to_end / forward,
+        "memory": memory.report(commits[0][0], commits[-1][0]) if commits else {},
+    }
+
+
+# --- 4. live equals batch -------------------------------------------------------------------
+
+
+def partition(rows: Sequence[tuple[str, int]]) -> set[frozenset[str]]:
+    groups: dict[int, set[str]] = {}
+    for name, cluster in rows:
+        groups.setdefault(cluster, set()).add(name)
+    return {frozenset(g) for g in groups.values()}
+
+
+def step_live_batch(s: Settings, config: Config, embedder: Embedder) -> list[dict[str, Any]]:
+    """The daemon's clusters against the batch command's, same crops, same device."""
+    watch = s.work / "live"
+    files = simulate_crops(watch, s.live_crops, s.processes)
+    results: list[dict[str, Any]] = []
+    for method in ("cosine", "track"):
+        run = daemon_config(config, watch, s.work / f"live-{method}")
+        run = dataclasses.replace(
+            run,
+            input=dataclasses.replace(run.input, recursive=True, meta_folder=watch),
+            link=dataclasses.replace(run.link, method=method),
+            metadata=dataclasses.replace(run.metadata, enabled=True),
+        )
+        Daemon(run, embedder=embedder, exit_when_idle_s=1.0).run()
+        live = partition(read_clusters_csv(run.output.folder / "clusters.csv"))
+        out = s.work / f"batch-{method}"
+        batch = dataclasses.replace(run, output=dataclasses.replace(run.output, folder=out))
+        run_batch(BatchRequest(batch, inputs=(str(watch),)))
+        offline = partition(read_clusters_csv(out / "clusters.csv"))
+        results.append(
+            {
+                "method": method,
+                "crops": len(files),
+                "clusters_live": len(live),
+                "clusters_batch": len(offline),
+                "equal": live == offline,
+            }
+        )
+    return results
+
+
+# --- 5. bf16 against fp32 -------------------------------------------------------------------
+
+
+def components(vectors: Vectors, threshold: float) -> list[int]:
+    """Connected components of the graph of pairs with cosine >= threshold."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, labels = connected_components(csr_matrix(vectors @ vectors.T >= threshold), directed=False)
+    return [int(x) for x in labels]
+
+
+def same_partition(a: Sequence[int], b: Sequence[int]) -> bool:
+    return partition([(str(i), c) for i, c in enumerate(a)]) == partition(
+        [(str(i), c) for i, c in enumerate(b)]
+    )
+
+
+def step_precision(
+    s: Settings, embedders: dict[str, Embedder], files: Sequence[Path]
+) -> list[dict[str, Any]]:
+    """Per-crop cosine of bf16 to fp32 embeddings; the default thresholds on both."""
+    rows: list[dict[str, Any]] = []
+    for name, embedder in embedders.items():
+        tensors = [p.tensor for p in prepared(files, embedder, max(s.workers))]
+        vectors: dict[str, Vectors] = {}
+        for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            with autocast_as(embedder, dtype):
+                vectors[precision] = np.concatenate(
+                    [embedder.embed(b) for b in batches_of(tensors, max(s.batch_sizes))]
+                )
+        fp32, bf16 = vectors["fp32"], vectors["bf16"]
+        cosine = np.sum(fp32 * bf16, axis=1)
+        row: dict[str, Any] = {
+            "model": name,
+            "crops": len(tensors),
+            "cosine_median": float(np.median(cosine)),
+            "cosine_min": float(np.min(cosine)),
+            "random_weights": name.startswith("dinov2"),
+        }
+        model = "dino" if name.startswith("dinov2") else name
+        for label, threshold in (("cosine", COSINE_THRESHOLD), ("track", TRACK_THRESHOLDS[model])):
+            above32, above16 = fp32 @ fp32.T >= threshold, bf16 @ bf16.T >= threshold
+            row[f"{label}_threshold"] = threshold
+            row[f"{label}_pairs_flipped"] = int(np.triu(above32 != above16, 1).sum())
+            row[f"{label}_same_partition"] = same_partition(
+                components(fp32, threshold), components(bf16, threshold)
+            )
+        rows.append(row)
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+    return str(value)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures as a markdown table, goals beside the ones the issue sets."""
+    lines = ["| figure | value | goal |", "| --- | --- | --- |"]
+
+    def add(figure: str, value: Any, goal: str = "") -> None:
+        lines.append(f"| {figure} | {_fmt(value)} | {goal} |")
+
+    for r in results["forward"]:
+        add(
+            f"forward {r['model']} {r['precision']} batch {r['batch_size']}, crops/s",
+            r["crops_per_s"],
+        )
+    for r in results["decode"]:
+        add(f"decode+preprocess {r['model']} {r['workers']} workers, crops/s", r["crops_per_s"])
+    d = results["daemon"]
+    add(
+        f"daemon {d['model']} {d['crops']} crops end to end, crops/s",
+        d["end_to_end_crops_per_s"],
+        ">= 3,000 (dinov2-base)",
+    )
+    add("raw forward, same batches, crops/s", d["forward_same_batches_crops_per_s"])
+    add("end to end / raw forward", d["ratio_to_forward"], ">= 0.8")
+    m = d["memory"]
+    if m.get("measured"):
+        add("GPU memory peak / end, MB", f"{m['peak_mb']:,.0f} / {m['end_mb']:,.0f}")
+        add("GPU memory growth over the burst, MB", m["growth_mb"], "flat (<= 64)")
+    else:
+        add("GPU memory", "not measured", m.get("reason", ""))
+    for r in results["live_batch"]:
+        add(f"live equals batch ({r['method']}, {r['crops']} crops)", r["equal"], "True")
+    for r in results["precision"]:
+        add(
+            f"bf16 vs fp32 cosine {r['model']} median / min",
+            f"{r['cosine_median']:.5f} / {r['cosine_min']:.5f}",
+            ">= 0.99 median",
+        )
+        for label in ("cosine", "track"):
+            add(
+                f"{r['model']} same partition at {label} threshold {r[f'{label}_threshold']}",
+                r[f"{label}_same_partition"],
+            )
+    return "\n".join(lines) + "\n"
+
+
+def environment(s: Settings) -> dict[str, Any]:
+    device = torch.device(s.device)
+    env: dict[str, Any] = {
+        "smoke": s.smoke,
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_cores": multiprocessing.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpu_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 1024**3
+    return env
+
+
+def run(s: Settings) -> dict[str, Any]:
+    """Every step; the results dict written as JSON."""
+    results: dict[str, Any] = {"environment": environment(s), "seconds": {}}
+
+    def timed(key: str, step: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        results[key] = step()
+        results["seconds"][key] = round(time.perf_counter() - t0, 2)
+        print(f"gpu_check: {key} done in {results['seconds'][key]} s", file=sys.stderr)
+
+    configs = model_configs(s)
+    embedders = {name: embedder_from_config(c) for name, c in configs.items()}
+    for embedder in embedders.values():
+        embedder.load()
+    files = simulate_crops(s.work / "sample", max(s.decode_crops, s.sample_crops), s.processes)
+    dino = next(name for name in configs if name.startswith("dinov2"))
+    timed("forward", lambda: step_forward(s, embedders))
+    timed("decode", lambda: step_decode(s, embedders, files[: s.decode_crops]))
+    timed("daemon", lambda: step_daemon(s, dino, configs[dino], embedders[dino]))
+    bundled = embedders[DEFAULT_EMBEDDER]
+    timed("live_batch", lambda: step_live_batch(s, configs[DEFAULT_EMBEDDER], bundled))
+    timed("precision", lambda: step_precision(s, embedders, files[: s.sample_crops]))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s, keep = parse_args(argv)
+    s.out.mkdir(parents=True, exist_ok=True)
+    s.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (s.out / "gpu_check.log").open("w") as log:
+        configure_logging("json", "info", log, environ={})
+        try:
+            results = run(s)
+        finally:
+            if not keep:
+                shutil.rmtree(s.work, ignore_errors=True)
+    results["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    (s.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    text = table(results)
+    (s.out / "gpu_check.md").write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
