@@ -107,16 +107,31 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     cores = multiprocessing.cpu_count()
     sizes: dict[str, Any]
     if a.smoke:
-        sizes = {"device": a.device or "cpu", "batch_sizes": (2, 4), "workers": (1, 2),
-                 "burst_crops": a.burst or 200, "decode_crops": 24, "sample_crops": 16,
-                 "live_crops": 30, "daemon_batch": a.daemon_batch or 8, "min_seconds": 0.0,
-                 "processes": 2}  # fmt: skip
+        sizes = {
+            "device": a.device or "cpu",
+            "batch_sizes": (2, 4),
+            "workers": (1, 2),
+            "burst_crops": a.burst or 200,
+            "decode_crops": 24,
+            "sample_crops": 16,
+            "live_crops": 30,
+            "daemon_batch": a.daemon_batch or 8,
+            "min_seconds": 0.0,
+            "processes": 2,
+        }
     else:
-        sizes = {"device": a.device or "cuda", "batch_sizes": (32, 64, 128, 256, 512),
-                 "workers": (1, 4, 8, 16), "burst_crops": a.burst or 20_000,
-                 "decode_crops": 2_000, "sample_crops": 512, "live_crops": 2_000,
-                 "daemon_batch": a.daemon_batch or 256, "min_seconds": 1.0,
-                 "processes": min(16, cores)}  # fmt: skip
+        sizes = {
+            "device": a.device or "cuda",
+            "batch_sizes": (32, 64, 128, 256, 512),
+            "workers": (1, 4, 8, 16),
+            "burst_crops": a.burst or 20_000,
+            "decode_crops": 2_000,
+            "sample_crops": 512,
+            "live_crops": 2_000,
+            "daemon_batch": a.daemon_batch or 256,
+            "min_seconds": 1.0,
+            "processes": min(16, cores),
+        }
     s = Settings(smoke=bool(a.smoke), out=a.out, work=work, **sizes)
     return s, bool(a.keep_work)
 
