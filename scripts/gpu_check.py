@@ -33,45 +33,45 @@ runs it. Needs only torch, transformers, pillow, numpy, scipy and this package
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing
 import platform
 import shutil
-import sqlite3
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
+from gpu_check_parts import (
+    MemorySampler,
+    Vectors,
+    autocast_as,
+    batches_of,
+    commit_times,
+    components,
+    partition,
+    prepared,
+    rate,
+    same_partition,
+    simulate_crops,
+    table,
+)
 
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
-from crop_clusterd.decode import prepare
 from crop_clusterd.defaults import COSINE_THRESHOLD, DEFAULT_EMBEDDER, TRACK_THRESHOLDS
 from crop_clusterd.embed import Embedder
 from crop_clusterd.factory import embedder_from_config
 from crop_clusterd.log import configure_logging
 from crop_clusterd.oomsplit import is_out_of_memory
-from crop_clusterd.records import Crop, Prepared
-from crop_clusterd.store import DB_NAME
 from crop_clusterd.supervisor import Daemon
-
-Vectors = npt.NDArray[np.float32]
-# Crops per simulated frame, about: mean_present less the simulator's misses.
-CROPS_PER_FRAME = 15.0 * 0.98
-MB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,148 +181,6 @@ def model_configs(s: Settings) -> dict[str, Config]:
     }
 
 
-def simulate_crops(root: Path, crops: int, processes: int) -> list[Path]:
-    """About ``crops`` simulated crops: up to ``processes`` traps simulated at once,
-    each in a fresh interpreter (no torch imported there, nothing forked from here)."""
-    traps = max(1, min(processes, math.ceil(crops / 100)))
-    frames = max(2, math.ceil(crops / traps / CROPS_PER_FRAME))
-    code = "import sys; from crop_clusterd.simulate import main; sys.exit(main(sys.argv[1:]))"
-    jobs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                code,
-                "--out",
-                str(root / f"trap{k:02d}"),
-                "--seed",
-                str(k),
-                "--frames",
-                str(frames),
-                "--present",
-                "15",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        for k in range(traps)
-    ]
-    failed = [job.args for job in jobs if job.wait() != 0]
-    if failed:
-        raise RuntimeError(f"simulating crops failed: {failed}")
-    return sorted(root.rglob("*.png"))
-
-
-# --- measuring helpers -------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def autocast_as(embedder: Embedder, dtype: torch.dtype | None) -> Iterator[None]:
-    """Run ``embedder``'s forwards under ``dtype`` autocast (None: fp32) for a while."""
-    before = embedder.autocast_dtype
-    embedder.autocast_dtype = dtype
-    try:
-        yield
-    finally:
-        embedder.autocast_dtype = before
-
-
-def rate(run: Callable[[], int], min_seconds: float, device: torch.device) -> float:
-    """Items per second of ``run`` (which returns items done): one untimed warm-up
-    call, then calls until ``min_seconds`` have passed (at least one).
-
-    Runs on a thread of its own, as the daemon's embed stage does: on a busy CPU
-    torch on the main thread measured less than half as fast (scripts/bench.py).
-    """
-    result: list[float] = []
-    error: list[BaseException] = []
-
-    def measure() -> None:
-        try:
-            run()
-            sync(device)
-            done, calls, t0 = 0, 0, time.perf_counter()
-            while calls < 1 or time.perf_counter() - t0 < min_seconds:
-                done += run()
-                calls += 1
-            sync(device)
-            result.append(done / (time.perf_counter() - t0))
-        except BaseException as exc:  # handed to the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=measure, name="gpu-check-forward")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
-def prepared(files: Sequence[Path], embedder: Embedder, workers: int) -> list[Prepared]:
-    """Decode and preprocess ``files`` as the daemon's intake does."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = list(pool.map(lambda p: prepare(Crop(p, str(p)), embedder), files))
-    return [d for d in done if isinstance(d, Prepared)]
-
-
-def batches_of(tensors: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
-    return [torch.stack(list(tensors[i : i + size])) for i in range(0, len(tensors), size)]
-
-
-class MemorySampler:
-    """Samples the device's allocated memory (MB) every ``every_s`` on a thread."""
-
-    def __init__(self, device: torch.device, every_s: float = 0.2) -> None:
-        self.device = device
-        self.every_s = every_s
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-memory", daemon=True)
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def __enter__(self) -> MemorySampler:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            allocated = torch.cuda.memory_allocated(self.device) / MB
-            self.samples.append((time.time(), allocated))
-
-    def report(self, start: float, end: float) -> dict[str, Any]:
-        """Allocated MB in the first and last tenth of [start, end], the peak and now."""
-        if not self.cuda:
-            return {"measured": False, "reason": f"device {self.device} is not CUDA"}
-        span = [a for t, a in self.samples if start <= t <= end]
-        tenth = max(1, len(span) // 10)
-        early = max(span[:tenth], default=math.nan)
-        late = max(span[-tenth:], default=math.nan)
-        return {
-            "measured": True,
-            "samples": len(span),
-            "allocated_mb_early": early,
-            "allocated_mb_late": late,
-            "growth_mb": late - early,
-            "peak_mb": torch.cuda.max_memory_allocated(self.device) / MB,
-            "end_mb": torch.cuda.memory_allocated(self.device) / MB,
-            "flat": bool(late - early <= 64.0),
-        }
-
-
 # --- 1. raw forward ----------------------------------------------------------------------
 
 
@@ -402,16 +260,6 @@ def daemon_config(base: Config, watch: Path, run: Path, **embed: Any) -> Config:
     )
 
 
-def commit_times(state: Path) -> list[tuple[float, int]]:
-    """(wall time, crops) of each committed micro-batch, in time order."""
-    db = sqlite3.connect(f"file:{state / DB_NAME}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = db.execute("SELECT min(added), count(*) FROM crops GROUP BY batch").fetchall()
-    finally:
-        db.close()
-    return sorted((float(t), int(n)) for t, n in rows)
-
-
 def forward_rate(
     embedder: Embedder, tensors: Sequence[torch.Tensor], batch_size: int, min_seconds: float
 ) -> float:
@@ -477,13 +325,6 @@ def step_daemon(s: Settings, name: str, config: Config, embedder: Embedder) -> d
 # --- 4. live equals batch -------------------------------------------------------------------
 
 
-def partition(rows: Sequence[tuple[str, int]]) -> set[frozenset[str]]:
-    groups: dict[int, set[str]] = {}
-    for name, cluster in rows:
-        groups.setdefault(cluster, set()).add(name)
-    return {frozenset(g) for g in groups.values()}
-
-
 def step_live_batch(s: Settings, config: Config, embedder: Embedder) -> list[dict[str, Any]]:
     """The daemon's clusters against the batch command's, same crops, same device."""
     watch = s.work / "live"
@@ -518,21 +359,6 @@ def step_live_batch(s: Settings, config: Config, embedder: Embedder) -> list[dic
 # --- 5. bf16 against fp32 -------------------------------------------------------------------
 
 
-def components(vectors: Vectors, threshold: float) -> list[int]:
-    """Connected components of the graph of pairs with cosine >= threshold."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    _, labels = connected_components(csr_matrix(vectors @ vectors.T >= threshold), directed=False)
-    return [int(x) for x in labels]
-
-
-def same_partition(a: Sequence[int], b: Sequence[int]) -> bool:
-    return partition([(str(i), c) for i, c in enumerate(a)]) == partition(
-        [(str(i), c) for i, c in enumerate(b)]
-    )
-
-
 def step_precision(
     s: Settings, embedders: dict[str, Embedder], files: Sequence[Path]
 ) -> list[dict[str, Any]]:
@@ -565,61 +391,6 @@ def step_precision(
             )
         rows.append(row)
     return rows
-
-
-# --- output ---------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
-    return str(value)
-
-
-def table(results: dict[str, Any]) -> str:
-    """The figures as a markdown table, goals beside the ones the issue sets."""
-    lines = ["| figure | value | goal |", "| --- | --- | --- |"]
-
-    def add(figure: str, value: Any, goal: str = "") -> None:
-        lines.append(f"| {figure} | {_fmt(value)} | {goal} |")
-
-    for r in results["forward"]:
-        add(
-            f"forward {r['model']} {r['precision']} batch {r['batch_size']}, crops/s",
-            r["crops_per_s"],
-        )
-    for r in results["decode"]:
-        add(f"decode+preprocess {r['model']} {r['workers']} workers, crops/s", r["crops_per_s"])
-    d = results["daemon"]
-    add(
-        f"daemon {d['model']} {d['crops']} crops end to end, crops/s",
-        d["end_to_end_crops_per_s"],
-        ">= 3,000 (dinov2-base)",
-    )
-    add("raw forward, same batches, crops/s", d["forward_same_batches_crops_per_s"])
-    add("end to end / raw forward", d["ratio_to_forward"], ">= 0.8")
-    m = d["memory"]
-    if m.get("measured"):
-        add("GPU memory peak / end, MB", f"{m['peak_mb']:,.0f} / {m['end_mb']:,.0f}")
-        add("GPU memory growth over the burst, MB", m["growth_mb"], "flat (<= 64)")
-    else:
-        add("GPU memory", "not measured", m.get("reason", ""))
-    for r in results["live_batch"]:
-        add(f"live equals batch ({r['method']}, {r['crops']} crops)", r["equal"], "True")
-    for r in results["precision"]:
-        add(
-            f"bf16 vs fp32 cosine {r['model']} median / min",
-            f"{r['cosine_median']:.5f} / {r['cosine_min']:.5f}",
-            ">= 0.99 median",
-        )
-        for label in ("cosine", "track"):
-            add(
-                f"{r['model']} same partition at {label} threshold {r[f'{label}_threshold']}",
-                r[f"{label}_same_partition"],
-            )
-    return "\n".join(lines) + "\n"
 
 
 def environment(s: Settings) -> dict[str, Any]:
