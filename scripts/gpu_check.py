@@ -14,7 +14,8 @@ printed) to ``--out``, and the daemon's JSON log to ``gpu_check.log``. Steps:
    network), fp32 and bf16 autocast, batch sizes 32..512, on a batch already on
    the device (``Embedder.embed``, output copied back);
 2. decode + preprocess, crops/s, with 1, 4, 8 and 16 worker threads on
-   simulated crops (:mod:`crop_clusterd.simulate`), as the daemon's intake does;
+   simulated crops (:mod:`crop_clusterd.simulate`), as the daemon's intake does,
+   and decoding alone (model ``decode-only``), to show which of the two costs;
 3. the whole daemon on a burst of 20,000 simulated crops present at start
    (DINOv2-base, bf16): crops/s between first and last commit, and its ratio to
    the raw forward on the same crops in the same batches; device memory
@@ -25,15 +26,17 @@ printed) to ``--out``, and the daemon's JSON log to ``gpu_check.log``. Steps:
    and whether the default thresholds still give the same partition.
 
 ``--smoke`` runs every step tiny on CPU (a 2-layer DINOv2, batch sizes 2 and 4,
-1 and 2 workers, a 200-crop burst) in well under a minute; the test suite
-runs it. Needs only torch, transformers, pillow, numpy, scipy and this package
-(with its hnswlib, watchdog, structlog).
+1 and 2 workers, a 200-crop burst) in 1 to 2 minutes on a busy 2-core
+machine; the test suite runs it. Needs only what the GPU image has (torch,
+transformers, pillow, numpy) and this package with its own dependencies
+(hnswlib, watchdog, structlog, scipy, scikit-learn: scripts/gpu_wheels.sh).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +70,14 @@ from gpu_check_parts import (
 from crop_clusterd.batch import BatchRequest, run_batch
 from crop_clusterd.config import Config
 from crop_clusterd.csvfiles import read_clusters_csv
+from crop_clusterd.decode import prepare
 from crop_clusterd.defaults import COSINE_THRESHOLD, DEFAULT_EMBEDDER, TRACK_THRESHOLDS
 from crop_clusterd.embed import Embedder
 from crop_clusterd.factory import embedder_from_config
+from crop_clusterd.images import load_rgb
 from crop_clusterd.log import configure_logging
 from crop_clusterd.oomsplit import is_out_of_memory
+from crop_clusterd.records import Crop, Prepared, Skipped
 from crop_clusterd.supervisor import Daemon
 
 
@@ -222,25 +229,29 @@ def sample_shape(embedder: Embedder) -> tuple[int, ...]:
 # --- 2. decode + preprocess --------------------------------------------------------------
 
 
+def prepare_file(embedder: Embedder, path: Path) -> Prepared | Skipped:
+    return prepare(Crop(path, str(path)), embedder)
+
+
 def step_decode(
     s: Settings, embedders: dict[str, Embedder], files: Sequence[Path]
 ) -> list[dict[str, Any]]:
-    """Crops/s of decode + preprocess in a pool of each size (files read once first)."""
+    """Crops/s of decode + preprocess in a pool of each size (files read once first);
+    model ``decode-only`` decodes without preprocessing, to show which of the two costs."""
     for path in files:
         path.read_bytes()  # into the page cache: the first pool size must not pay for disk
-    rows: list[dict[str, Any]] = []
+    jobs: dict[str, Callable[[Path], object]] = {"decode-only": load_rgb}
     for name, embedder in embedders.items():
+        jobs[name] = functools.partial(prepare_file, embedder)
+    rows: list[dict[str, Any]] = []
+    for name, job in jobs.items():
         for workers in s.workers:
             t0 = time.perf_counter()
-            done = prepared(files, embedder, workers)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = sum(1 for r in pool.map(job, files) if not isinstance(r, Skipped))
             seconds = time.perf_counter() - t0
             rows.append(
-                {
-                    "model": name,
-                    "workers": workers,
-                    "crops": len(done),
-                    "crops_per_s": len(done) / seconds,
-                }
+                {"model": name, "workers": workers, "crops": done, "crops_per_s": done / seconds}
             )
     return rows
 

@@ -231,7 +231,8 @@ def table(results: dict[str, Any]) -> str:
             r["crops_per_s"],
         )
     for r in results["decode"]:
-        add(f"decode+preprocess {r['model']} {r['workers']} workers, crops/s", r["crops_per_s"])
+        what = "decode only" if r["model"] == "decode-only" else f"decode+preprocess {r['model']}"
+        add(f"{what}, {r['workers']} workers, crops/s", r["crops_per_s"])
     d = results["daemon"]
     add(
         f"daemon {d['model']} {d['crops']} crops end to end, crops/s",

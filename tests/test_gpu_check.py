@@ -62,7 +62,9 @@ def test_smoke_run_reports_every_step_with_sane_figures(tmp_path: Path) -> None:
     assert all(positive(r["crops_per_s"]) for r in forward)
 
     decode = data["decode"]
-    assert {(r["model"], r["workers"]) for r in decode} == {(m, w) for m in models for w in (1, 2)}
+    assert {(r["model"], r["workers"]) for r in decode} == {
+        (m, w) for m in (*models, "decode-only") for w in (1, 2)
+    }
     assert all(r["crops"] == 24 and positive(r["crops_per_s"]) for r in decode)
 
     daemon = data["daemon"]
