@@ -414,6 +414,9 @@ def environment(s: Settings) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cpu_cores": multiprocessing.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # What "fp32" means for the forward figures: TF32 tensor cores or not.
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
