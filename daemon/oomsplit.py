@@ -61,12 +61,13 @@ class SplitResult:
     ``rows`` are the input positions embedded, in order, and ``vectors`` their
     len(rows) x d float32 unit vectors (row i belongs to input ``rows[i]``);
     ``failed`` holds (input position, reason) for each crop that ran out of
-    memory alone.
+    memory alone; ``ran_out_at`` the sizes of the forwards that ran out, in order.
     """
 
     rows: tuple[int, ...]
     vectors: npt.NDArray[np.float32]
     failed: tuple[tuple[int, str], ...]
+    ran_out_at: tuple[int, ...] = ()
 
 
 class OomSplitter:
@@ -121,7 +122,7 @@ class OomSplitter:
         self._after_call(n, ran_out, size, len(failed))
         dim = parts[0].shape[1] if parts else self.embedder.dim
         stacked = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-        return SplitResult(tuple(rows), stacked, tuple(failed))
+        return SplitResult(tuple(rows), stacked, tuple(failed), tuple(ran_out))
 
     def _forward(self, chunk: torch.Tensor) -> tuple[npt.NDArray[np.float32] | None, str]:
         """The chunk's vectors, or None and the error's first line when it ran out."""

@@ -23,7 +23,13 @@ printed) to ``--out``, and the daemon's JSON log to ``gpu_check.log``. Steps:
 4. live equals batch on the device: the daemon's partition against the batch
    command's on the same crops (bundled model, cosine and track);
 5. bf16 against fp32 on the same crops: per-crop cosine (median, minimum),
-   and whether the default thresholds still give the same partition.
+   and whether the default thresholds still give the same partition;
+6. a real out-of-memory error: a filler tensor leaves room for about a sixth of
+   a 512-crop batch, which must then split (:mod:`crop_clusterd.oomsplit`) and
+   embed every crop (CUDA only).
+
+A step that fails is recorded with its error and the others still run; the
+JSON is rewritten after each step; the exit status is 1 when a step failed.
 
 ``--smoke`` runs every step tiny on CPU (a 2-layer DINOv2, batch sizes 2 and 4,
 1 and 2 workers, a 200-crop burst) in 1 to 2 minutes on a busy 2-core
@@ -45,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 from gpu_check_parts import (
+    MB,
     MemorySampler,
     Vectors,
     autocast_as,
@@ -76,7 +84,7 @@ from crop_clusterd.embed import Embedder
 from crop_clusterd.factory import embedder_from_config
 from crop_clusterd.images import load_rgb
 from crop_clusterd.log import configure_logging
-from crop_clusterd.oomsplit import is_out_of_memory
+from crop_clusterd.oomsplit import OomSplitter, is_out_of_memory
 from crop_clusterd.records import Crop, Prepared, Skipped
 from crop_clusterd.supervisor import Daemon
 
@@ -404,6 +412,45 @@ def step_precision(
     return rows
 
 
+# --- 6. a real out-of-memory error ----------------------------------------------------------
+
+
+def step_oom(s: Settings, embedder: Embedder) -> dict[str, Any]:
+    """Out of memory for real: a filler tensor takes the device's free memory but
+    room for about a sixth of the largest batch, whose crops then go through
+    :class:`OomSplitter` (as the daemon's embed stage does): the batch must split
+    and every crop be embedded."""
+    device = embedder.device
+    if device.type != "cuda":
+        return {"ran": False, "reason": f"device {device} is not CUDA"}
+    crops, shape = max(s.batch_sizes), sample_shape(embedder)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    embedder.embed(torch.randn(64, *shape, device=device))
+    per_crop = (torch.cuda.max_memory_allocated(device) - base) / 64
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(per_crop * crops / 6) + 256 * MB  # and room for kernels' workspaces
+    filler = torch.empty(max(0, free - budget), dtype=torch.uint8, device=device)
+    splitter = OomSplitter(embedder)
+    try:
+        result = splitter.embed([torch.randn(*shape) for _ in range(crops)])
+    finally:
+        del filler
+        torch.cuda.empty_cache()
+    return {
+        "ran": True,
+        "crops": crops,
+        "per_crop_mb": per_crop / MB,
+        "room_mb": budget / MB,
+        "ran_out_at": list(result.ran_out_at),
+        "embedded": len(result.rows),
+        "skipped": len(result.failed),
+        "batch_size": splitter.cap,
+    }
+
+
 def environment(s: Settings) -> dict[str, Any]:
     device = torch.device(s.device)
     env: dict[str, Any] = {
@@ -425,14 +472,22 @@ def environment(s: Settings) -> dict[str, Any]:
 
 
 def run(s: Settings) -> dict[str, Any]:
-    """Every step; the results dict written as JSON."""
+    """Every step; the results dict, also written as JSON after each step (a run
+    killed at its time limit keeps what it had). A step that fails is recorded
+    with its error and the next one runs: the GPU machine is lent for minutes."""
     results: dict[str, Any] = {"environment": environment(s), "seconds": {}}
 
     def timed(key: str, step: Callable[[], Any]) -> None:
         t0 = time.perf_counter()
-        results[key] = step()
+        try:
+            results[key] = step()
+        except Exception as exc:
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            results[key]["traceback"] = traceback.format_exc()
+            print(results[key]["traceback"], file=sys.stderr)
         results["seconds"][key] = round(time.perf_counter() - t0, 2)
         print(f"gpu_check: {key} done in {results['seconds'][key]} s", file=sys.stderr)
+        write_json(s.out, results)
 
     configs = model_configs(s)
     embedders = {name: embedder_from_config(c) for name, c in configs.items()}
@@ -446,7 +501,13 @@ def run(s: Settings) -> dict[str, Any]:
     bundled = embedders[DEFAULT_EMBEDDER]
     timed("live_batch", lambda: step_live_batch(s, configs[DEFAULT_EMBEDDER], bundled))
     timed("precision", lambda: step_precision(s, embedders, files[: s.sample_crops]))
+    # Last: it fills the device's memory on purpose.
+    timed("oom", lambda: step_oom(s, embedders[dino]))
     return results
+
+
+def write_json(out: Path, results: dict[str, Any]) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -462,11 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not keep:
                 shutil.rmtree(s.work, ignore_errors=True)
     results["seconds"]["total"] = round(time.perf_counter() - started, 2)
-    (s.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(s.out, results)
     text = table(results)
     (s.out / "gpu_check.md").write_text(text)
     sys.stdout.write(text)
-    return 0
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

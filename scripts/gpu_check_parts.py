@@ -218,46 +218,97 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table(results: dict[str, Any]) -> str:
-    """The figures as a markdown table, goals beside the ones the issue sets."""
-    lines = ["| figure | value | goal |", "| --- | --- | --- |"]
+Row = tuple[str, Any, str]
 
-    def add(figure: str, value: Any, goal: str = "") -> None:
-        lines.append(f"| {figure} | {_fmt(value)} | {goal} |")
 
-    for r in results["forward"]:
-        add(
+def _forward_rows(rows: list[dict[str, Any]]) -> list[Row]:
+    return [
+        (
             f"forward {r['model']} {r['precision']} batch {r['batch_size']}, crops/s",
             r["crops_per_s"],
+            "",
         )
-    for r in results["decode"]:
+        for r in rows
+    ]
+
+
+def _decode_rows(rows: list[dict[str, Any]]) -> list[Row]:
+    out: list[Row] = []
+    for r in rows:
         what = "decode only" if r["model"] == "decode-only" else f"decode+preprocess {r['model']}"
-        add(f"{what}, {r['workers']} workers, crops/s", r["crops_per_s"])
-    d = results["daemon"]
-    add(
-        f"daemon {d['model']} {d['crops']} crops end to end, crops/s",
-        d["end_to_end_crops_per_s"],
-        ">= 3,000 (dinov2-base)",
-    )
-    add("raw forward, same batches, crops/s", d["forward_same_batches_crops_per_s"])
-    add("end to end / raw forward", d["ratio_to_forward"], ">= 0.8")
+        out.append((f"{what}, {r['workers']} workers, crops/s", r["crops_per_s"], ""))
+    return out
+
+
+def _daemon_rows(d: dict[str, Any]) -> list[Row]:
+    out: list[Row] = [
+        (
+            f"daemon {d['model']} {d['crops']} crops end to end, crops/s",
+            d["end_to_end_crops_per_s"],
+            ">= 3,000 (dinov2-base)",
+        ),
+        ("raw forward, same batches, crops/s", d["forward_same_batches_crops_per_s"], ""),
+        ("end to end / raw forward", d["ratio_to_forward"], ">= 0.8"),
+    ]
     m = d["memory"]
     if m.get("measured"):
-        add("GPU memory peak / end, MB", f"{m['peak_mb']:,.0f} / {m['end_mb']:,.0f}")
-        add("GPU memory growth over the burst, MB", m["growth_mb"], "flat (<= 64)")
+        out.append(("GPU memory peak / end, MB", f"{m['peak_mb']:,.0f} / {m['end_mb']:,.0f}", ""))
+        out.append(("GPU memory growth over the burst, MB", m["growth_mb"], "flat (<= 64)"))
     else:
-        add("GPU memory", "not measured", m.get("reason", ""))
-    for r in results["live_batch"]:
-        add(f"live equals batch ({r['method']}, {r['crops']} crops)", r["equal"], "True")
-    for r in results["precision"]:
-        add(
-            f"bf16 vs fp32 cosine {r['model']} median / min",
-            f"{r['cosine_median']:.5f} / {r['cosine_min']:.5f}",
-            ">= 0.99 median",
-        )
+        out.append(("GPU memory", "not measured", m.get("reason", "")))
+    return out
+
+
+def _live_rows(rows: list[dict[str, Any]]) -> list[Row]:
+    return [
+        (f"live equals batch ({r['method']}, {r['crops']} crops)", r["equal"], "True") for r in rows
+    ]
+
+
+def _precision_rows(rows: list[dict[str, Any]]) -> list[Row]:
+    out: list[Row] = []
+    for r in rows:
+        cosines = f"{r['cosine_median']:.5f} / {r['cosine_min']:.5f}"
+        out.append((f"bf16 vs fp32 cosine {r['model']} median / min", cosines, ">= 0.99 median"))
         for label in ("cosine", "track"):
-            add(
-                f"{r['model']} same partition at {label} threshold {r[f'{label}_threshold']}",
-                r[f"{label}_same_partition"],
-            )
+            figure = f"{r['model']} same partition at {label} threshold {r[f'{label}_threshold']}"
+            out.append((figure, r[f"{label}_same_partition"], ""))
+    return out
+
+
+def _oom_rows(r: dict[str, Any]) -> list[Row]:
+    if not r.get("ran"):
+        return [("real out-of-memory split", "not run", r.get("reason", ""))]
+    return [
+        (f"real out-of-memory split of {r['crops']} crops: ran out at", r["ran_out_at"], ""),
+        (
+            "... embedded / skipped / finished at batch",
+            f"{r['embedded']} / {r['skipped']} / {r['batch_size']}",
+            "all / 0",
+        ),
+    ]
+
+
+ROWS: dict[str, Callable[[Any], list[Row]]] = {
+    "forward": _forward_rows,
+    "decode": _decode_rows,
+    "daemon": _daemon_rows,
+    "live_batch": _live_rows,
+    "precision": _precision_rows,
+    "oom": _oom_rows,
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures as a markdown table, goals beside the ones the issue sets; a
+    step that failed gets one row with its error."""
+    lines = ["| figure | value | goal |", "| --- | --- | --- |"]
+    for step, rows in ROWS.items():
+        if step not in results:
+            continue
+        value = results[step]
+        if isinstance(value, dict) and "error" in value:
+            lines.append(f"| {step} FAILED | {value['error']} | |")
+            continue
+        lines.extend(f"| {f} | {_fmt(v)} | {g} |" for f, v, g in rows(value))
     return "\n".join(lines) + "\n"

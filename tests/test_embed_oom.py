@@ -143,6 +143,7 @@ def test_split_halves_down_to_one_crop_and_skips_only_the_poisoned_one(
     for (before, ran_out), after in zip(OomEmbedder.forwards, sizes[1:], strict=False):
         assert after <= (max(1, before // 2) if ran_out else before)
     assert min(raises()) == 1  # the poisoned crop was tried alone
+    assert list(result.ran_out_at) == raises()
     assert all(s <= OomEmbedder.limit for s, ran_out in OomEmbedder.forwards if not ran_out)
     events = assert_logged_once_per_episode(log_lines)
     assert len(events) == 1 and events[0]["skipped"] == 1 and events[0]["crops"] == 11

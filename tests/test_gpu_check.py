@@ -51,6 +51,7 @@ def test_smoke_run_reports_every_step_with_sane_figures(tmp_path: Path) -> None:
         "daemon",
         "live_batch",
         "precision",
+        "oom",
     }
     assert data["environment"]["smoke"] is True and data["environment"]["device"] == "cpu"
     models = {"efficientnet-lite0", "dinov2-tiny"}
@@ -92,7 +93,11 @@ def test_smoke_run_reports_every_step_with_sane_figures(tmp_path: Path) -> None:
         assert isinstance(r["cosine_same_partition"], bool) and r["cosine_pairs_flipped"] >= 0
     assert precision["efficientnet-lite0"]["cosine_median"] >= 0.99
 
+    assert data["oom"] == {"ran": False, "reason": "device cpu is not CUDA"}
+    assert set(data["seconds"]) == set(data) - {"environment", "seconds"} | {"total"}
+
     table = (out / "gpu_check.md").read_text()
     assert table == done.stdout
     assert "live equals batch (track" in table and "GPU memory | not measured" in table
+    assert "FAILED" not in table
     assert (out / "gpu_check.log").stat().st_size > 0
