@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gallery.add_argument("out", type=Path, metavar="OUT", help="the batch command's output folder")
     gallery.add_argument("--config", type=Path,
-                         help="TOML config file (input.background, input.time_format)")  # fmt: skip
+                         help="TOML config file (input.background, input.time_format, "
+                              "input.meta_folder: the box tracks)")  # fmt: skip
     return parser
 
 
@@ -547,7 +548,10 @@ def _write_galleries(out: Path, config: Config, command: str) -> int:
 
     try:
         built = build_galleries(
-            out, background=config.input.background_rgb, time_format=config.input.time_format
+            out,
+            background=config.input.background_rgb,
+            time_format=config.input.time_format,
+            meta_folder=config.input.meta_folder,
         )
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"crop-clusterd {command}: {exc}", file=sys.stderr)

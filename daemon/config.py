@@ -325,6 +325,13 @@ class OutputConfig:
         ),
     )
     save_labels: bool = field(default=False, metadata=_meta("write labels alongside clusters"))
+    gallery: bool = field(
+        default=True,
+        metadata=_meta(
+            "the daemon: write each session's cluster gallery (index.html, gallery/, "
+            "thumbs/) with its snapshots; the batch command writes it with --gallery"
+        ),
+    )
 
 
 @dataclass(frozen=True)

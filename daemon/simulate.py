@@ -152,13 +152,15 @@ def simulate(
     out: Path,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
     on_frame: Callable[[str], None] | None = None,
 ) -> SimSummary:
     """Simulate a night into ``out``; returns counts and the path of ``labels.csv``.
 
     ``out`` may exist but must be empty. With ``config.rate_fps`` frames are paced
     in real time: ``sleep`` is called between frames with what is left of 1/rate
-    after drawing the frame. ``on_frame`` gets each frame's name once it is written.
+    after drawing the frame, as ``clock`` (seconds) measured it. ``on_frame`` gets
+    each frame's name once it is written.
     """
     out = Path(out)
     _prepare_out(config, out)
@@ -171,7 +173,7 @@ def simulate(
     period = None if config.rate_fps is None else 1.0 / config.rate_fps
 
     for index in range(config.frames):
-        began = time.monotonic()
+        began = clock()
         light = world.step(index)
         frame = frame_name(config.start + timedelta(seconds=index * config.interval_s))
         detections = _detect(config, world, index, light, noise)
@@ -184,7 +186,7 @@ def simulate(
         if on_frame is not None:
             on_frame(frame)
         if period is not None and index + 1 < config.frames:
-            sleep(max(0.0, period - (time.monotonic() - began)))
+            sleep(max(0.0, period - (clock() - began)))
 
     labels_path = _write_csv(out / "labels.csv", ("filename", "label"), labels)
     truth_path = _write_csv(out / "truth.csv", TRUTH_COLUMNS, truth)

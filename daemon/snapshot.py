@@ -114,6 +114,7 @@ class _OpenCache:
         self._seqs = np.empty(0, dtype=np.int64)
         self._stored = np.empty(0, dtype=np.int64)
         self._times = np.empty(0, dtype=np.float64)
+        self._boxes = np.empty((0, 4), dtype=np.float64)
         self.merges: list[StoredMerge] = []
         self.skipped: list[StoredSkip] = []
         self.retired: frozenset[int] = frozenset()
@@ -136,6 +137,12 @@ class _OpenCache:
         """Each crop's capture time (seconds, NaN when unknown), indexed by local number."""
         return self._times[: len(self.names)]
 
+    @property
+    def boxes(self) -> npt.NDArray[np.float64]:
+        """Each crop's box centre and frame size, n×4 (cx, cy, fw, fh; pixels, NaN
+        when unknown), indexed by local number."""
+        return self._boxes[: len(self.names)]
+
     def append(
         self,
         seqs: npt.NDArray[np.int64],
@@ -143,19 +150,21 @@ class _OpenCache:
         stored: npt.NDArray[np.int64],
         times: npt.NDArray[np.float64],
         frames: Sequence[str | None],
+        boxes: npt.NDArray[np.float64],
     ) -> None:
         """Add rows; capacity doubles so a long session copies each row O(1) times."""
         n, k = len(self.names), len(names)
         if n + k > len(self._stored):
             capacity = max(n + k, 2 * len(self._stored), 1024)
-            for attr in ("_seqs", "_stored", "_times"):
+            for attr in ("_seqs", "_stored", "_times", "_boxes"):
                 old = getattr(self, attr)
-                grown = np.empty(capacity, dtype=old.dtype)
+                grown = np.empty((capacity, *old.shape[1:]), dtype=old.dtype)
                 grown[:n] = old[:n]
                 setattr(self, attr, grown)
         self._seqs[n : n + k] = seqs
         self._stored[n : n + k] = stored
         self._times[n : n + k] = times
+        self._boxes[n : n + k] = boxes
         self.names.extend(names)
         self.frames.extend(frames)
 
@@ -190,6 +199,7 @@ class SnapshotWriter:
         self.single = session is None or session.single
         self.save_embeddings = output.save_embeddings
         self.dedup = output.dedup
+        self.gallery = output.gallery
         self._folders = FolderWriter(
             files if files is not None else OutputFiles(),
             gen_cluster_dirs=output.gen_cluster_dirs,
@@ -336,6 +346,7 @@ class SnapshotWriter:
             rows.clusters[skip:],
             rows.times[skip:],
             rows.frames[skip:],
+            np.hstack([rows.centers, rows.sizes])[skip:],
         )
         cache.merges.extend(new_merges)
         cache.skipped = skipped
@@ -464,10 +475,12 @@ class SnapshotWriter:
         names = [crops.paths[i] for i in live.tolist()]
         self._write_activity(folder, session.id, current, crops.times[live], final=True)
         summary = summarize(session.id, current, crops.times[live], closed=session.closed)
-        frames = [crops.frames[i] for i in live.tolist()]
-        gallery = GalleryCrops(names, current, crops.times[live], frames)
-        self._write_gallery(folder, summary, gallery)
-        self._gallery.forget(folder)
+        if self.gallery:
+            frames = [crops.frames[i] for i in live.tolist()]
+            boxes = np.hstack([crops.centers, crops.sizes])[live]
+            gallery = GalleryCrops(names, current, crops.times[live], frames, boxes)
+            self._write_gallery(folder, summary, gallery)
+            self._gallery.forget(folder)
         w.summary(folder, summary)
         self._final[session.id] = session.closed
         if self._cache is not None and self._cache.id == session.id:
@@ -510,11 +523,12 @@ class SnapshotWriter:
         clusters = w.listing(folder, listing, vectors)
         times = cache.times[live]
         self._write_activity(folder, cache.id, current, times, final=final)
-        ids = live.tolist()
-        crops = GalleryCrops(
-            [cache.names[i] for i in ids], current, times, [cache.frames[i] for i in ids]
-        )
-        self._write_gallery(folder, summarize(cache.id, current, times), crops)
+        if self.gallery:
+            ids = live.tolist()
+            names = [cache.names[i] for i in ids]
+            frames = [cache.frames[i] for i in ids]
+            crops = GalleryCrops(names, current, times, frames, cache.boxes[live])
+            self._write_gallery(folder, summarize(cache.id, current, times), crops)
         return clusters
 
     def _write_gallery(self, folder: Path, summary: SessionSummary, crops: GalleryCrops) -> None:

@@ -295,7 +295,11 @@ class Daemon:
             shutdown=self.stopping,
             clock=self.clock,
             wall=self.wall,
-            after_commit=ThumbWriter(config.output.folder, background=config.input.background_rgb),
+            after_commit=(
+                ThumbWriter(config.output.folder, background=config.input.background_rgb)
+                if config.output.gallery
+                else None
+            ),
         )
         return Pipeline(
             store=store,
@@ -349,8 +353,9 @@ class Daemon:
                 self._snapshot(p.snapshots, final=False)
                 next_snapshot = now + self.config.snapshot.interval_s
             self._disk.check()
-            self.notifier.status(self._status_line(p))
+            # The status file first: whoever acts on the notify line finds it there.
             self._publish(p, "running")
+            self.notifier.status(self._status_line(p))
             if self.exit_when_idle_s is not None:
                 idle_since = self._check_idle(p, now, idle_since, self.exit_when_idle_s)
 

@@ -3,8 +3,10 @@
 A thumbnail is named by a hash of the crop's name (:func:`thumb_name`), so the
 daemon (which makes it when the crop is committed) and ``crop-clusterd
 gallery`` (which makes the missing ones for a batch output folder) agree on it
-without any index. It is never made again while its file exists; an empty file
-(what a power cut can leave, since thumbnails skip fsync) counts as missing.
+without any index. It carries its crop's modification time, and is made again
+only when that no longer matches (the crop was rewritten under the same name:
+a new picture) or when it is empty (what a power cut can leave, since
+thumbnails skip fsync); otherwise it is never made again.
 Transparency is composited on ``input.background`` exactly as for embedding
 (:func:`crop_clusterd.images.load_rgb`).
 """
@@ -12,6 +14,7 @@ Transparency is composited on ``input.background`` exactly as for embedding
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +57,13 @@ def thumb_name(crop_name: str) -> str:
     return digest.hexdigest()[:16] + ".jpg"
 
 
-def _present(path: Path) -> bool:
+def _current(target: Path, mtime_ns: int) -> bool:
+    """Whether ``target`` is a thumbnail of the crop version modified at ``mtime_ns``."""
     try:
-        return path.stat().st_size > 0
+        st = target.stat()
     except FileNotFoundError:
         return False
+    return st.st_size > 0 and st.st_mtime_ns == mtime_ns
 
 
 def make_thumbnail(
@@ -69,13 +74,20 @@ def make_thumbnail(
     px: int = THUMB_PX,
 ) -> bool:
     """Write ``target`` (a JPEG whose longest side is at most ``px``) from the crop
-    ``source`` unless a non-empty ``target`` exists; True when it was written.
+    ``source`` unless ``target`` is already the thumbnail of this version of
+    ``source`` (non-empty, same modification time); True when it was written.
 
     Raises :class:`~crop_clusterd.images.DecodeError` when ``source`` cannot be
     decoded and ``OSError`` when ``target`` cannot be written (nothing partial is
     left: the write is atomic).
     """
-    if _present(target):
+    try:
+        # Taken before decoding: a rewrite during it leaves an older time, so
+        # the next call makes the thumbnail again.
+        st = source.stat()
+    except OSError as exc:
+        raise DecodeError(f"cannot read: {exc.strerror or exc}", source) from exc
+    if _current(target, st.st_mtime_ns):
         return False
     image = load_rgb(source, background=background)
     # reducing_gap: a cheap box pre-shrink before the resampling, fine at this size.
@@ -85,6 +97,7 @@ def make_thumbnail(
         image.save(handle, "JPEG", quality=_QUALITY)
 
     atomic_write(target, write, sync=False)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     return True
 
 

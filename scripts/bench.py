@@ -18,6 +18,9 @@ figure it should be compared with, because shared machines are noisy:
    several index sizes, against re-clustering 10k crops from scratch.
 3. latency from a file landing to its commit, with the daemon running and a
    writer copying simulated frames in at a steady rate.
+4. what the gallery costs: the daemon on the same crops with ``output.gallery``
+   on (thumbnails at commit, the page with each snapshot) and off, interleaved
+   (A B A B); process CPU seconds per crop (all threads) and crops/s.
 """
 
 from __future__ import annotations
@@ -247,6 +250,43 @@ def pipeline(watch: Path, run: Path, embedder: Embedder, base: Config) -> Pipeli
     span = times[-1][0] - times[0][0] if len(times) > 1 else 0.0
     after_first = sum(n for _, n in times[1:])
     return PipelineRun(len(rows), len(times), span, after_first, summary)
+
+
+def with_gallery(base: Config, on: bool) -> Config:
+    """``base`` with the gallery (thumbnails and page) on or off."""
+    return dataclasses.replace(base, output=dataclasses.replace(base.output, gallery=on))
+
+
+def bench_gallery(s: Settings, base: Config, embedder: Embedder, report: Report) -> None:
+    """Part 4: the daemon with and without the gallery, A B A B on the same crops."""
+    frames = session(s.work / "gallery-session", s.crops, s.seed + 1)
+    watch = frames[0].parent
+    runs: list[dict[str, float]] = []
+    for rep in range(s.reps):
+        figures: dict[str, float] = {}
+        for on in (True, False):
+            label = "on" if on else "off"
+            cpu0 = time.process_time()
+            run = pipeline(
+                watch, s.work / f"gallery-{label}-{rep}", embedder, with_gallery(base, on)
+            )
+            cpu = time.process_time() - cpu0
+            if run.crops != len(crop_files(frames)):
+                raise RuntimeError(f"the daemon committed {run.crops} crops, gallery {label}")
+            figures[f"cpu_ms_per_crop_{label}"] = 1000 * cpu / run.crops
+            figures[f"crops_per_s_{label}"] = run.crops_per_s
+        figures["cpu_ratio"] = figures["cpu_ms_per_crop_on"] / figures["cpu_ms_per_crop_off"]
+        figures["rate_ratio"] = figures["crops_per_s_on"] / figures["crops_per_s_off"]
+        runs.append(figures)
+        n = rep + 1
+        report.add(f"gallery on / off, CPU per crop #{n}", figures["cpu_ratio"], "ratio", "<= 1.2")
+        report.add(f"gallery on / off, crops/s #{n}", figures["rate_ratio"], "ratio")
+    # Pooled over the reps: on a shared machine one pair can differ by +-15%.
+    pooled = sum(r["cpu_ms_per_crop_on"] for r in runs) / sum(
+        r["cpu_ms_per_crop_off"] for r in runs
+    )
+    report.add("gallery on / off, CPU per crop, all reps", pooled, "ratio", "<= 1.2")
+    report.details["gallery"] = {"crops": len(crop_files(frames)), "runs": runs, "pooled": pooled}
 
 
 def load_embedder(base: Config) -> tuple[Embedder, float]:
@@ -554,13 +594,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--parts",
-        default="throughput,assign,latency",
-        help="comma-separated subset of throughput,assign,latency",
+        default="throughput,assign,latency,gallery",
+        help="comma-separated subset of throughput,assign,latency,gallery",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for tests")
     args = parser.parse_args(argv)
     parts = frozenset(p.strip() for p in args.parts.split(",") if p.strip())
-    unknown = parts - {"throughput", "assign", "latency"}
+    unknown = parts - {"throughput", "assign", "latency", "gallery"}
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     try:
@@ -609,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     started = time.perf_counter()
     embedder: Embedder | None = None
-    if s.parts & {"throughput", "latency"}:
+    if s.parts & {"throughput", "latency", "gallery"}:
         embedder, load_s = load_embedder(base)
         report.details["model"] = {"name": MODEL, "device": "cpu", "load_s": load_s}
     if "throughput" in s.parts:
@@ -620,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "latency" in s.parts:
         assert embedder is not None
         bench_latency(s, base, embedder, report)
+    if "gallery" in s.parts:
+        assert embedder is not None
+        bench_gallery(s, base, embedder, report)
     report.details["wall_s"] = time.perf_counter() - started
     report.details["cpus"] = len(os.sched_getaffinity(0))
     print(format_table(report.rows))

@@ -5,6 +5,7 @@ Run from the repository root with the package, playwright and Debian's chromium:
 
     python scripts/bench_gallery.py --crops 20000 --clusters 2000
     python scripts/bench_gallery.py --crops 100000 --clusters 10000 --json /tmp/g.json
+    python scripts/bench_gallery.py --simulated --crops 20000 --work /var/tmp/g20k
 
 A synthetic night: ``crops`` crop names over ``clusters`` clusters (sizes drawn
 from a geometric law, so many singletons and a few large clusters), capture
@@ -13,11 +14,18 @@ page loads only the visible ones, lazily). Figures: seconds to write the
 gallery from scratch and again after one cluster grew (what a snapshot pays),
 bytes of data, and the page's open time in Chromium (navigation to the first
 rows rendered, and to its visible thumbnails loaded), best of ``--opens``.
+
+``--simulated`` opens a real page instead: the trap simulator writes a night
+of about ``crops`` crops (frames, metadata), ``crop-clusterd cluster
+--gallery -mf`` clusters it (a fast random-projection embedder from
+``tests/fakes.py`` stands in for the model, whose choice the page does not
+see) and makes every thumbnail and box track; then the same open times.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +38,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from crop_clusterd.batch import BatchRequest, run_batch
+from crop_clusterd.config import Config
 from crop_clusterd.gallery import GALLERY_DIR, INDEX_HTML, GalleryCrops, GalleryWriter
+from crop_clusterd.gallerybuild import build_galleries
+from crop_clusterd.log import configure_logging
 from crop_clusterd.summary import summarize
 from crop_clusterd.thumbs import THUMBS_DIR, thumb_name
 
@@ -96,6 +108,37 @@ def open_times(page_path: Path, chromium: str, opens: int) -> dict[str, float]:
     return best
 
 
+def simulated(crops: int, seed: int, work: Path) -> tuple[Path, dict[str, object]]:
+    """A simulated night clustered with ``--gallery``: its page and figures."""
+    from nightbench import register_projection
+
+    from crop_clusterd.csvfiles import read_clusters_csv
+    from crop_clusterd.simulate import SimConfig, simulate
+
+    root, out = work / "night", work / "out"
+    t0 = time.perf_counter()
+    simulate(SimConfig(seed=seed, frames=max(1, round(crops / 20.0)), mean_present=15.0), root)
+    sim_s = time.perf_counter() - t0
+    base = Config()
+    config = dataclasses.replace(
+        base,
+        embed=dataclasses.replace(base.embed, model=register_projection(384)),
+        input=dataclasses.replace(base.input, recursive=True, meta_folder=root),
+        output=dataclasses.replace(base.output, folder=out),
+    )
+    t0 = time.perf_counter()
+    run_batch(BatchRequest(config, inputs=(str(root),)))
+    build_galleries(out, meta_folder=root)  # what cluster --gallery -mf does next
+    rows = read_clusters_csv(out / "clusters.csv")
+    return out / INDEX_HTML, {
+        "crops": len(rows),
+        "clusters": len({c for _, c in rows}),
+        "simulate_s": round(sim_s, 1),
+        "cluster_and_gallery_s": round(time.perf_counter() - t0, 1),
+        "data_bytes": sum(p.stat().st_size for p in (out / GALLERY_DIR).iterdir()),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the gallery of a synthetic night, open it, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,8 +147,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--opens", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--simulated", action="store_true", help="a simulated trap night")
+    parser.add_argument("--work", type=Path, help="--simulated: a new or empty folder")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if args.simulated:
+        configure_logging("console", "warning")
+        work = args.work or Path(tempfile.mkdtemp(prefix="bench-gallery-"))
+        work.mkdir(parents=True, exist_ok=True)
+        if any(work.iterdir()):
+            parser.error(f"--work {work} must be a new or empty folder")
+        page, sim = simulated(args.crops, args.seed, work)
+        if chromium is not None:
+            sim |= {k: round(v, 3) for k, v in open_times(page, chromium, args.opens).items()}
+        print(json.dumps(sim, indent=1))
+        if args.json is not None:
+            args.json.write_text(json.dumps(sim, indent=1) + "\n", encoding="utf-8")
+        return 0
     crops = night(args.crops, args.clusters, args.seed)
     summary = summarize("bench", crops.clusters, crops.times)
     with tempfile.TemporaryDirectory(prefix="bench-gallery-") as tmp:

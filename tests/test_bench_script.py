@@ -63,5 +63,17 @@ def test_quick_benchmark_runs_and_reports_consistent_figures(tmp_path: Path) -> 
     assert latency["min_s"] >= latency["settle_ms"] / 1000
     assert latency["p50_s"] <= latency["p95_s"] <= latency["max_s"]
 
+    gallery = data["gallery"]
+    work = tmp_path / "work"
+    assert len(gallery["runs"]) == 2  # A B A B
+    for rep, run in enumerate(gallery["runs"]):
+        assert math.isclose(
+            run["cpu_ratio"], run["cpu_ms_per_crop_on"] / run["cpu_ms_per_crop_off"]
+        )
+        thumbs = list((work / f"gallery-on-{rep}" / "out").rglob("thumbs/*.jpg"))
+        assert len(thumbs) == gallery["crops"], "on: a thumbnail per crop"
+        off = work / f"gallery-off-{rep}" / "out"
+        assert not list(off.rglob("thumbs")) and not list(off.rglob("index.html"))
+
     figures = {row["figure"] for row in data["table"]}
     assert {"latency p50", "assign at 5,000: median", "pipeline / forward #1"} <= figures

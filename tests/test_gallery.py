@@ -66,13 +66,32 @@ def test_rows_count_crops_frames_and_order_members_by_time() -> None:
     crops = crops_of([5, 5, 5, 9], [T0 + 60, T0, math.nan, T0 + 5], ["a", "b", "b", None])
     rows = cluster_rows(crops)
     assert set(rows) == {5, 9}
-    cid, n, frames, first, last, members = rows[5]
+    cid, n, frames, first, last, members, track = rows[5]
+    assert track is None, "no boxes, no track"
     assert (cid, n, frames) == (5, 3, 2)
     assert (first, last) == ("2024-07-01T22:00:00", "2024-07-01T22:01:00")
     assert isinstance(members, list)
     assert [m[0] for m in members] == [crops.names[1], crops.names[0], crops.names[2]]
     assert members[0][1] == thumb_name(crops.names[1]) and members[2][2] is None
     assert rows[9][1:3] == [1, 1], "a crop without a frame is a frame of its own"
+
+
+def test_the_track_follows_capture_order_in_the_most_common_frame_size() -> None:
+    nan = math.nan
+    boxes = np.array(
+        [
+            [100.4, 50.0, 4000, 3000],
+            [10.0, 20.0, 4000, 3000],
+            [nan, nan, 4000, 3000],  # no box: not in the track
+            [30.0, 40.6, 2000, 1500],
+            [7.0, 8.0, nan, nan],
+        ]
+    )
+    times = [T0 + 2, T0, T0 + 1, T0 + 3, T0 + 4]
+    base = crops_of([1, 1, 1, 1, 2], times, ["a", "b", "c", "d", "e"])
+    rows = cluster_rows(GalleryCrops(base.names, base.clusters, base.times, base.frames, boxes))
+    assert rows[1][6] == [4000, 3000, [10, 20, 100, 50, 30, 41]]
+    assert rows[2][6] == [None, None, [7, 8]], "frame size unknown: the page uses the extent"
 
 
 def write(writer: GalleryWriter, folder: Path, crops: GalleryCrops) -> int:
@@ -129,3 +148,41 @@ def test_the_daemon_writes_each_nights_gallery(tmp_path: Path) -> None:
         members = {m[0]: c for c, r in rows.items() for m in r[5]}
         assert members == dict(live)
         assert all((folder / "thumbs" / m[1]).is_file() for r in rows.values() for m in r[5])
+        # The simulator writes flat-bug metadata: every crop has a box on its track.
+        assert all(r[6] is not None and len(r[6][2]) == 2 * r[1] for r in rows.values())
+
+
+def test_a_snapshot_rebuilds_only_the_rows_of_clusters_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crop_clusterd import gallery
+
+    built: list[set[int]] = []
+    real = gallery.cluster_rows
+
+    def spy(crops: GalleryCrops) -> dict[int, list[object]]:
+        rows = real(crops)
+        built.append(set(rows))
+        return rows
+
+    monkeypatch.setattr(gallery, "cluster_rows", spy)
+    clusters = [0, 0, 1, 2, 3]
+    times = [T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4]
+    frames: list[str | None] = ["a", "b", "c", "d", "e"]
+    writer = GalleryWriter()
+    write(writer, tmp_path, crops_of(clusters, times, frames))
+    assert built == [{0, 1, 2, 3}]
+    write(writer, tmp_path, crops_of([*clusters, 2], [*times, T0 + 5], [*frames, "f"]))
+    assert built[1:] == [{2}], "only the cluster that grew"
+    # Same members by count, but one renamed (a move) and one with a new time.
+    moved = crops_of([*clusters, 2], [*times, T0 + 5], [*frames, "f"])
+    names = list(moved.names)
+    names[0] = "elsewhere/" + names[0]
+    moved_times = moved.times.copy()
+    moved_times[3] += 1.0
+    write(writer, tmp_path, GalleryCrops(names, moved.clusters, moved_times, moved.frames))
+    assert built[2:] == [{0, 2}]
+    assert (
+        page_clusters(tmp_path)[0][5][0][0]
+        == "elsewhere/" + crops_of(clusters, times, frames).names[0]
+    )

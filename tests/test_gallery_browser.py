@@ -43,6 +43,7 @@ def out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     simulate(SimConfig(seed=5, frames=8, mean_present=6, behaviour="classic"), root)
     folder = tmp_path / "out"
     args = ["-i", str(root), "--recursive", "-o", str(folder), "-e", ColourEmbedder.name]
+    args += ["-mf", str(root)]  # flat-bug's metadata: the box tracks
     assert cli.main(["cluster", *args, "-th", "0.95", "--gallery", "--log-level", "error"]) == 0
     yield folder
     unregister(ColourEmbedder.name)
@@ -75,6 +76,13 @@ def test_the_page_in_chromium(out: Path, tmp_path: Path, chromium: Any) -> None:
     page.wait_for_load_state("networkidle")
     page.evaluate("() => window.galleryShowAll()")
     assert page.locator("section.row").count() == len(sizes)
+    # Each cluster's box track: one point per crop, in a frame-sized view box.
+    points = page.eval_on_selector_all(
+        "section.row",
+        "rs => rs.map(r => r.querySelector('svg.track polyline')"
+        " ?.getAttribute('points').split(' ').length ?? 0)",
+    )
+    assert points == page.eval_on_selector_all("section.row", "rs => rs.map(r => +r.dataset.size)")
     page.evaluate("() => window.scrollTo(0, 0)")
     page.wait_for_load_state("networkidle")
     page.wait_for_timeout(300)

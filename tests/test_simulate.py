@@ -231,11 +231,12 @@ def test_rate_paces_with_injected_sleep_and_reports_frames(tmp_path: Path) -> No
         )
         written.append(frame)
 
+    ticks = iter(0.15 * k for k in range(100))  # each reading 0.15 s after the last
     config = SimConfig(frames=4, mean_present=3.0, rate_fps=2.0)
-    simulate(config, tmp_path, sleep=sleeps.append, on_frame=on_frame)
+    simulate(config, tmp_path, sleep=sleeps.append, clock=lambda: next(ticks), on_frame=on_frame)
     assert written == sorted(written) and len(written) == 4
-    assert len(sleeps) == 3  # between frames, not after the last
-    assert all(0.25 < s <= 0.5 for s in sleeps)
+    # Between frames, not after the last: 1/rate less the 0.15 s a frame took.
+    assert sleeps == pytest.approx([0.35, 0.35, 0.35])
 
     sleeps.clear()
     simulate(SimConfig(frames=3, mean_present=3.0), tmp_path / "fast", sleep=sleeps.append)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,17 +63,27 @@ def test_small_crops_are_not_enlarged(tmp_path: Path) -> None:
         assert thumb.size == (30, 20)
 
 
-def test_a_thumbnail_is_never_made_again_unless_empty(tmp_path: Path) -> None:
+def test_a_thumbnail_is_made_again_only_for_a_new_version_of_its_crop(tmp_path: Path) -> None:
     src = write_png(tmp_path / "a.png", (200, 10, 10), size=(50, 50))
     dst = tmp_path / "t.jpg"
     assert make_thumbnail(src, dst)
     old = dst.read_bytes()
-    write_png(src, (10, 10, 200), size=(50, 50))  # the crop changes: the thumb stays
-    assert not make_thumbnail(src, dst)
-    assert dst.read_bytes() == old
+    assert not make_thumbnail(src, dst), "the same crop: never made again"
     dst.write_bytes(b"")  # what a power cut may leave
     assert make_thumbnail(src, dst)
-    assert dst.stat().st_size > 0 and dst.read_bytes() != old
+    assert dst.read_bytes() == old
+    # Rewritten under the same name, even with an older time (rsync -a keeps the
+    # sender's): a new picture, so a new thumbnail.
+    before = src.stat().st_mtime_ns
+    write_png(src, (10, 10, 200), size=(50, 50))
+    os.utime(src, ns=(before - 10**9, before - 10**9))
+    assert make_thumbnail(src, dst)
+    assert thumb_colour(dst) == pytest.approx((10, 10, 200), abs=30)
+
+
+def thumb_colour(path: Path) -> tuple[float, ...]:
+    with Image.open(path) as thumb:
+        return tuple(np.asarray(thumb.convert("RGB")).reshape(-1, 3).mean(axis=0).tolist())
 
 
 def test_make_thumbnails_names_by_crop_name_and_counts_failures(tmp_path: Path) -> None:
@@ -120,3 +131,18 @@ def test_the_daemon_makes_one_thumb_per_committed_crop_once(tmp_path: Path) -> N
     # A restart that finds nothing new makes nothing again.
     Daemon(config, exit_when_idle_s=1.0).run()
     assert {p: p.stat().st_mtime_ns for p in made} == made
+
+
+def test_a_crop_rewritten_between_runs_gets_a_new_thumbnail(tmp_path: Path) -> None:
+    config = daemon_over_two_nights(tmp_path)
+    night = NIGHTS[0]
+    name = night_rows(config, night)[0][0]
+    crop = Path(name) if Path(name).is_absolute() else config.watch.folder / name
+    thumb = config.output.folder / night / THUMBS_DIR / thumb_name(name)
+    assert thumb_colour(thumb) != pytest.approx((250, 250, 5), abs=30)
+    # As a copy tool does: a new file renamed over the old one.
+    with Image.open(crop) as old:
+        size = old.size
+    write_png(crop.parent / f"new-{crop.name}", (250, 250, 5), size=size).replace(crop)
+    Daemon(config, exit_when_idle_s=1.0).run()
+    assert thumb_colour(thumb) == pytest.approx((250, 250, 5), abs=30)

@@ -8,7 +8,7 @@
   var PAGE = 150; // rows rendered per step
   var index = null;
   var blocks = {};
-  var rows = []; // [id, crops, frames, first, last, [[name, thumb, time], ...]]
+  var rows = []; // [id, crops, frames, first, last, [[name, thumb, time], ...], track]
   var order = [];
   var shown = 0;
   var $ = function (id) { return document.getElementById(id); };
@@ -54,6 +54,38 @@
     return a;
   }
 
+  function svg(tag, attrs) {
+    var el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (var k in attrs) el.setAttribute(k, attrs[k]);
+    return el;
+  }
+
+  // The box track: centres in capture order inside the frame (or, when the frame
+  // size is unknown, inside the track's own extent), start green, end red.
+  function sketch(track) {
+    var w = track[0], h = track[1], xy = track[2], x0 = 0, y0 = 0;
+    if (!w || !h) {
+      var xs = xy.filter(function (_, i) { return i % 2 === 0; });
+      var ys = xy.filter(function (_, i) { return i % 2 === 1; });
+      x0 = Math.min.apply(null, xs); y0 = Math.min.apply(null, ys);
+      w = Math.max.apply(null, xs) - x0; h = Math.max.apply(null, ys) - y0;
+      var pad = Math.max(w, h, 10) * 0.1;
+      x0 -= pad; y0 -= pad; w += 2 * pad; h += 2 * pad;
+    }
+    var r = Math.max(w, h) * 0.025;
+    var el = svg("svg", { viewBox: x0 + " " + y0 + " " + w + " " + h, "class": "track" });
+    el.appendChild(svg("title", {})).textContent = "box track: " + xy.length / 2 +
+      " positions, from green to red" + (track[0] ? "" : " (frame size unknown)");
+    el.appendChild(svg("rect", { x: x0, y: y0, width: w, height: h, "class": "frame" }));
+    var points = [];
+    for (var i = 0; i < xy.length; i += 2) points.push(xy[i] + "," + xy[i + 1]);
+    el.appendChild(svg("polyline", { points: points.join(" ") }));
+    var n = xy.length;
+    el.appendChild(svg("circle", { cx: xy[0], cy: xy[1], r: r, "class": "start" }));
+    el.appendChild(svg("circle", { cx: xy[n - 2], cy: xy[n - 1], r: r, "class": "end" }));
+    return el;
+  }
+
   function fillStrip(strip, members, from, to) {
     for (var i = from; i < to; i++) strip.appendChild(thumb(members[i]));
   }
@@ -72,6 +104,7 @@
       r[2] + (r[2] === 1 ? " frame" : " frames")));
     meta.appendChild(text("div", "first " + (r[3] || "–")));
     meta.appendChild(text("div", "last " + (r[4] || "–")));
+    if (r[6]) meta.appendChild(sketch(r[6]));
     var strip = document.createElement("div");
     strip.className = "strip";
     var members = r[5];
