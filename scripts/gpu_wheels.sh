@@ -10,11 +10,12 @@
 #
 # Versions are the pins of pyproject.toml. hnswlib 0.8.0 has no wheel on the index,
 # only a source archive: it is built with a Python 3.12 when one runs here
-# (PYTHON312=..., python3.12 on PATH, or pyenv's 3.12). DIR/fallback/ also gets
-# chroma-hnswlib 0.7.6, a maintained fork with cp312 manylinux2014 wheels that
-# installs the same `hnswlib` module (tests/test_link.py and test_index_saved.py
-# pass with it on 3.11): install it instead if the built wheel does not import
-# there (an older glibc), or when no Python 3.12 was found here.
+# (PYTHON312=..., python3.12 on PATH, or pyenv's 3.12). Otherwise, or with
+# FALLBACK=1 as well, DIR/fallback/ gets chroma-hnswlib 0.7.6, a maintained fork
+# with cp312 manylinux2014 wheels that installs the same `hnswlib` module
+# (tests/test_link.py and test_index_saved.py pass with it on 3.11): install it
+# instead if the built wheel does not import there (glibc older than 2.34).
+# Size: 65.4 MB (62.4 MiB) with the built hnswlib, 2.4 MB more with the fallback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:?usage: bash scripts/gpu_wheels.sh DIR}
@@ -48,17 +49,19 @@ find_python312() {  # a working Python 3.12 (pyenv's shims name ones that do not
         fi
     done
 }
-# The fallback always travels along, in its own folder: both install the module
-# `hnswlib`, so install one of the two.
-mkdir -p "$DIR/fallback"
-"$PY" -m pip download --quiet --no-deps --dest "$DIR/fallback" "${CP312[@]}" chroma-hnswlib==0.7.6
+fallback() {  # in a folder of its own: both wheels install the module `hnswlib`
+    mkdir -p "$DIR/fallback"
+    "$PY" -m pip download --quiet --no-deps --dest "$DIR/fallback" "${CP312[@]}" \
+        chroma-hnswlib==0.7.6
+}
 PY312=$(find_python312)
 if [ -n "$PY312" ]; then
-    # Built here, so tagged linux_x86_64: it needs the GPU image's glibc and
-    # libstdc++ to be at least this machine's (Debian 12: glibc 2.36, GCC 12).
+    # Built here, so tagged linux_x86_64: it needs glibc 2.34 or later there.
     "$PY312" -m pip wheel --quiet --no-deps --wheel-dir "$DIR" "$(pin hnswlib)"
+    if [ "${FALLBACK:-0}" = 1 ]; then fallback; fi
 else
     echo "gpu_wheels: no Python 3.12 here to build $(pin hnswlib); on the GPU machine" \
         "install $DIR/fallback/chroma_hnswlib-*.whl (the same 'hnswlib' module)" >&2
+    fallback
 fi
 ls -1 "$DIR"
