@@ -129,7 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
             "burst_crops": a.burst or 200,
             "decode_crops": 24,
             "sample_crops": 16,
-            "live_crops": 30,
+            "live_crops": 20,
             "daemon_batch": a.daemon_batch or 8,
             "min_seconds": 0.0,
             "processes": 2,
