@@ -32,7 +32,7 @@ A step that fails is recorded with its error and the others still run; the
 JSON is rewritten after each step; the exit status is 1 when a step failed.
 
 ``--smoke`` runs every step tiny on CPU (a 2-layer DINOv2, batch sizes 2 and 4,
-1 and 2 workers, a 200-crop burst) in 1 to 2 minutes on a busy 2-core
+1 and 2 workers, a 200-crop burst) in about a minute on a busy 2-core
 machine; the test suite runs it. Needs only what the GPU image has (torch,
 transformers, pillow, numpy) and this package with its own dependencies
 (hnswlib, watchdog, structlog, scipy, scikit-learn: scripts/gpu_wheels.sh).
