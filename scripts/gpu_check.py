@@ -157,8 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
 def save_dinov2(folder: Path, smoke: bool) -> Path:
     """A randomly initialised DINOv2 and the dinov2-base processor, saved locally.
 
-    Full: ``Dinov2Config()`` defaults are DINOv2-base's sizes (768 wide, 12
-    layers, patch 14); smoke: 2 layers, 32 wide, 56 px.
+    Full: DINOv2-base's sizes (``Dinov2Config()`` defaults: 768 wide, 12 layers,
+    patch 14; image_size 518 as the real one); smoke: 2 layers, 32 wide, 56 px.
     """
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
@@ -168,8 +168,10 @@ def save_dinov2(folder: Path, smoke: bool) -> Path:
         )
         size, crop = 64, 56
     else:
-        config = Dinov2Config()
-        size, crop = 256, 224  # facebook/dinov2-base's preprocessor_config.json
+        # facebook/dinov2-base's config.json: the defaults but image_size 518, so its
+        # position embeddings are interpolated to the 224-px input at every forward.
+        config = Dinov2Config(image_size=518)
+        size, crop = 256, 224  # its preprocessor_config.json
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(folder)
     BitImageProcessor(
