@@ -270,9 +270,15 @@ def _precision_rows(rows: list[dict[str, Any]]) -> list[Row]:
     for r in rows:
         cosines = f"{r['cosine_median']:.5f} / {r['cosine_min']:.5f}"
         out.append((f"bf16 vs fp32 cosine {r['model']} median / min", cosines, ">= 0.99 median"))
+        pairs = r["crops"] * (r["crops"] - 1) // 2
         for label in ("cosine", "track"):
-            figure = f"{r['model']} same partition at {label} threshold {r[f'{label}_threshold']}"
-            out.append((figure, r[f"{label}_same_partition"], ""))
+            # Components of the graph of pairs above the threshold, fp32 against bf16.
+            figure = (
+                f"{r['model']} bf16 same partition at {label} threshold {r[f'{label}_threshold']}"
+            )
+            same, flipped = r[f"{label}_same_partition"], r[f"{label}_pairs_flipped"]
+            value = f"{same} ({flipped} of {pairs} pairs flipped)"
+            out.append((figure, value, "True"))
     return out
 
 

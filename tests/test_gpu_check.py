@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gpu_check_parts  # noqa: E402
 
 
 def positive(value: Any) -> bool:
@@ -101,3 +104,17 @@ def test_smoke_run_reports_every_step_with_sane_figures(tmp_path: Path) -> None:
     assert "live equals batch (track" in table and "GPU memory | not measured" in table
     assert "FAILED" not in table
     assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_a_failed_step_gets_a_row_and_the_others_still_show() -> None:
+    results: dict[str, Any] = {
+        "forward": [{"model": "m", "precision": "bf16", "batch_size": 32, "crops_per_s": 1234.5}],
+        "daemon": {"error": "RuntimeError: CUDA error: an illegal memory access", "traceback": ""},
+        "oom": {"ran": True, "crops": 512, "ran_out_at": [512, 256], "embedded": 512,
+                "skipped": 0, "batch_size": 128},
+    }  # fmt: skip
+    lines = gpu_check_parts.table(results).splitlines()
+    assert "| forward m bf16 batch 32, crops/s | 1,234 |  |" in lines
+    assert "| daemon FAILED | RuntimeError: CUDA error: an illegal memory access | |" in lines
+    assert any(line.startswith("| real out-of-memory split of 512 crops") for line in lines)
+    assert not any("live equals batch" in line for line in lines)  # a step not run: no row
