@@ -16,10 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .embed import RGB, Embedder
 from .images import DEFAULT_MAX_PIXELS, DecodeError, load_rgb
+from .oomsplit import OomSplitter
 from .records import Crop, EmbedBatch, Embedded, Prepared, Skipped
 
 # Batches' worth of crops decoded ahead of the model; a third batch is being assembled.
@@ -75,7 +75,9 @@ def embed_crops(
 
     A batch is yielded once it has ``batch_size`` prepared crops (or ``batch_size``
     skipped ones, so a run of bad files cannot pile up), and at the end. Undecodable
-    files come back as ``Skipped``; any other error propagates. At most about three
+    files come back as ``Skipped``, and so does a crop on which the model runs out
+    of memory alone (a batch that runs out is halved and retried, see
+    :class:`~crop_clusterd.oomsplit.OomSplitter`); any other error propagates. At most about three
     batches of crops are held at once, however long ``crops`` is.
     """
     if batch_size < 1:
@@ -84,6 +86,7 @@ def embed_crops(
         raise ValueError(f"workers must be at least 1, got {workers}")
     # Load here so a missing model fails at once, on this thread, not inside a worker.
     embedder.load()
+    splitter = OomSplitter(embedder)
     limit = batch_size * BATCHES_AHEAD
     source = iter(crops)
     pending: deque[Future[Prepared | Skipped]] = deque()
@@ -110,26 +113,24 @@ def embed_crops(
             else:
                 prepared.append(result)
             if len(prepared) >= batch_size or len(skipped) >= batch_size:
-                yield _embed_batch(embedder, prepared, skipped)
+                yield _embed_batch(splitter, prepared, skipped)
                 prepared, skipped = [], []
         if prepared or skipped:
-            yield _embed_batch(embedder, prepared, skipped)
+            yield _embed_batch(splitter, prepared, skipped)
     finally:
         # On an error or an abandoned generator, drop queued work instead of finishing it.
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _embed_batch(
-    embedder: Embedder, prepared: list[Prepared], skipped: list[Skipped]
+    splitter: OomSplitter, prepared: list[Prepared], skipped: list[Skipped]
 ) -> EmbedBatch:
     if not prepared:
         return EmbedBatch(embedded=(), skipped=tuple(skipped))
-    vectors = embedder.embed(torch.stack([p.tensor for p in prepared]))
-    if vectors.shape[0] != len(prepared):
-        raise RuntimeError(
-            f"{embedder.name} returned {vectors.shape[0]} vectors for {len(prepared)} crops"
-        )
+    result = splitter.embed([p.tensor for p in prepared])
     embedded = tuple(
-        Embedded(p.crop, np.array(vectors[i], dtype=np.float32)) for i, p in enumerate(prepared)
+        Embedded(prepared[row].crop, np.array(vector, dtype=np.float32))
+        for row, vector in zip(result.rows, result.vectors, strict=True)
     )
-    return EmbedBatch(embedded=embedded, skipped=tuple(skipped))
+    failed = tuple(Skipped(prepared[row].crop.name, reason) for row, reason in result.failed)
+    return EmbedBatch(embedded=embedded, skipped=(*skipped, *failed))

@@ -114,6 +114,11 @@ class Embedder(ABC):
         self._dim: int | None = None
         self._loaded = False
         self._load_lock = threading.Lock()
+        # The forward's autocast dtype: bf16 on CUDA (tensor cores, half the memory),
+        # None (plain fp32) elsewhere. scripts/gpu_check.py sets it to compare the two.
+        self.autocast_dtype: torch.dtype | None = (
+            torch.bfloat16 if self._device.type == "cuda" else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -162,8 +167,8 @@ class Embedder(ABC):
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         autocast: contextlib.AbstractContextManager[Any] = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self._device.type == "cuda"
+            torch.autocast(self._device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:

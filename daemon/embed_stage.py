@@ -2,7 +2,9 @@
 
 A micro-batch is the unit the link stage assigns and commits in one
 transaction; batching trades a little latency (``max_wait_s``) for the model's
-throughput on a batch.
+throughput on a batch. A forward that runs out of device memory is split
+(:mod:`crop_clusterd.oomsplit`); a crop that runs out alone is committed as
+skipped, with the reason, like an undecodable file.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from .embed import Embedder
 from .notify import Progress
-from .records import Embedded, IntakeUnit, MicroBatch
+from .oomsplit import OomSplitter
+from .records import DecodeFailure, Embedded, IntakeUnit, MicroBatch
 from .stage import Stage, Stop
 
 
@@ -27,8 +29,9 @@ class EmbedStage(Stage[IntakeUnit, MicroBatch]):
     A micro-batch is flushed when it holds ``batch_size`` crops or when its
     first unit has waited ``max_wait_s``, whichever comes first (watchdog's
     debouncer pattern). Units are kept whole; the model is called in chunks of
-    at most ``batch_size``. ``max_wait_s`` is in seconds of ``clock``. A
-    failure sets ``stopping`` (the pipeline's failure event).
+    at most ``batch_size`` (fewer after an out-of-memory error, see
+    :class:`~crop_clusterd.oomsplit.OomSplitter`). ``max_wait_s`` is in seconds
+    of ``clock``. A failure sets ``stopping`` (the pipeline's failure event).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class EmbedStage(Stage[IntakeUnit, MicroBatch]):
     ) -> None:
         super().__init__("embed", inbox, outbox, stopping)
         self.embedder = embedder
+        self.splitter = OomSplitter(embedder)
         self.progress = progress
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
@@ -81,18 +85,24 @@ class EmbedStage(Stage[IntakeUnit, MicroBatch]):
         units, self._units = self._units, []
         prepared = [p for u in units for p in u.prepared]
         ready_at = tuple(t for u in units for t in u.ready_at)
-        skipped = tuple(s for u in units for s in u.skipped)
+        skipped = [s for u in units for s in u.skipped]
         moved = tuple(m for u in units for m in u.moved)
         embedded: list[Embedded] = []
+        kept_at: list[float] = []
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start : start + self.batch_size]
             self.progress.begin("embed")
             try:
-                vectors = self.embedder.embed(torch.stack([p.tensor for p in chunk]))
+                result = self.splitter.embed([p.tensor for p in chunk])
             finally:
                 self.progress.end("embed")
-            embedded.extend(
-                Embedded(p.crop, np.array(vectors[i], dtype=np.float32))
-                for i, p in enumerate(chunk)
-            )
-        self.emit(MicroBatch(tuple(embedded), ready_at, skipped, moved), give_up=self.failed)
+            for row, vector in zip(result.rows, result.vectors, strict=True):
+                embedded.append(Embedded(chunk[row].crop, np.array(vector, dtype=np.float32)))
+                kept_at.append(ready_at[start + row])
+            for row, reason in result.failed:
+                c = chunk[row].crop
+                skipped.append(
+                    DecodeFailure(c.name, reason, c.size, c.mtime_ns, c.inode, c.content)
+                )
+        batch = MicroBatch(tuple(embedded), tuple(kept_at), tuple(skipped), moved)
+        self.emit(batch, give_up=self.failed)
