@@ -150,7 +150,9 @@ def plot_activity(figures: Activity, handle: BinaryIO, *, title: str = "") -> No
     ax2.set_ylabel("clusters per 10 min")
     ax.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
-    ax.xaxis.set_major_locator(MultipleLocator(_tick_step_s(len(x)) / 86400.0))
+    step = _tick_step_s(figures.starts)
+    if step is not None:
+        ax.xaxis.set_major_locator(MultipleLocator(step / 86400.0))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _clock_text(v * 86400.0)))
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     # Below the axes: inside, it hid the first bins of the night.
@@ -168,12 +170,16 @@ def plot_activity(figures: Activity, handle: BinaryIO, *, title: str = "") -> No
     fig.savefig(handle, format="png")
 
 
-def _tick_step_s(bins: int) -> float:
-    """Seconds between time ticks: whole bins, at most about ten ticks a night."""
+def _tick_step_s(starts: npt.NDArray[np.int64]) -> float | None:
+    """Seconds between time ticks: whole bins, at most about ten ticks over the
+    bins' span. None (matplotlib's own ticks) beyond 12 h a tick: a span of weeks
+    or years (a clock gone wrong), whose sparse bins a fixed step would cover
+    with millions of ticks."""
+    bins = int(starts[-1] - starts[0]) // BIN_S + 1 if len(starts) else 1
     for step in (1, 3, 6, 12, 18, 36, 72):  # 10 min, 30 min, 1 h, 2 h, 3 h, 6 h, 12 h
         if bins <= 10 * step:
-            return step * BIN_S
-    return 144 * BIN_S
+            return float(step * BIN_S)
+    return None
 
 
 def _put(handle: BinaryIO, data: bytes) -> None:

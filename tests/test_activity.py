@@ -23,7 +23,9 @@ from crop_clusterd.activity import (
     ActivityWriter,
     activity,
     activity_csv_bytes,
+    plot_activity,
 )
+from crop_clusterd.activity import _tick_step_s as tick_step_s
 from crop_clusterd.embed import register, unregister
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,6 +86,24 @@ def test_a_clock_years_off_lists_only_bins_with_crops() -> None:
     figures = activity(np.array([0, 0, 2], dtype=np.int64), times)
     assert figures.starts.tolist() == [0, int(3e8) // BIN_S * BIN_S]
     assert figures.crops.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("hours", [0.1, 3.0, 10.0, 60.0])
+def test_time_ticks_fall_on_whole_bins_at_most_about_ten(hours: float) -> None:
+    starts = np.arange(0, int(hours * 3600) + 1, BIN_S, dtype=np.int64)
+    step = tick_step_s(starts)
+    assert step is not None and step % BIN_S == 0
+    assert (starts[-1] - starts[0]) / step <= 10
+
+
+def test_a_clock_years_off_is_plotted_with_few_ticks() -> None:
+    # A fixed 10-minute step across 9 years of sparse bins meant millions of tick
+    # labels: the snapshot thread spun for minutes and took gigabytes.
+    figures = activity(np.array([0, 0, 2], dtype=np.int64), np.array([0.0, 10.0, 3e8]))
+    assert tick_step_s(figures.starts) is None, "matplotlib's own ticks"
+    out = io.BytesIO()
+    plot_activity(figures, out)
+    assert out.getvalue().startswith(PNG_SIGNATURE)
 
 
 def test_csv_has_one_row_per_bin_with_local_minutes() -> None:
