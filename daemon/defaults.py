@@ -114,6 +114,18 @@ HNSW_EF_CONSTRUCTION: Final = 100
 HNSW_EF_SEARCH: Final = 128
 
 
+# --- exact products or an index (issue 13) -----------------------------------------------
+
+# The cost model that picks, for a batch that is most of the collection (the
+# batch command), between the blocked exact search and building an HNSW index:
+# exact costs EXACT_S_PER_PAIR_DIM * pairs * dim CPU seconds, the index
+# INDEX_S_PER_CROP_DIM_LOG * crops * dim * log2(crops). Fitted to the CPU
+# seconds of scripts/bench_peers.py (see README, "Performance"):
+#     python scripts/bench_peers.py --sizes 10000 50000 200000 --repeats 2
+EXACT_S_PER_PAIR_DIM: Final = 0.027e-9
+INDEX_S_PER_CROP_DIM_LOG: Final = 2.2e-7
+
+
 def default_threshold(method: str, embedder: str) -> float:
     """The threshold a method uses when none is given.
 
