@@ -7,6 +7,8 @@ copy of its individual, each individual a variation of its species.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -85,7 +87,8 @@ def near_threshold_embeddings(
     return _unit(out), labels
 
 
-GENERATORS = {"easy": clustered_embeddings, "near": near_threshold_embeddings}
+Generator = Callable[..., tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
+GENERATORS: dict[str, Generator] = {"easy": clustered_embeddings, "near": near_threshold_embeddings}
 
 
 def main() -> int:

@@ -7,14 +7,11 @@ which settles pairs close to the threshold with :func:`pair_cosine`.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from threadpoolctl import threadpool_limits
 
 from .base import FloatArray, IntArray
 
@@ -115,66 +112,3 @@ def accept(
     unsure = np.nonzero(~ok & (pairs.approx >= threshold - FLOAT32_MARGIN))[0]
     ok[unsure] = pair_cosine(embeddings, pairs.a[unsure], pairs.b[unsure]) >= threshold
     return np.asarray(ok)
-
-
-def earlier_pairs(
-    embeddings: npt.NDArray[np.float32],
-    start: int,
-    stop: int,
-    floor: float,
-    *,
-    side: int = 2048,
-    workers: int = 1,
-) -> Iterator[Pairs]:
-    """Every pair ``(i, j)`` with ``start <= i < stop``, ``j < i`` and similarity >= ``floor``.
-
-    The lower triangle only: a batch's pairs among themselves are computed
-    once, not from both ends, which halves the products of an all-pairs
-    search. The work is cut into ``side x side`` tiles (16 MiB of float32 at
-    2048), each one BLAS ``sgemm`` into a buffer of its worker's; ``workers``
-    threads take tiles, each with single-threaded BLAS, so the thresholding
-    runs on every core too and no BLAS thread spins waiting for another.
-    Yields one :class:`Pairs` per tile (``a`` the later crop), tiles in order.
-    """
-    tiles = [
-        (r0, c0) for r0 in range(start, stop, side) for c0 in range(0, min(stop, r0 + side), side)
-    ]
-    local = threading.local()
-
-    def run(tile: tuple[int, int]) -> Pairs:
-        r0, c0 = tile
-        r1, c1 = min(stop, r0 + side), min(stop, r0 + side, c0 + side)
-        buffer = getattr(local, "buffer", None)
-        if buffer is None:
-            # One buffer per worker: a fresh array per tile costs its page faults.
-            buffer = local.buffer = np.empty(side * side, dtype=np.float32)
-        sims = buffer[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
-        np.matmul(embeddings[r0:r1], embeddings[c0:c1].T, out=sims)
-        return _tile_hits(sims, r0, c0, floor, diagonal=c1 > r0)
-
-    if workers <= 1:
-        yield from map(run, tiles)
-        return
-    # A bounded window of tiles in flight keeps memory flat however many there are.
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        window = 4 * workers
-        for at in range(0, len(tiles), window):
-            yield from pool.map(run, tiles[at : at + window])
-
-
-def _tile_hits(
-    sims: npt.NDArray[np.float32], r0: int, c0: int, floor: float, diagonal: bool
-) -> Pairs:
-    """The entries of a tile at or above ``floor`` (with ``diagonal``, only those
-    of column < row) as pairs of sequence numbers (the tile's corner is ``r0, c0``).
-
-    A row maximum first: it costs a twentieth of ``np.nonzero`` over the whole
-    tile, and at a high threshold most rows of a tile hold no hit.
-    """
-    hot = np.flatnonzero(sims.max(axis=1) >= floor)
-    r, c = np.nonzero(sims[hot] >= floor)
-    r = hot[r]
-    if diagonal:
-        keep = c + c0 < r + r0
-        r, c = r[keep], c[keep]
-    return Pairs((r + r0).astype(np.int64), (c + c0).astype(np.int64), sims[r, c])

@@ -45,9 +45,10 @@ import numpy as np
 
 from .. import defaults
 from ..log import get_logger
+from .allpairs import earlier_pairs, principal_head
 from .base import CropColumns, HnswParams, IntArray
 from .dedup import Duplicates
-from .exact import FLOAT32_MARGIN, Pairs, candidate_floor, earlier_pairs, hits, pairs_above
+from .exact import FLOAT32_MARGIN, Pairs, candidate_floor, hits, pairs_above
 
 log = get_logger(__name__)
 
@@ -153,7 +154,9 @@ class NeighbourSearch:
         stop = seqs.stop
         workers = 1 if len(seqs) * stop < 2**24 else self.params.threads or _cpu_count()
         emb = self.cols.embeddings
-        for pairs in earlier_pairs(emb, seqs.start, stop, self.floor, workers=workers):
+        # The bound pays for its rotation only over many pairs.
+        head = principal_head(emb, stop, self.floor) if len(seqs) * stop >= 2**26 else None
+        for pairs in earlier_pairs(emb, seqs.start, stop, self.floor, head=head, workers=workers):
             self.confirm(pairs)
 
     def exact(self, rows: IntArray, upto: int) -> None:
