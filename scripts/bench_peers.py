@@ -43,12 +43,14 @@ from synth import GENERATORS
 
 from crop_clusterd.defaults import COSINE_THRESHOLD, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from crop_clusterd.embfile import load_embeddings_pickle
-from crop_clusterd.linking import CosineLinker, LinkBatch, Pairs, accept
+from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch, Pairs, accept
 from crop_clusterd.linking.exact import candidate_floor
 
 Labels = npt.NDArray[np.int64]
 Emb = npt.NDArray[np.float32]
 METHODS = ("crop-clusterd", "faiss-flat", "faiss-hnsw", "hnswlib")
+# Not a peer: the engine with its HNSW path forced, for fitting the cost model.
+EXTRA = ("crop-clusterd-index",)
 K_START = 16
 
 
@@ -79,6 +81,13 @@ def components(
 def run_engine(emb: Emb, threshold: float) -> Labels:
     """crop-clusterd's batch engine, as ``cluster --from-embeddings`` runs it."""
     linker = CosineLinker(threshold)
+    linker.add(LinkBatch.from_embeddings(emb))
+    return linker.cluster_ids()
+
+
+def run_engine_index(emb: Emb, threshold: float) -> Labels:
+    """The engine with the index forced at every size (``brute_force_below=0``)."""
+    linker = CosineLinker(threshold, None, HnswParams(brute_force_below=0))
     linker.add(LinkBatch.from_embeddings(emb))
     return linker.cluster_ids()
 
@@ -157,6 +166,7 @@ def run_hnswlib(emb: Emb, threshold: float) -> Labels:
 
 RUNNERS = {
     "crop-clusterd": run_engine,
+    "crop-clusterd-index": run_engine_index,
     "faiss-flat": run_faiss_flat,
     "faiss-hnsw": run_faiss_hnsw,
     "hnswlib": run_hnswlib,
@@ -282,7 +292,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[384], help="e.g. 384 1280")
     parser.add_argument("--kinds", nargs="+", choices=sorted(GENERATORS), default=["easy", "near"])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS + EXTRA,
+        default=list(METHODS),
+        help="crop-clusterd-index: the engine with its index forced (for the cost model)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds per dataset")
     parser.add_argument("--threshold", type=float, default=COSINE_THRESHOLD)
     parser.add_argument("--seed", type=int, default=0)
@@ -290,7 +306,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/crop-clusterd-peers"))
     parser.add_argument("--json", type=Path, help="also write every run here")
     parser.add_argument("--no-oracle", action="store_true", help="compare with crop-clusterd")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS + EXTRA, help=argparse.SUPPRESS)
     parser.add_argument("--pkl", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
