@@ -333,7 +333,7 @@ def measure(args: argparse.Namespace, kind: str, n: int, dim: int) -> list[dict[
     """All methods on one dataset, ``args.repeats`` interleaved rounds."""
     pkl = dataset(args.work, kind, n, dim, args.seed)
     expected = None if args.no_oracle else oracle_labels(pkl, args.threshold)
-    out = args.work / "labels.npy"
+    out = args.work / f"labels-{os.getpid()}.npy"  # two runs may share a work folder
     rows = []
     load = os.getloadavg()[0]
     for _ in range(args.repeats):
