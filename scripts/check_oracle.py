@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -111,6 +112,11 @@ def main() -> int:
         "cost model's crossover is searched by exact products, equal by construction)",
     )
     parser.add_argument(
+        "--force-exact",
+        action="store_true",
+        help="search by exact products at any size (brute_force_below above n)",
+    )
+    parser.add_argument(
         "--near",
         action="store_true",
         help="issue 13's near-threshold groups (synth.near_threshold_embeddings) "
@@ -124,8 +130,12 @@ def main() -> int:
 
     generate = near_threshold_embeddings if args.near else clustered_embeddings
     emb, _ = generate(args.n, args.dim, seed=args.seed)
-    probe = emb[:1000] @ emb.T
-    near = int(np.count_nonzero(np.abs(probe - args.threshold) < 0.01))
+    # Against at most 200,000 columns, scaled: a 1,000 x n block is 4 GB at a million.
+    cols = min(args.n, 200_000)
+    probe = emb[:1000] @ emb[:cols].T
+    near = int(np.count_nonzero(np.abs(probe - args.threshold) < 0.01) * args.n / cols)
+    del probe
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     linker = CosineLinker(
         args.threshold,
@@ -138,11 +148,14 @@ def main() -> int:
             side_index_from=args.side_index_from,
             side_ef=args.side_ef,
             **({"brute_force_below": 0} if args.force_index else {}),
+            **({"brute_force_below": args.n + 1} if args.force_exact else {}),
         ),
     )
     linker.add(LinkBatch.from_embeddings(emb))
     engine = linker.cluster_ids()
     t_engine = time.perf_counter() - t0
+    t_cpu = time.process_time() - cpu0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, data included
     if args.sample_rows:
         t0 = time.perf_counter()
         pairs, missed = sampled_misses(emb, engine, args.threshold, args.sample_rows)
@@ -152,7 +165,10 @@ def main() -> int:
             "sampled_rows": args.sample_rows,
             "pairs_above_threshold": pairs,
             "pairs_split_by_engine": missed,
+            "data": "near" if args.near else "easy",
             "engine_s": round(t_engine, 1),
+            "engine_cpu_s": round(t_cpu, 1),
+            "peak_rss_over_raw": round(peak / emb.nbytes, 2),
             "check_s": round(time.perf_counter() - t0, 1),
         }
         print(json.dumps(sampled, indent=2))
