@@ -31,8 +31,10 @@ from threadpoolctl import threadpool_limits
 from .exact import Pairs
 
 F32 = npt.NDArray[np.float32]
-# Float32 rounding of the rotation and of the head product is below 1e-5 for
-# unit vectors; a pair is dropped only when its bound is this far below the floor.
+# A pair is dropped only when its bound is this far below the floor. Like
+# exact.FLOAT32_MARGIN (float32 products of unit vectors err by under 1e-5), ten
+# times wider: the bound stacks two float32 products (the rotation, then the
+# head), and the test checks the bound against every product to 1e-5.
 BOUND_MARGIN = 1e-3
 # What one surviving pair costs (a gather of two rows and their float32 product),
 # in units of one dimension of the tile product per pair; measured on the
