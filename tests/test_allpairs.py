@@ -110,15 +110,18 @@ def test_cost_model_picks_exact_for_small_batches_and_the_index_for_huge_ones() 
 
 
 def test_a_large_first_batch_is_searched_exactly_and_equals_the_oracle() -> None:
-    """Past brute_force_below, a batch the model prices cheaper exact keeps no index."""
-    emb = groups(np.random.default_rng(4), 3000, 32)
-    linker = CosineLinker(0.9, None, HnswParams(brute_force_below=1000))
-    linker.add(LinkBatch.from_embeddings(emb))
+    """Past brute_force_below, a batch the model prices cheaper exact keeps no index;
+    the next micro-batch builds it (in locality order) and still equals the oracle."""
+    emb = groups(np.random.default_rng(4), 3040, 32)
+    linker = CosineLinker(0.9, None, HnswParams(brute_force_below=1000, chunk=200))
+    linker.add(LinkBatch.from_embeddings(emb[:3000]))
     assert linker._search.index is None
-    assert linker.cluster_ids().tolist() == cosine_oracle(emb, 0.9)
+    assert linker.cluster_ids().tolist() == cosine_oracle(emb[:3000], 0.9)
     # A micro-batch afterwards builds the index: it serves every later batch.
-    linker.add(LinkBatch.from_embeddings(emb[:5].copy()))
+    linker.add(LinkBatch.from_embeddings(emb[3000:].copy()))
     assert linker._search.index is not None
+    assert linker._search.index.get_current_count() == 3040
+    assert linker.cluster_ids().tolist() == cosine_oracle(emb, 0.9)
 
 
 def test_brute_force_below_zero_still_forces_the_index() -> None:

@@ -102,7 +102,9 @@ class NeighbourSearch:
             self.index = self._new_index(self._capacity())
             self.dups.reset()
             if seqs.start > 0:
-                self._add_unique(np.arange(0, seqs.start, dtype=np.int64), link=False)
+                # In locality order, as a batch indexed by propose() is: after an
+                # exact bulk batch, later queries walk the graph faster for it.
+                self._add_unique(np.arange(0, seqs.start, dtype=np.int64), False, ordered=True)
         t0 = time.perf_counter()
         self._nearest_known = np.full(self.cols.n, -1, dtype=np.int64)
         order = self._locality_order(self._unique(np.arange(seqs.start, seqs.stop), link=True))
@@ -208,8 +210,10 @@ class NeighbourSearch:
         unique: IntArray = rows[self.dups.rep_of[rows] == rows]
         return unique
 
-    def _add_unique(self, rows: IntArray, link: bool) -> None:
+    def _add_unique(self, rows: IntArray, link: bool, ordered: bool = False) -> None:
         rows = self._unique(rows, link)
+        if ordered:
+            rows = self._locality_order(rows, pairs=False)
         for start in range(0, len(rows), self.params.chunk):
             self._index_add(rows[start : start + self.params.chunk])
 
@@ -303,7 +307,7 @@ class NeighbourSearch:
 
     # -- anchors: locality order and exact in-group pairs -----------------------------
 
-    def _locality_order(self, ids: IntArray) -> IntArray:
+    def _locality_order(self, ids: IntArray, pairs: bool = True) -> IntArray:
         """The order to index and query a batch in.
 
         HNSW on a large index is bound by memory latency, so neighbouring crops
@@ -311,7 +315,8 @@ class NeighbourSearch:
         crops. A random 5% goes first, so the graph gets its long-range links
         from an unordered skeleton (sorted insertion alone loses recall).
         Measured at 200,000 crops: build 1.6x and queries 2.3x faster, recall
-        unchanged.
+        unchanged. With ``pairs`` the anchors also give the exact in-group
+        pairs (:meth:`_pairs_within_groups`); without, only the order.
         """
         ids = ids.astype(np.int64, copy=False)
         n = len(ids)
@@ -328,7 +333,8 @@ class NeighbourSearch:
             rank = np.argsort(-np.take_along_axis(block, best, axis=1), axis=1)
             top[start : start + len(block)] = np.take_along_axis(best, rank, axis=1)
         nearest = top[:, 0]
-        self._pairs_within_groups(ids, nearest, top[:, 1:])
+        if pairs:
+            self._pairs_within_groups(ids, nearest, top[:, 1:])
         first = rng.choice(n, size=n // 20, replace=False)
         rest = np.ones(n, dtype=bool)
         rest[first] = False
