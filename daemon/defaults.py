@@ -114,6 +114,23 @@ HNSW_EF_CONSTRUCTION: Final = 100
 HNSW_EF_SEARCH: Final = 128
 
 
+# --- exact products or an index (issue 13) -----------------------------------------------
+
+# The cost model that picks, for a batch at least as large as what came before it
+# (the batch command's one batch), between the exact all-pairs search and an HNSW
+# index: exact costs EXACT_S_PER_PAIR_DIM * pairs * dim CPU seconds, the index
+# INDEX_S_PER_CROP_DIM_LOG * crops * dim * log2(crops). Fitted to the "method CPU
+# s" of scripts/bench_peers.py at 200,000 x 384 (2 cores, shared):
+#     python scripts/bench_peers.py --sizes 200000 --methods crop-clusterd crop-clusterd-index
+# exact 70.3 s on `easy` (51.3 s on `near`) for 2.0e10 pairs; the index 100.6 s on
+# `easy` (at 50,000: 27.7 s `easy`, 63.2 s `near`). Each takes the data kind that
+# makes it cheapest relative to the other (exact's dearer, the index's cheaper),
+# so the crossover, about 290,000 crops whatever the dimension, errs towards the
+# index; near-threshold data would be served exactly well beyond it.
+EXACT_S_PER_PAIR_DIM: Final = 9.2e-12
+INDEX_S_PER_CROP_DIM_LOG: Final = 7.4e-8
+
+
 def default_threshold(method: str, embedder: str) -> float:
     """The threshold a method uses when none is given.
 

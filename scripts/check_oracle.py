@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from synth import clustered_embeddings
+from synth import clustered_embeddings, near_threshold_embeddings
 
 from crop_clusterd.defaults import COSINE_THRESHOLD
 from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch, pair_cosine
@@ -104,15 +105,37 @@ def main() -> int:
         default=0,
         help="check only the pairs of N random rows",
     )
+    parser.add_argument(
+        "--force-index",
+        action="store_true",
+        help="search through the HNSW index at any size (by default a batch below the "
+        "cost model's crossover is searched by exact products, equal by construction)",
+    )
+    parser.add_argument(
+        "--force-exact",
+        action="store_true",
+        help="search by exact products at any size (brute_force_below above n)",
+    )
+    parser.add_argument(
+        "--near",
+        action="store_true",
+        help="issue 13's near-threshold groups (synth.near_threshold_embeddings) "
+        "instead of species / individuals / crops",
+    )
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument(
         "--cache", type=Path, help="folder to keep the oracle's result in, to compare settings"
     )
     args = parser.parse_args()
 
-    emb, _ = clustered_embeddings(args.n, args.dim, seed=args.seed)
-    probe = emb[:1000] @ emb.T
-    near = int(np.count_nonzero(np.abs(probe - args.threshold) < 0.01))
+    generate = near_threshold_embeddings if args.near else clustered_embeddings
+    emb, _ = generate(args.n, args.dim, seed=args.seed)
+    # Against at most 200,000 columns, scaled: a 1,000 x n block is 4 GB at a million.
+    cols = min(args.n, 200_000)
+    probe = emb[:1000] @ emb[:cols].T
+    near = int(np.count_nonzero(np.abs(probe - args.threshold) < 0.01) * args.n / cols)
+    del probe
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     linker = CosineLinker(
         args.threshold,
@@ -124,11 +147,15 @@ def main() -> int:
             k_start=args.k,
             side_index_from=args.side_index_from,
             side_ef=args.side_ef,
+            **({"brute_force_below": 0} if args.force_index else {}),
+            **({"brute_force_below": args.n + 1} if args.force_exact else {}),
         ),
     )
     linker.add(LinkBatch.from_embeddings(emb))
     engine = linker.cluster_ids()
     t_engine = time.perf_counter() - t0
+    t_cpu = time.process_time() - cpu0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, data included
     if args.sample_rows:
         t0 = time.perf_counter()
         pairs, missed = sampled_misses(emb, engine, args.threshold, args.sample_rows)
@@ -138,7 +165,10 @@ def main() -> int:
             "sampled_rows": args.sample_rows,
             "pairs_above_threshold": pairs,
             "pairs_split_by_engine": missed,
+            "data": "near" if args.near else "easy",
             "engine_s": round(t_engine, 1),
+            "engine_cpu_s": round(t_cpu, 1),
+            "peak_rss_over_raw": round(peak / emb.nbytes, 2),
             "check_s": round(time.perf_counter() - t0, 1),
         }
         print(json.dumps(sampled, indent=2))
@@ -146,7 +176,8 @@ def main() -> int:
     t0 = time.perf_counter()
     cache = None
     if args.cache is not None:
-        cache = args.cache / f"oracle-{args.n}-{args.dim}-{args.seed}-{args.threshold}.npz"
+        kind = "near" if args.near else "easy"
+        cache = args.cache / f"oracle-{kind}-{args.n}-{args.dim}-{args.seed}-{args.threshold}.npz"
     if cache is not None and cache.exists():
         saved = np.load(cache)
         expected, n_links = saved["ids"], int(saved["links"])
@@ -166,6 +197,8 @@ def main() -> int:
         "oracle_clusters": len(np.unique(expected)),
         "equal": bool(np.array_equal(engine, expected)),
         "crops_in_differing_clusters": int(np.count_nonzero(engine != expected)),
+        "data": "near" if args.near else "easy",
+        "search": "index forced" if args.force_index else "by the cost model",
         "hnsw": [args.m, args.ef_construction, args.ef, args.k],
         "side_index": [args.side_index_from, args.side_ef],
         "engine_s": round(t_engine, 1),

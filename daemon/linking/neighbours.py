@@ -7,7 +7,10 @@ nothing of clusters.
 
 How a batch is searched (all of it exists to lose no pair above the threshold):
 
-* Below ``brute_force_below`` crops there is no index: exact blocked products.
+* Below ``brute_force_below`` crops there is no index: exact blocked products;
+  also for a batch at least as large as what came before, up to the size where
+  a cost model fitted to measurements says the index gets cheaper
+  (:func:`exact_cheaper`).
 * A large batch is put in a locality order (sorted by nearest sampled anchor),
   and pairs that share one of their three nearest anchors are proposed from
   exact products first.
@@ -40,7 +43,9 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from .. import defaults
 from ..log import get_logger
+from .allpairs import earlier_pairs, principal_head
 from .base import CropColumns, HnswParams, IntArray
 from .dedup import Duplicates
 from .exact import FLOAT32_MARGIN, Pairs, candidate_floor, hits, pairs_above
@@ -88,8 +93,8 @@ class NeighbourSearch:
     def propose(self, seqs: range) -> None:
         """Propose the pairs of the crops ``seqs`` (already in ``cols``)."""
         params = self.params
-        if self.index is None and self.cols.n < params.brute_force_below:
-            self.exact(np.arange(seqs.start, seqs.stop), self.cols.n)
+        if self.index is None and self._exact_is_cheaper(seqs):
+            self.exact_batch(seqs)
             return
         if self.index is None:
             # Crossing the brute-force limit: index what came before, then go on.
@@ -97,7 +102,9 @@ class NeighbourSearch:
             self.index = self._new_index(self._capacity())
             self.dups.reset()
             if seqs.start > 0:
-                self._add_unique(np.arange(0, seqs.start, dtype=np.int64), link=False)
+                # In locality order, as a batch indexed by propose() is: after an
+                # exact bulk batch, later queries walk the graph faster for it.
+                self._add_unique(np.arange(0, seqs.start, dtype=np.int64), False, ordered=True)
         t0 = time.perf_counter()
         self._nearest_known = np.full(self.cols.n, -1, dtype=np.int64)
         order = self._locality_order(self._unique(np.arange(seqs.start, seqs.stop), link=True))
@@ -127,6 +134,32 @@ class NeighbourSearch:
             lost_s=round(t4 - t3, 2),
             dense_s=round(time.perf_counter() - t4, 2),
         )
+
+    def _exact_is_cheaper(self, seqs: range) -> bool:
+        """Whether to search ``seqs`` by exact products instead of building an index.
+
+        Below ``brute_force_below`` crops always (0: never). A batch at least as
+        large as what came before (the batch command's single batch) by the
+        cost model (:func:`exact_cheaper`); a smaller one never, because the
+        index it would build serves every later batch too.
+        """
+        below = self.params.brute_force_below
+        if self.cols.n < below:
+            return True
+        if below <= 0 or len(seqs) < seqs.start:
+            return False
+        return exact_cheaper(len(seqs), seqs.start, self.cols.dim)
+
+    def exact_batch(self, seqs: range) -> None:
+        """Exact search of the crops ``seqs`` against every crop before them
+        and each other (each pair once), tiled over all cores."""
+        stop = seqs.stop
+        workers = 1 if len(seqs) * stop < 2**24 else self.params.threads or _cpu_count()
+        emb = self.cols.embeddings
+        # The bound pays for its rotation only over many pairs.
+        head = principal_head(emb, stop, self.floor) if len(seqs) * stop >= 2**26 else None
+        for pairs in earlier_pairs(emb, seqs.start, stop, self.floor, head=head, workers=workers):
+            self.confirm(pairs)
 
     def exact(self, rows: IntArray, upto: int) -> None:
         """Exact search of ``rows`` against crops ``[0, upto)`` in bounded blocks."""
@@ -177,8 +210,10 @@ class NeighbourSearch:
         unique: IntArray = rows[self.dups.rep_of[rows] == rows]
         return unique
 
-    def _add_unique(self, rows: IntArray, link: bool) -> None:
+    def _add_unique(self, rows: IntArray, link: bool, ordered: bool = False) -> None:
         rows = self._unique(rows, link)
+        if ordered:
+            rows = self._locality_order(rows, pairs=False)
         for start in range(0, len(rows), self.params.chunk):
             self._index_add(rows[start : start + self.params.chunk])
 
@@ -272,7 +307,7 @@ class NeighbourSearch:
 
     # -- anchors: locality order and exact in-group pairs -----------------------------
 
-    def _locality_order(self, ids: IntArray) -> IntArray:
+    def _locality_order(self, ids: IntArray, pairs: bool = True) -> IntArray:
         """The order to index and query a batch in.
 
         HNSW on a large index is bound by memory latency, so neighbouring crops
@@ -280,7 +315,8 @@ class NeighbourSearch:
         crops. A random 5% goes first, so the graph gets its long-range links
         from an unordered skeleton (sorted insertion alone loses recall).
         Measured at 200,000 crops: build 1.6x and queries 2.3x faster, recall
-        unchanged.
+        unchanged. With ``pairs`` the anchors also give the exact in-group
+        pairs (:meth:`_pairs_within_groups`); without, only the order.
         """
         ids = ids.astype(np.int64, copy=False)
         n = len(ids)
@@ -297,7 +333,8 @@ class NeighbourSearch:
             rank = np.argsort(-np.take_along_axis(block, best, axis=1), axis=1)
             top[start : start + len(block)] = np.take_along_axis(best, rank, axis=1)
         nearest = top[:, 0]
-        self._pairs_within_groups(ids, nearest, top[:, 1:])
+        if pairs:
+            self._pairs_within_groups(ids, nearest, top[:, 1:])
         first = rng.choice(n, size=n // 20, replace=False)
         rest = np.ones(n, dtype=bool)
         rest[first] = False
@@ -518,6 +555,18 @@ class NeighbourSearch:
             failed = self._knn(side, part, self.params.side_ef, members=False)
             for pairs in pairs_above(emb, failed, lost, self.floor, block=len(failed)):
                 self.confirm(pairs)
+
+
+def exact_cheaper(new: int, held: int, dim: int) -> bool:
+    """Whether exact products for ``new`` crops against ``held`` earlier ones
+    and each other cost less CPU than an HNSW index of all of them, by the
+    model fitted in :mod:`crop_clusterd.defaults` (``EXACT_S_PER_PAIR_DIM``,
+    ``INDEX_S_PER_CROP_DIM_LOG``)."""
+    n = new + held
+    pairs = new * held + new * (new - 1) / 2
+    exact_s = defaults.EXACT_S_PER_PAIR_DIM * pairs * dim
+    index_s = defaults.INDEX_S_PER_CROP_DIM_LOG * n * dim * math.log2(max(n, 2))
+    return exact_s < index_s
 
 
 def _cpu_count() -> int:
