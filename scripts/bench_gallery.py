@@ -141,6 +141,15 @@ def simulated(crops: int, seed: int, work: Path) -> tuple[Path, dict[str, object
     }
 
 
+def report(figures: dict[str, object], path: Path | None) -> int:
+    """Print the figures as JSON (and write them to ``path``); the exit status."""
+    text = json.dumps(figures, indent=1)
+    print(text)
+    if path is not None:
+        path.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the gallery of a synthetic night, open it, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -162,10 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         page, sim = simulated(args.crops, args.seed, work)
         if chromium is not None:
             sim |= {k: round(v, 3) for k, v in open_times(page, chromium, args.opens).items()}
-        print(json.dumps(sim, indent=1))
-        if args.json is not None:
-            args.json.write_text(json.dumps(sim, indent=1) + "\n", encoding="utf-8")
-        return 0
+        return report(sim, args.json)
     crops = night(args.crops, args.clusters, args.seed)
     summary = summarize("bench", crops.clusters, crops.times)
     with tempfile.TemporaryDirectory(prefix="bench-gallery-") as tmp:
@@ -200,10 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             opened = open_times(folder / INDEX_HTML, chromium, args.opens)
             figures |= {k: round(v, 3) for k, v in opened.items()}
-    print(json.dumps(figures, indent=1))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
-    return 0
+    return report(figures, args.json)
 
 
 if __name__ == "__main__":
