@@ -130,6 +130,15 @@ HNSW_EF_SEARCH: Final = 128
 EXACT_S_PER_PAIR_DIM: Final = 9.2e-12
 INDEX_S_PER_CROP_DIM_LOG: Final = 7.4e-8
 
+# Buckets (linking/buckets.py) for a batch too large for exact products: about
+# BUCKET_CROPS crops per k-means bucket, each crop compared with its own bucket and
+# the BUCKET_PROBES - 1 next most similar ones. PROVISIONAL.
+BUCKET_CROPS: Final = 200
+BUCKET_PROBES: Final = 16
+BUCKET_S_PER_CENTRE_DIM: Final = 9.2e-11
+BUCKET_S_PER_PROBE_DIM: Final = 3.85e-11
+EXACT_PREMIUM: Final = 5.0
+
 
 def default_threshold(method: str, embedder: str) -> float:
     """The threshold a method uses when none is given.

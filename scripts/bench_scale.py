@@ -1,11 +1,12 @@
 """Cluster a million embeddings through the real command and measure it.
 
-    python scripts/bench_scale.py --n 1000000 --dim 384 --work /tmp/scale
+    python scripts/bench_scale.py --n 1000000 --dim 384 --work /tmp/scale [--kind near]
 
-Writes a synthetic embeddings pickle (species / individuals / crops, see
-synth.py), then runs ``crop-clusterd cluster --from-embeddings`` on it in a
-child process and reports wall time, the child's peak RSS and that peak as a
-multiple of the raw embedding bytes (n x dim x 4).
+Writes a synthetic embeddings pickle (species / individuals / crops, or with
+``--kind near`` issue 13's near-threshold groups; see synth.py), then runs
+``crop-clusterd cluster --from-embeddings`` on it in a child process and
+reports wall time, the child's peak RSS and that peak as a multiple of the raw
+embedding bytes (n x dim x 4).
 
     python scripts/bench_scale.py --held --n 100000 --micro 32
 
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from synth import clustered_embeddings
+from synth import GENERATORS, clustered_embeddings
 
 from crop_clusterd.csvfiles import read_clusters_csv
 from crop_clusterd.defaults import COSINE_THRESHOLD
@@ -41,6 +42,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument(
+        "--kind", choices=sorted(GENERATORS), default="easy",
+        help="easy: species/individuals (the default); near: issue 13's near-threshold groups",
+    )  # fmt: skip
     parser.add_argument("--threshold", type=float, default=COSINE_THRESHOLD)
     parser.add_argument("--work", type=Path, default=Path("/tmp/crop-clusterd-scale"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -59,9 +64,10 @@ def main() -> int:
         return held(args)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    pkl = args.work / f"embeddings-{args.n}x{args.dim}.pkl"
+    kind = "" if args.kind == "easy" else f"{args.kind}-"
+    pkl = args.work / f"embeddings-{kind}{args.n}x{args.dim}.pkl"
     if args.generate_only:
-        emb, _ = clustered_embeddings(args.n, args.dim)
+        emb, _ = GENERATORS[args.kind](args.n, args.dim)
         write_embeddings_pickle(pkl, [f"crop_{i:07d}.png" for i in range(args.n)], emb)
         return 0
     if not pkl.exists():
@@ -88,6 +94,7 @@ def main() -> int:
     result = {
         "n": args.n,
         "dim": args.dim,
+        "kind": args.kind,
         "threshold": args.threshold,
         "rows_in_clusters_csv": len(rows),
         "clusters": len({c for _, c in rows}),

@@ -147,6 +147,13 @@ class HnswParams:
     # search; below it, retrying is cheaper.
     side_index_from: int = 1024
     side_ef: int = 32
+    # A large first batch (the batch command's) past the exact crossover is
+    # searched through k-means buckets instead of an index (linking/buckets.py).
+    bucket_crops: int = defaults.BUCKET_CROPS
+    bucket_probes: int = defaults.BUCKET_PROBES
+    # Search such a batch through buckets at any size past brute_force_below
+    # (for tests and scripts/check_oracle.py --force-buckets).
+    force_buckets: bool = False
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from .. import defaults
 from ..log import get_logger
 from .allpairs import earlier_pairs, principal_head
 from .base import CropColumns, HnswParams, IntArray
+from .buckets import bucket_count, bucket_pairs, dense_buckets, plan_buckets
 from .dedup import Duplicates
 from .exact import FLOAT32_MARGIN, Pairs, candidate_floor, hits, pairs_above
 
@@ -57,6 +58,8 @@ Retired = Callable[[], IntArray]
 
 # A query that cannot find its own crop even at this ef is settled exactly.
 _MAX_EF = 4096
+# A bucket of more than this many crops holds a dense group (see bucket_batch).
+DENSE_BUCKET = 4096
 
 
 class NeighbourSearch:
@@ -93,8 +96,12 @@ class NeighbourSearch:
     def propose(self, seqs: range) -> None:
         """Propose the pairs of the crops ``seqs`` (already in ``cols``)."""
         params = self.params
-        if self.index is None and self._exact_is_cheaper(seqs):
+        bulk = self._bulk_search(seqs) if self.index is None else None
+        if bulk == "exact":
             self.exact_batch(seqs)
+            return
+        if bulk == "buckets":
+            self.bucket_batch(seqs)
             return
         if self.index is None:
             # Crossing the brute-force limit: index what came before, then go on.
@@ -135,20 +142,28 @@ class NeighbourSearch:
             dense_s=round(time.perf_counter() - t4, 2),
         )
 
-    def _exact_is_cheaper(self, seqs: range) -> bool:
-        """Whether to search ``seqs`` by exact products instead of building an index.
+    def _bulk_search(self, seqs: range) -> str | None:
+        """How to search ``seqs`` without an index: "exact", "buckets", or None
+        (build an index).
 
-        Below ``brute_force_below`` crops always (0: never). A batch at least as
-        large as what came before (the batch command's single batch) by the
-        cost model (:func:`exact_cheaper`); a smaller one never, because the
-        index it would build serves every later batch too.
+        Below ``brute_force_below`` crops always exact (0: never without an
+        index). A batch at least as large as what came before (the batch
+        command's single batch) by exact products or buckets, whichever the
+        cost model prices cheaper (:func:`exact_cheaper`); a smaller one gets an
+        index, because the index serves every later batch too.
         """
-        below = self.params.brute_force_below
+        params = self.params
+        below = params.brute_force_below
         if self.cols.n < below:
-            return True
+            return "exact"
         if below <= 0 or len(seqs) < seqs.start:
-            return False
-        return exact_cheaper(len(seqs), seqs.start, self.cols.dim)
+            return None
+        if params.force_buckets:
+            return "buckets"
+        cheaper = exact_cheaper(
+            len(seqs), seqs.start, self.cols.dim, params.bucket_crops, params.bucket_probes
+        )
+        return "exact" if cheaper else "buckets"
 
     def exact_batch(self, seqs: range) -> None:
         """Exact search of the crops ``seqs`` against every crop before them
@@ -160,6 +175,45 @@ class NeighbourSearch:
         head = principal_head(emb, stop, self.floor) if len(seqs) * stop >= 2**26 else None
         for pairs in earlier_pairs(emb, seqs.start, stop, self.floor, head=head, workers=workers):
             self.confirm(pairs)
+
+    def bucket_batch(self, seqs: range) -> None:
+        """Search the crops ``seqs`` against every crop before them and each
+        other through k-means buckets (:mod:`.buckets`), on all cores.
+
+        The crops of a bucket that holds a dense group (a stuck insect's
+        near-duplicates, see :func:`~.buckets.dense_buckets`) are settled by
+        the leader cover of :meth:`_settle_dense` instead: probing would cost
+        their number squared (all in one bucket) or propose each crop's pairs
+        with every crop of its probed buckets (spread over many).
+        """
+        params = self.params
+        workers = params.threads or _cpu_count()
+        emb = self.cols.embeddings
+        t0 = time.perf_counter()
+        plan = plan_buckets(
+            emb,
+            seqs.stop,
+            crops_per_bucket=params.bucket_crops,
+            probes=params.bucket_probes,
+            seed=params.seed,
+            workers=workers,
+        )
+        t1 = time.perf_counter()
+        dense = dense_buckets(emb, plan, self.floor, largest=DENSE_BUCKET, workers=workers)
+        for pairs in bucket_pairs(emb, plan, seqs.start, self.floor, skip=dense, workers=workers):
+            self.confirm(pairs)
+        t2 = time.perf_counter()
+        self._dense = [plan.rows_of(int(bucket)) for bucket in dense]
+        n_dense = self._settle_dense()
+        log.debug(
+            "buckets_linked",
+            crops=len(seqs),
+            buckets=plan.count,
+            dense=n_dense,
+            plan_s=round(t1 - t0, 2),
+            pairs_s=round(t2 - t1, 2),
+            dense_s=round(time.perf_counter() - t2, 2),
+        )
 
     def exact(self, rows: IntArray, upto: int) -> None:
         """Exact search of ``rows`` against crops ``[0, upto)`` in bounded blocks."""
@@ -557,16 +611,38 @@ class NeighbourSearch:
                 self.confirm(pairs)
 
 
-def exact_cheaper(new: int, held: int, dim: int) -> bool:
-    """Whether exact products for ``new`` crops against ``held`` earlier ones
-    and each other cost less CPU than an HNSW index of all of them, by the
-    model fitted in :mod:`crop_clusterd.defaults` (``EXACT_S_PER_PAIR_DIM``,
-    ``INDEX_S_PER_CROP_DIM_LOG``)."""
+def bulk_costs(
+    new: int, held: int, dim: int, crops_per_bucket: int, probes: int
+) -> tuple[float, float]:
+    """Estimated CPU seconds of exact products and of buckets for ``new`` crops
+    against ``held`` earlier ones and each other, by the model fitted in
+    :mod:`crop_clusterd.defaults`: exact ``EXACT_S_PER_PAIR_DIM`` per pair and
+    dimension; buckets ``BUCKET_S_PER_CENTRE_DIM`` per crop, bucket and
+    dimension (k-means and assignment) plus ``BUCKET_S_PER_PROBE_DIM`` per crop,
+    probed crop and dimension."""
     n = new + held
     pairs = new * held + new * (new - 1) / 2
     exact_s = defaults.EXACT_S_PER_PAIR_DIM * pairs * dim
-    index_s = defaults.INDEX_S_PER_CROP_DIM_LOG * n * dim * math.log2(max(n, 2))
-    return exact_s < index_s
+    lists = bucket_count(n, crops_per_bucket)
+    buckets_s = dim * (
+        defaults.BUCKET_S_PER_CENTRE_DIM * n * lists
+        + defaults.BUCKET_S_PER_PROBE_DIM * n * min(probes, lists) * (n / lists)
+    )
+    return exact_s, buckets_s
+
+
+def exact_cheaper(
+    new: int,
+    held: int,
+    dim: int,
+    crops_per_bucket: int = defaults.BUCKET_CROPS,
+    probes: int = defaults.BUCKET_PROBES,
+) -> bool:
+    """Whether to search by exact products rather than buckets: while exact costs
+    at most ``EXACT_PREMIUM`` times the buckets' estimate (:func:`bulk_costs`),
+    because exact products cannot miss a pair and buckets can."""
+    exact_s, buckets_s = bulk_costs(new, held, dim, crops_per_bucket, probes)
+    return exact_s <= defaults.EXACT_PREMIUM * buckets_s
 
 
 def _cpu_count() -> int:
