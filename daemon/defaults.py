@@ -130,13 +130,22 @@ HNSW_EF_SEARCH: Final = 128
 EXACT_S_PER_PAIR_DIM: Final = 9.2e-12
 INDEX_S_PER_CROP_DIM_LOG: Final = 7.4e-8
 
-# Buckets (linking/buckets.py) for a batch too large for exact products: about
-# BUCKET_CROPS crops per k-means bucket, each crop compared with its own bucket and
-# the BUCKET_PROBES - 1 next most similar ones. PROVISIONAL.
+# Buckets (linking/buckets.py), the batch command's search past the crossover: about
+# BUCKET_CROPS crops per k-means bucket, each crop compared with its own bucket and the
+# BUCKET_PROBES - 1 next most similar ones. Exact pairs missed at 200,000 near-threshold
+# crops (403,994 pairs; k-means with 3 passes over every crop): 2 at 200 crops and 16
+# probes, none split a cluster; 14 at 400 crops. 200 balances the two costs below at a
+# million crops (each crop's share of the k-means passes against its probes).
 BUCKET_CROPS: Final = 200
 BUCKET_PROBES: Final = 16
-BUCKET_S_PER_CENTRE_DIM: Final = 9.2e-11
-BUCKET_S_PER_PROBE_DIM: Final = 3.85e-11
+# Their CPU cost, fitted to one run of each phase at 1,000,000 x 384 `easy` crops
+# (2 cores): the k-means passes and assignment 163.7 s for 1e6 crops x 5,000 buckets x
+# 384 dims, the probes 56.9 s for 1e6 crops x 3,200 probed crops x 384 dims.
+BUCKET_S_PER_CENTRE_DIM: Final = 8.5e-11
+BUCKET_S_PER_PROBE_DIM: Final = 4.6e-11
+# Exact products cannot miss a pair and buckets can, so exact is kept while it costs
+# at most this many times the buckets' estimate: the crossover falls at about 300,000
+# crops, and every size the issue's peers are compared at (up to 200,000) is exact.
 EXACT_PREMIUM: Final = 5.0
 
 

@@ -100,10 +100,10 @@ def test_principal_head_declines_tiny_or_narrow_batches() -> None:
     assert principal_head(emb, 1, 0.9) is None
 
 
-def test_cost_model_picks_exact_for_small_batches_and_the_index_for_huge_ones() -> None:
+def test_cost_model_picks_exact_for_small_batches_and_buckets_for_huge_ones() -> None:
     assert exact_cheaper(10_000, 0, 384)
     assert not exact_cheaper(10_000_000, 0, 384)
-    # Monotone: once the index wins, it wins for every larger batch.
+    # Monotone: once buckets win, they win for every larger batch.
     sizes = [2**p for p in range(10, 25)]
     picks = [exact_cheaper(n, 0, 384) for n in sizes]
     assert picks == sorted(picks, reverse=True)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from oracles import cosine_oracle
 from test_allpairs import brute, groups
 
+from crop_clusterd import defaults
 from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch
 from crop_clusterd.linking.buckets import bucket_count, bucket_pairs, plan_buckets, top_k
 from crop_clusterd.linking.exact import Pairs
@@ -126,11 +127,36 @@ def test_a_stuck_insect_costs_its_size_not_its_size_squared(
     assert sum(seen) < 20 * len(emb)
 
 
-def test_the_cost_model_keeps_exact_products_while_they_cost_a_few_times_the_buckets() -> None:
-    assert exact_cheaper(10_000, 0, 384)
-    assert not exact_cheaper(1_000_000, 0, 384)
+def test_exact_products_are_kept_while_they_cost_at_most_the_premium() -> None:
+    exact_s, buckets_s = bulk_costs(200_000, 0, 384, 200, 16)
+    assert buckets_s < exact_s <= defaults.EXACT_PREMIUM * buckets_s
+    assert exact_cheaper(200_000, 0, 384)
     exact_s, buckets_s = bulk_costs(1_000_000, 0, 384, 200, 16)
-    assert exact_s > 5 * buckets_s
-    # Monotone: once buckets win, they win for every larger batch.
-    picks = [exact_cheaper(2**p, 0, 384) for p in range(10, 25)]
-    assert picks == sorted(picks, reverse=True)
+    assert exact_s > defaults.EXACT_PREMIUM * buckets_s
+    assert not exact_cheaper(1_000_000, 0, 384)
+
+
+def test_past_the_crossover_the_first_batch_goes_to_buckets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no premium for exactness the crossover falls below 3,000 crops: the
+    batch is bucketed (no index), and a micro-batch afterwards builds the index."""
+    monkeypatch.setattr(defaults, "EXACT_PREMIUM", 0.0)
+    emb = groups(np.random.default_rng(7), 3040, 32)
+    linker = CosineLinker(0.9, None, HnswParams(brute_force_below=1000, bucket_crops=40))
+    bucketed: list[range] = []
+    search = linker._search
+    real = search.bucket_batch
+
+    def spy(seqs: range) -> None:
+        bucketed.append(seqs)
+        real(seqs)
+
+    monkeypatch.setattr(search, "bucket_batch", spy)
+    linker.add(LinkBatch.from_embeddings(emb[:3000]))
+    assert bucketed == [range(0, 3000)]
+    assert search.index is None
+    assert linker.cluster_ids().tolist() == cosine_oracle(emb[:3000], 0.9)
+    linker.add(LinkBatch.from_embeddings(emb[3000:].copy()))
+    assert search.index is not None
+    assert linker.cluster_ids().tolist() == cosine_oracle(emb, 0.9)
