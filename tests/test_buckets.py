@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -57,6 +61,33 @@ def test_buckets_cover_every_row_once_and_probe_other_buckets() -> None:
         assert np.all(plan.home[plan.rows_of(bucket)] == bucket)
     assert plan.probed.shape == (2000, 5)
     assert not np.any(plan.probed == plan.home[:, None])
+
+
+class FinishingBackwards(ThreadPoolExecutor):
+    """A pool whose blocks finish last first, as threads may; results still
+    come back in order, as ``map`` promises."""
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **_: Any) -> Iterator[Any]:
+        calls = list(zip(*iterables, strict=True))
+        done = [fn(*args) for args in reversed(calls)]
+        return iter(done[::-1])
+
+
+def test_the_centres_do_not_depend_on_the_order_blocks_finish_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The k-means sums are added in block order, not as workers finish: the
+    same input gives the same centres bit for bit, so the same clusters, on
+    any machine and with any number of workers."""
+    import crop_clusterd.linking.buckets as buckets
+
+    monkeypatch.setattr(buckets, "_ROWS", 64)
+    emb = groups(np.random.default_rng(8), 3000, 32)
+    with ThreadPoolExecutor(1) as pool:
+        in_order = buckets.train_centres(emb, 3000, 60, 0, pool)
+    with FinishingBackwards(1) as pool:
+        backwards = buckets.train_centres(emb, 3000, 60, 0, pool)
+    assert np.array_equal(in_order, backwards)
 
 
 def test_bucket_pairs_find_every_pair_above_the_floor_on_near_threshold_groups() -> None:

@@ -290,29 +290,28 @@ def _kmeans_pass(
     rows: F32, centres: F32, pool: ThreadPoolExecutor, rng: np.random.Generator
 ) -> F32:
     """One spherical k-means pass: the normalised mean of the rows nearest each
-    centre (a centre nearest to none gets a random row). The sums are kept per
-    worker thread, so the pass runs on every core with flat memory."""
-    lists, dim = centres.shape
-    partial: dict[int, tuple[F32, IntArray]] = {}
+    centre (a centre nearest to none gets a random row).
 
-    def block(rows_at: slice) -> None:
+    Blocks of rows are labelled on every core; their sums are added up here in
+    block order, so the centres, and with them the clusters, are the same
+    whatever the number of workers and however the threads ran.
+    """
+    lists = len(centres)
+
+    def block(rows_at: slice) -> tuple[IntArray, F32, IntArray]:
         part = rows[rows_at]
         labels = np.argmax(_product(part, centres), axis=1)
-        sums, counts = partial.setdefault(
-            threading.get_ident(), (np.zeros((lists, dim), np.float32), np.zeros(lists, np.int64))
-        )
         order = np.argsort(labels, kind="stable")
         ordered = labels[order]
         firsts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        sums[ordered[firsts]] += np.add.reduceat(part[order], firsts, axis=0)
-        counts += np.bincount(labels, minlength=lists)
+        counts = np.diff(np.r_[firsts, len(ordered)])
+        return ordered[firsts], np.add.reduceat(part[order], firsts, axis=0), counts
 
-    _map(pool, block, _blocks(len(rows)))
     sums = np.zeros_like(centres)
     counts = np.zeros(lists, np.int64)
-    for worker_sums, worker_counts in partial.values():
-        sums += worker_sums
-        counts += worker_counts
+    for labels, part_sums, part_counts in pool.map(block, _blocks(len(rows))):
+        sums[labels] += part_sums
+        counts[labels] += part_counts
     empty = np.flatnonzero(counts == 0)
     sums[empty] = rows[rng.choice(len(rows), size=len(empty), replace=False)]
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
