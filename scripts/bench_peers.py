@@ -14,6 +14,8 @@ in a child process of its own so that its CPU time (user + sys) and peak RSS
 * ``faiss-flat``: exact, ``faiss.IndexFlatIP.range_search`` in query blocks.
 * ``faiss-hnsw``: ``faiss.IndexHNSWFlat`` (inner product) with growing k.
 * ``hnswlib``: ``hnswlib.Index(space="ip")`` with growing k.
+* ``faiss-ivf`` (on request): ``faiss.IndexIVFFlat`` with the engine's bucket
+  settings, ``range_search``; the peer of the buckets past the crossover.
 
 The peers share the engine's settings (M 32, ef_construction 100, ef 128, k
 from 16 up by 4x while the k-th neighbour is above the threshold) and its exact
@@ -41,7 +43,14 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from synth import GENERATORS
 
-from crop_clusterd.defaults import COSINE_THRESHOLD, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+from crop_clusterd.defaults import (
+    BUCKET_CROPS,
+    BUCKET_PROBES,
+    COSINE_THRESHOLD,
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+)
 from crop_clusterd.embfile import load_embeddings_pickle
 from crop_clusterd.linking import CosineLinker, HnswParams, LinkBatch, Pairs, accept
 from crop_clusterd.linking.exact import candidate_floor
@@ -49,8 +58,9 @@ from crop_clusterd.linking.exact import candidate_floor
 Labels = npt.NDArray[np.int64]
 Emb = npt.NDArray[np.float32]
 METHODS = ("crop-clusterd", "faiss-flat", "faiss-hnsw", "hnswlib")
-# Not a peer: the engine with its HNSW path forced, for fitting the cost model.
-EXTRA = ("crop-clusterd-index",)
+# The engine with its HNSW path forced (not a peer: for the cost model), and faiss's
+# inverted file, the peer of the engine's buckets past the exact crossover.
+EXTRA = ("crop-clusterd-index", "faiss-ivf")
 K_START = 16
 
 
@@ -164,12 +174,35 @@ def run_hnswlib(emb: Emb, threshold: float) -> Labels:
     return components(emb, threshold, *growing_k(search, emb, floor))
 
 
+def run_faiss_ivf(emb: Emb, threshold: float) -> Labels:
+    """faiss's inverted file, the engine's bucket settings: k-means into one list
+    per BUCKET_CROPS crops (faiss's training sample, 256 rows per list at most),
+    BUCKET_PROBES lists probed per query, ``range_search`` in query blocks."""
+    import faiss
+
+    dim, n = emb.shape[1], len(emb)
+    lists = max(1, round(n / BUCKET_CROPS))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    index.train(emb)
+    index.add(emb)
+    index.nprobe = min(BUCKET_PROBES, lists)
+    floor = candidate_floor(threshold)
+    a, b, sims = [], [], []
+    for start in range(0, n, 4096):
+        lims, dist, ids = index.range_search(emb[start : start + 4096], floor)
+        a.append(start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64)))
+        b.append(ids.astype(np.int64))
+        sims.append(dist)
+    return components(emb, threshold, np.concatenate(a), np.concatenate(b), np.concatenate(sims))
+
+
 RUNNERS = {
     "crop-clusterd": run_engine,
     "crop-clusterd-index": run_engine_index,
     "faiss-flat": run_faiss_flat,
     "faiss-hnsw": run_faiss_hnsw,
     "hnswlib": run_hnswlib,
+    "faiss-ivf": run_faiss_ivf,
 }
 
 

@@ -114,8 +114,8 @@ def main() -> int:
     parser.add_argument(
         "--force-buckets",
         action="store_true",
-        help="search a batch past brute_force_below through k-means buckets "
-        "(by default only past the cost model's crossover)",
+        help="search through k-means buckets at any size (by default only past "
+        "the cost model's crossover)",
     )
     parser.add_argument(
         "--force-exact",
@@ -141,6 +141,9 @@ def main() -> int:
     probe = emb[:1000] @ emb[:cols].T
     near = int(np.count_nonzero(np.abs(probe - args.threshold) < 0.01) * args.n / cols)
     del probe
+    # brute_force_below: 0 = never exact without an index, n + 1 = always exact.
+    below = {"force_index": 0, "force_exact": args.n + 1, "force_buckets": 1}
+    forced = [below[flag] for flag in below if getattr(args, flag)]
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     linker = CosineLinker(
@@ -153,8 +156,7 @@ def main() -> int:
             k_start=args.k,
             side_index_from=args.side_index_from,
             side_ef=args.side_ef,
-            **({"brute_force_below": 0} if args.force_index else {}),
-            **({"brute_force_below": args.n + 1} if args.force_exact else {}),
+            brute_force_below=forced[0] if forced else HnswParams().brute_force_below,
             force_buckets=args.force_buckets,
         ),
     )
